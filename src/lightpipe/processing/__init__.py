@@ -1,0 +1,1 @@
+"""Preprocessing: text, audio and image inputs -> model features."""

@@ -1,0 +1,243 @@
+"""Tokenizer over the `tokenizers` library.
+
+Loads tokenizer.json when the checkpoint has one, or builds the same tokenizer from the older
+files (vocab.txt for WordPiece, vocab.json + merges.txt for byte-level BPE) with the settings
+in tokenizer_config.json and special_tokens_map.json. Returns `tokenizers.Encoding` objects:
+ids, type ids, offsets, word ids and overflowing windows come straight from the Rust library.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Encoding, Tokenizer as Backend, decoders, models, normalizers, pre_tokenizers, processors
+
+from ..errors import CheckpointError, InvalidInput
+
+SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+TRUNCATION_STRATEGIES = {True: "longest_first", "longest_first": "longest_first", "only_first": "only_first",
+                         "only_second": "only_second"}
+# Tokenizer classes whose models take no token_type_ids (transformers' model_input_names).
+NO_TOKEN_TYPES = ("Roberta", "XLMRoberta", "Camembert", "DistilBert", "GPT2", "Bart", "Longformer")
+VERY_LARGE = int(1e20)  # transformers' "no limit" for model_max_length
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    return data if isinstance(data, dict) else {}
+
+
+def _token_content(value: Any) -> tuple[str | None, dict]:
+    """A special token as written in tokenizer_config.json: a string or an AddedToken-like dict."""
+    if isinstance(value, str):
+        return value, {}
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"], value
+    return None, {}
+
+
+class Tokenizer:
+    """Text -> `tokenizers.Encoding`, with the special tokens and limits of the checkpoint."""
+
+    def __init__(self, backend: Backend, special_tokens: dict[str, str], *, model_max_length: int = VERY_LARGE,
+                 padding_side: str = "right", truncation_side: str = "right", returns_token_type_ids: bool = True,
+                 name_or_path: str = ""):
+        self.backend = backend
+        self.special_tokens = special_tokens
+        self.model_max_length = model_max_length
+        self.padding_side = padding_side
+        self.truncation_side = truncation_side
+        self.returns_token_type_ids = returns_token_type_ids
+        self.name_or_path = name_or_path
+        # Truncation is a setting of the backend object; one lock keeps concurrent callers apart.
+        self._lock = threading.Lock()
+        backend.no_truncation()
+        backend.no_padding()
+        self.all_special_ids = sorted({i for i in (self.token_to_id(t) for t in special_tokens.values()) if i is not None}
+                                      | {i for i, tok in backend.get_added_tokens_decoder().items() if tok.special})
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "Tokenizer":
+        folder = Path(folder)
+        config = _read_json(folder / "tokenizer_config.json")
+        special_map = _read_json(folder / "special_tokens_map.json")
+        special: dict[str, str] = {}
+        special_settings: dict[str, dict] = {}
+        for source in (special_map, config):  # tokenizer_config.json wins, as in transformers
+            for name in SPECIAL_NAMES:
+                content, settings = _token_content(source.get(name))
+                if content is not None:
+                    special[name] = content
+                    special_settings[content] = settings or special_settings.get(content, {})
+        if (folder / "tokenizer.json").is_file():
+            try:
+                backend = Backend.from_file(str(folder / "tokenizer.json"))
+            except Exception as e:  # the Rust library raises plain Exception
+                raise CheckpointError(f"{folder / 'tokenizer.json'} could not be loaded: {e}") from e
+        elif (folder / "vocab.txt").is_file():
+            backend = _wordpiece_from_vocab(folder / "vocab.txt", config, special)
+        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            backend = _bpe_from_vocab(folder / "vocab.json", folder / "merges.txt", config, special, special_settings)
+        else:
+            raise CheckpointError(
+                f"{folder} has no tokenizer: expected tokenizer.json, vocab.txt, or vocab.json + merges.txt."
+            )
+        max_length = config.get("model_max_length")
+        tokenizer_class = str(config.get("tokenizer_class") or "")
+        input_names = config.get("model_input_names")
+        if isinstance(input_names, list):
+            returns_types = "token_type_ids" in input_names
+        else:
+            returns_types = not tokenizer_class.startswith(NO_TOKEN_TYPES)
+        return cls(
+            backend,
+            special,
+            model_max_length=int(max_length) if isinstance(max_length, (int, float)) and max_length < VERY_LARGE else VERY_LARGE,
+            padding_side=config.get("padding_side", "right"),
+            truncation_side=config.get("truncation_side", "right"),
+            returns_token_type_ids=returns_types,
+            name_or_path=str(folder),
+        )
+
+    # ------------------------------------------------------------------ vocabulary
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    def id_to_token(self, index: int) -> str | None:
+        return self.backend.id_to_token(int(index))
+
+    def special_id(self, name: str) -> int | None:
+        return self.token_to_id(self.special_tokens.get(name))
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.special_id("pad_token")
+
+    @property
+    def mask_token(self) -> str | None:
+        return self.special_tokens.get("mask_token")
+
+    @property
+    def mask_token_id(self) -> int | None:
+        return self.special_id("mask_token")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:
+        return self.backend.num_special_tokens_to_add(pair)
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, text: str, pair: str | list[str] | None = None, *, add_special_tokens: bool = True,
+               truncation: bool | str | None = None, max_length: int | None = None, stride: int = 0,
+               is_split_into_words: bool = False) -> Encoding:
+        """One text (and optional pair) -> Encoding; with truncation its `overflowing` holds the other windows."""
+        if truncation not in (None, False, "do_not_truncate") and truncation not in TRUNCATION_STRATEGIES:
+            raise InvalidInput(
+                f"truncation={truncation!r} is not valid; use True, False, 'longest_first', 'only_first' or 'only_second'."
+            )
+        truncate = truncation not in (None, False, "do_not_truncate")
+        if not truncate:
+            return self.backend.encode(text, pair, is_pretokenized=is_split_into_words, add_special_tokens=add_special_tokens)
+        limit = max_length if max_length is not None else self.model_max_length
+        if limit >= VERY_LARGE:
+            raise InvalidInput("truncation was asked for but neither max_length nor the tokenizer's model_max_length is set.")
+        with self._lock:
+            try:
+                self.backend.enable_truncation(limit, stride=stride, strategy=TRUNCATION_STRATEGIES[truncation],
+                                               direction=self.truncation_side)
+            except Exception as e:
+                raise InvalidInput(f"cannot truncate to max_length={limit} with stride={stride}: {e}") from e
+            try:
+                return self.backend.encode(text, pair, is_pretokenized=is_split_into_words,
+                                           add_special_tokens=add_special_tokens)
+            except Exception as e:
+                raise InvalidInput(f"cannot truncate this input to {limit} tokens: {e}") from e
+            finally:
+                self.backend.no_truncation()
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, ids) -> list[str]:
+        return [self.backend.id_to_token(int(i)) for i in ids]
+
+
+def _add_special(backend: Backend, special: dict[str, str], settings: dict[str, dict] | None = None) -> None:
+    tokens = []
+    for content in dict.fromkeys(special.values()):
+        opts = (settings or {}).get(content, {})
+        tokens.append(AddedToken(content, lstrip=bool(opts.get("lstrip", False)), rstrip=bool(opts.get("rstrip", False)),
+                                 single_word=bool(opts.get("single_word", False)),
+                                 normalized=bool(opts.get("normalized", False)), special=True))
+    backend.add_special_tokens(tokens)
+
+
+def _wordpiece_from_vocab(vocab_path: Path, config: dict, special: dict[str, str]) -> Backend:
+    """BERT's WordPiece tokenizer from vocab.txt, configured as transformers' BertTokenizerFast."""
+    vocab: dict[str, int] = {}
+    with open(vocab_path, encoding="utf-8") as f:
+        for index, line in enumerate(f):
+            vocab.setdefault(line.rstrip("\n"), index)
+    special.setdefault("unk_token", "[UNK]")
+    special.setdefault("sep_token", "[SEP]")
+    special.setdefault("cls_token", "[CLS]")
+    special.setdefault("pad_token", "[PAD]")
+    special.setdefault("mask_token", "[MASK]")
+    backend = Backend(models.WordPiece(vocab, unk_token=special["unk_token"], max_input_chars_per_word=100))
+    backend.normalizer = normalizers.BertNormalizer(
+        clean_text=True,
+        handle_chinese_chars=bool(config.get("tokenize_chinese_chars", True)),
+        strip_accents=config.get("strip_accents"),
+        lowercase=bool(config.get("do_lower_case", True)),
+    )
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    cls, sep = special["cls_token"], special["sep_token"]
+    if cls not in vocab or sep not in vocab:
+        raise CheckpointError(f"{vocab_path} lacks the special tokens {cls!r} / {sep!r}.")
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{cls}:0 $A:0 {sep}:0",
+        pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, vocab[cls]), (sep, vocab[sep])],
+    )
+    backend.decoder = decoders.WordPiece(prefix="##")
+    _add_special(backend, special)
+    return backend
+
+
+def _bpe_from_vocab(vocab_path: Path, merges_path: Path, config: dict, special: dict[str, str],
+                    settings: dict[str, dict]) -> Backend:
+    """Byte-level BPE (RoBERTa, GPT-2) from vocab.json + merges.txt, as transformers' fast tokenizers build it."""
+    try:
+        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+        lines = merges_path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {vocab_path.name} / {merges_path.name}: {e}") from e
+    merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+    add_prefix_space = bool(config.get("add_prefix_space", False))
+    backend = Backend(models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
+    backend.decoder = decoders.ByteLevel()
+    cls, sep = special.get("cls_token"), special.get("sep_token")
+    if cls is not None and sep is not None and cls in vocab and sep in vocab:
+        backend.post_processor = processors.RobertaProcessing(
+            (sep, vocab[sep]), (cls, vocab[cls]), trim_offsets=bool(config.get("trim_offsets", True)),
+            add_prefix_space=add_prefix_space,
+        )
+    else:
+        backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    if "mask_token" in special and not settings.get(special["mask_token"]):
+        # RoBERTa's mask token absorbs the space before it, as in transformers.
+        settings[special["mask_token"]] = {"lstrip": True}
+    _add_special(backend, special, settings)
+    return backend

@@ -1,0 +1,56 @@
+"""TASKS: task name -> pipeline class, model head, default model, aliases."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+
+from ..errors import UnsupportedTask
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    name: str
+    pipeline: str  # "module:Class" inside lightpipe.tasks, imported on use
+    head: str  # the model head the task runs (see lightpipe.models)
+    default_model: str
+    default_revision: str | None = None
+    fallback_model: str | None = None  # an installed weight package's id, used when the default is not cached
+    aliases: tuple[str, ...] = ()
+
+    def pipeline_class(self):
+        module, cls = self.pipeline.split(":")
+        return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+
+
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec("feature-extraction", "feature_extraction:FeatureExtractionPipeline", "base",
+                 "distilbert/distilbert-base-cased", "6ea8117",
+                 fallback_model="sentence-transformers/all-MiniLM-L6-v2"),
+        TaskSpec("text-classification", "text_classification:TextClassificationPipeline", "sequence-classification",
+                 "distilbert/distilbert-base-uncased-finetuned-sst-2-english", "714eb0f",
+                 aliases=("sentiment-analysis",)),
+        TaskSpec("token-classification", "token_classification:TokenClassificationPipeline", "token-classification",
+                 "dbmdz/bert-large-cased-finetuned-conll03-english", "4c53496", aliases=("ner",)),
+        TaskSpec("question-answering", "question_answering:QuestionAnsweringPipeline", "question-answering",
+                 "distilbert/distilbert-base-cased-distilled-squad", "564e9b5"),
+        TaskSpec("fill-mask", "fill_mask:FillMaskPipeline", "masked-lm", "distilbert/distilroberta-base", "fb53ab8"),
+    )
+}
+
+ALIASES = {alias: spec.name for spec in TASKS.values() for alias in spec.aliases}
+
+# Model head -> the task it implies when no task is given.
+TASK_OF_HEAD = {spec.head: spec.name for spec in TASKS.values()}
+
+
+def get_task(name: str) -> TaskSpec:
+    if not isinstance(name, str):
+        raise UnsupportedTask(f"task must be a string, not {type(name).__name__}.")
+    canonical = ALIASES.get(name, name)
+    if canonical not in TASKS:
+        known = sorted(TASKS) + sorted(f"{a} (= {t})" for a, t in ALIASES.items())
+        raise UnsupportedTask(f"unknown task {name!r}; supported tasks: {', '.join(known)}.")
+    return TASKS[canonical]

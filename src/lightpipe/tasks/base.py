@@ -1,0 +1,254 @@
+"""Pipeline: parameters, preprocess -> forward -> postprocess, over the shared runtime.
+
+A task subclasses `Pipeline` and writes three methods:
+
+- `preprocess(input, **preprocess_params) -> list[ModelItem]` on the CPU (one input may give
+  several items, e.g. windows of a long context);
+- `forward(batch, **forward_params) -> dict[str, Tensor]`, which only calls the model;
+- `postprocess(outputs, metas, **postprocess_params)`, given every item of one input, returning
+  plain JSON-serialisable data.
+
+It declares which call parameters go to which stage; anything else is an InvalidInput error.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import inspect
+from collections.abc import Iterable, Iterator
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import InvalidInput
+from ..runtime import ModelItem, Padding, Runner, check_batch_size, prefetch
+
+RUNTIME_PARAMS = ("batch_size", "num_workers", "progress")
+
+
+class KeyDataset:
+    """Wraps a dataset of dicts so that iterating it yields one field: `KeyDataset(ds, "text")`."""
+
+    def __init__(self, dataset, key: str):
+        self.dataset = dataset
+        self.key = key
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i][self.key]
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+
+def _is_dataset(obj: Any) -> bool:
+    """A torch Dataset, a 🤗 datasets.Dataset or a KeyDataset: indexable, sized, and not a plain sequence."""
+    if isinstance(obj, (str, bytes, dict, list, tuple)):
+        return False
+    if isinstance(obj, KeyDataset):
+        return True
+    try:
+        from torch.utils.data import Dataset
+        if isinstance(obj, Dataset):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return type(obj).__module__.startswith("datasets.") and hasattr(obj, "__getitem__") and hasattr(obj, "__len__")
+
+
+class Pipeline:
+    """The base of every task pipeline."""
+
+    task: ClassVar[str] = ""
+    preprocess_params: ClassVar[tuple[str, ...]] = ()
+    forward_params: ClassVar[tuple[str, ...]] = ()
+    postprocess_params: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model, tokenizer=None, *, device: torch.device | None = None, batch_size: int | None = None,
+                 num_workers: int | None = None, **params):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device or next(model.parameters()).device
+        self._defaults: dict[str, Any] = {}
+        self._defaults.update(self._checked({"batch_size": batch_size, "num_workers": num_workers, **params},
+                                            drop_none=True))
+
+    # ------------------------------------------------------------------ parameters
+    @property
+    def accepted_params(self) -> tuple[str, ...]:
+        return RUNTIME_PARAMS + self.preprocess_params + self.forward_params + self.postprocess_params
+
+    def _checked(self, params: dict[str, Any], drop_none: bool = False) -> dict[str, Any]:
+        unknown = [k for k in params if k not in self.accepted_params]
+        if unknown:
+            raise InvalidInput(
+                f"{type(self).__name__} got unknown parameter(s) {', '.join(map(repr, unknown))}; "
+                f"accepted: {', '.join(self.accepted_params)}."
+            )
+        if drop_none:
+            params = {k: v for k, v in params.items() if v is not None or k not in RUNTIME_PARAMS}
+        self.check_params(params)
+        return params
+
+    def check_params(self, params: dict[str, Any]) -> None:
+        """Validate parameter values before any work is done; raise InvalidInput. Tasks extend this."""
+        if "batch_size" in params:
+            check_batch_size(params["batch_size"])
+        workers = params.get("num_workers")
+        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+            raise InvalidInput(f"num_workers must be a non-negative integer, not {workers!r}.")
+
+    def _route(self, call_params: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
+        params = {**self._defaults, **self._checked(call_params)}
+        pick = lambda names: {k: params[k] for k in names if k in params}  # noqa: E731
+        return pick(RUNTIME_PARAMS), pick(self.preprocess_params), pick(self.forward_params), pick(self.postprocess_params)
+
+    # ------------------------------------------------------------------ the three stages
+    padding: ClassVar[Padding] = Padding(values={})
+
+    def collate_padding(self) -> Padding:
+        """The padding rules of this pipeline's features (tasks with a tokenizer pad ids with its pad id)."""
+        return self.padding
+
+    def preprocess(self, inputs, **params) -> list[ModelItem]:
+        raise NotImplementedError
+
+    def forward(self, batch: dict[str, torch.Tensor], **params) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def postprocess(self, outputs: list[dict[str, torch.Tensor]], metas: list[dict[str, Any]], **params):
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ calling
+    def is_single(self, inputs: Any) -> bool:
+        """Whether `inputs` is one input (rather than a list or a stream of inputs)."""
+        return not isinstance(inputs, (list, tuple)) and not self._is_stream(inputs)
+
+    @staticmethod
+    def _is_stream(inputs: Any) -> bool:
+        return isinstance(inputs, (collections.abc.Iterator, collections.abc.Generator)) or _is_dataset(inputs)
+
+    def __call__(self, inputs, **params):
+        runtime, pre, fwd, post = self._route(params)
+        batch_size = check_batch_size(runtime.get("batch_size"))
+        progress = self._progress_bar(runtime.get("progress"), inputs)
+        runner = Runner(self._forward_fn(fwd), self.collate_padding(), batch_size, progress)
+        if self._is_stream(inputs):
+            return self._run_stream(inputs, runner, pre, post, runtime.get("num_workers"))
+        single = self.is_single(inputs)
+        items_in = [inputs] if single else list(inputs)
+        try:
+            results = self._run_list(items_in, runner, pre, post, runtime.get("num_workers"))
+        finally:
+            if progress is not None:
+                progress.close()
+        return results[0] if single else results
+
+    def _forward_fn(self, fwd: dict[str, Any]):
+        def run(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with torch.inference_mode():
+                return self.forward(batch, **fwd)
+        return run
+
+    def _preprocess_all(self, inputs: list, pre: dict, num_workers: int | None) -> list[list[ModelItem]]:
+        if num_workers and num_workers > 1 and len(inputs) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(num_workers) as pool:
+                return list(pool.map(lambda x: list(self.preprocess(x, **pre)), inputs))
+        return [list(self.preprocess(x, **pre)) for x in inputs]
+
+    def _run_list(self, inputs: list, runner: Runner, pre: dict, post: dict, num_workers: int | None) -> list:
+        per_input = self._preprocess_all(inputs, pre, num_workers)
+        flat: list[ModelItem] = []
+        for source, items in enumerate(per_input):
+            for item in items:
+                item.source = source
+            flat.extend(items)
+        if runner.progress is not None:
+            runner.progress.total = len(flat)
+        outputs = runner.run_list(flat) if flat else []
+        grouped: list[tuple[list, list]] = [([], []) for _ in inputs]
+        for item, out in zip(flat, outputs):
+            grouped[item.source][0].append(out)
+            grouped[item.source][1].append(item.meta)
+        return [self.postprocess(outs, metas, **post) for outs, metas in grouped]
+
+    def _tagged_items(self, inputs: Iterable, pre: dict) -> Iterator[ModelItem]:
+        for source, value in enumerate(inputs):
+            items = list(self.preprocess(value, **pre))
+            for i, item in enumerate(items):
+                item.source, item.is_last = source, i == len(items) - 1
+            assert items, "preprocess must give at least one model item"
+            yield from items
+
+    def _run_stream(self, inputs: Iterable, runner: Runner, pre: dict, post: dict, num_workers) -> Iterator:
+        items = prefetch(self._tagged_items(inputs, pre), depth=max(8, 2 * runner.batch_size))
+        outs: list = []
+        metas: list = []
+        try:
+            for item, out in runner.run_stream(items):
+                outs.append(out)
+                metas.append(item.meta)
+                if item.is_last:
+                    yield self.postprocess(outs, metas, **post)
+                    outs, metas = [], []
+        finally:
+            if runner.progress is not None:
+                runner.progress.close()
+
+    def _progress_bar(self, progress: Any, inputs: Any):
+        if not progress:
+            return None
+        from tqdm.auto import tqdm
+        total = len(inputs) if hasattr(inputs, "__len__") and not isinstance(inputs, (str, dict)) else None
+        return tqdm(total=total, desc=self.task or type(self).__name__, unit="item")
+
+
+class TextPipeline(Pipeline):
+    """A pipeline over a tokenizer: pads ids with the tokenizer's pad id, masks with 0."""
+
+    def collate_padding(self) -> Padding:
+        pad_id = self.tokenizer.pad_token_id
+        return Padding(
+            values={"input_ids": pad_id if pad_id is not None else 0, "attention_mask": 0, "token_type_ids": 0},
+            side=self.tokenizer.padding_side,
+            sequence_outputs=self.sequence_outputs,
+        )
+
+    sequence_outputs: ClassVar[tuple[str, ...]] = ()
+
+    @property
+    def max_positions(self) -> int:
+        """The longest input the model can take, in tokens."""
+        limit = getattr(self.model.config, "max_position_embeddings", None) or 10**9
+        return min(limit - getattr(self.model, "position_offset", 0), self.tokenizer.model_max_length)
+
+    def uses_token_type_ids(self) -> bool:
+        return self.tokenizer.returns_token_type_ids and "token_type_ids" in inspect.signature(self.model.forward).parameters
+
+    def features(self, encoding, with_types: bool | None = None) -> dict[str, torch.Tensor]:
+        """A tokenizers Encoding -> the model's 1-D input tensors."""
+        if len(encoding.ids) > self.max_positions:
+            raise InvalidInput(
+                f"the input is {len(encoding.ids)} tokens long, more than this model's {self.max_positions}; "
+                "pass truncation=True to cut it."
+            )
+        out = {
+            "input_ids": torch.tensor(encoding.ids, dtype=torch.long),
+            "attention_mask": torch.tensor(encoding.attention_mask, dtype=torch.long),
+        }
+        if self.uses_token_type_ids() if with_types is None else with_types:
+            out["token_type_ids"] = torch.tensor(encoding.type_ids, dtype=torch.long)
+        return out
+
+    @staticmethod
+    def check_text(value: Any, what: str = "input") -> str:
+        if not isinstance(value, str):
+            raise InvalidInput(f"{what} must be a string, not {type(value).__name__}.")
+        if not value.strip():
+            raise InvalidInput(f"{what} is empty: give some text.")
+        return value

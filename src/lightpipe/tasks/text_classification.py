@@ -1,0 +1,89 @@
+"""text-classification (alias sentiment-analysis): a text or a text pair -> labels with scores."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import InvalidInput
+from ..runtime import ModelItem
+from .base import TextPipeline
+
+FUNCTIONS = ("softmax", "sigmoid", "none")
+_UNSET = object()
+
+
+def apply_function(logits: torch.Tensor, name: str) -> torch.Tensor:
+    logits = logits.float()
+    if name == "softmax":
+        return torch.softmax(logits, dim=-1)
+    if name == "sigmoid":
+        return torch.sigmoid(logits)
+    return logits
+
+
+class TextClassificationPipeline(TextPipeline):
+    task = "text-classification"
+    preprocess_params = ("truncation", "max_length", "padding", "add_special_tokens")
+    postprocess_params = ("top_k", "function_to_apply")
+
+    def check_params(self, params: dict[str, Any]) -> None:
+        super().check_params(params)
+        top_k = params.get("top_k", 1)
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise InvalidInput(f"top_k must be a positive integer or None, not {top_k!r}.")
+        fn = params.get("function_to_apply")
+        if fn is not None and (not isinstance(fn, str) or fn.lower() not in FUNCTIONS + ("default",)):
+            raise InvalidInput(f"function_to_apply must be one of {', '.join(FUNCTIONS)}, not {fn!r}.")
+
+    def __call__(self, inputs, **params):
+        # transformers' shape rules: a single string without an explicit top_k gives a one-element list.
+        results = super().__call__(inputs, **params)
+        if isinstance(inputs, str) and "top_k" not in params:
+            return [results]
+        return results
+
+    def _text_and_pair(self, value) -> tuple[str, str | None]:
+        if isinstance(value, dict):
+            extra = set(value) - {"text", "text_pair"}
+            if "text" not in value or extra:
+                raise InvalidInput('a text pair must be a dict {"text": ..., "text_pair": ...}' +
+                                   (f"; unexpected keys {sorted(extra)}" if extra else ""))
+            pair = value.get("text_pair")
+            return self.check_text(value["text"], "text"), None if pair is None else self.check_text(pair, "text_pair")
+        if isinstance(value, (list, tuple)):
+            if len(value) == 2 and all(isinstance(v, str) for v in value):
+                return self.check_text(value[0], "text"), self.check_text(value[1], "text_pair")
+            raise InvalidInput('a text pair must be a dict {"text": ..., "text_pair": ...} or a list [text, text_pair].')
+        return self.check_text(value), None
+
+    def preprocess(self, inputs, truncation=None, max_length=None, padding=None, add_special_tokens=True):
+        text, pair = self._text_and_pair(inputs)
+        encoding = self.tokenizer.encode(text, pair, truncation=truncation, max_length=max_length,
+                                         add_special_tokens=add_special_tokens)
+        return [ModelItem(self.features(encoding))]
+
+    def forward(self, batch):
+        return {"logits": self.model(**batch)["logits"]}
+
+    def default_function(self) -> str:
+        config = self.model.config
+        if config.problem_type == "regression":
+            return "none"
+        if config.problem_type == "multi_label_classification" or config.num_labels == 1:
+            return "sigmoid"
+        return "softmax"
+
+    def postprocess(self, outputs, metas, top_k=_UNSET, function_to_apply=None):
+        function = (function_to_apply or "default").lower()
+        if function == "default":
+            function = self.default_function()
+        scores = apply_function(outputs[0]["logits"], function).numpy()
+        id2label = self.model.config.id2label
+        if top_k is _UNSET:  # no top_k given anywhere: transformers' single-dict form
+            best = int(scores.argmax())
+            return {"label": id2label[best], "score": float(scores[best])}
+        ranked = sorted(({"label": id2label[i], "score": float(s)} for i, s in enumerate(scores)),
+                        key=lambda d: d["score"], reverse=True)
+        return ranked if top_k is None else ranked[:top_k]

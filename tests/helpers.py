@@ -1,0 +1,117 @@
+"""Tiny random checkpoints built with transformers (the oracle), saved the way the Hub has them."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+
+WORDS = (
+    "the a an of to in and is was it he she they we you i my your his her this that with for on at by from "
+    "paris france berlin germany london england john smith mary works lives city capital country river "
+    "love hate good bad great terrible movie film book story day night happy sad new old big small "
+    "what where who when why how does did do can will would should could not no yes very much many "
+    "apple google microsoft company founded year president king queen water fire earth air red blue green "
+    "run walk talk eat drink sleep read write play sing dance think know see hear feel make take give "
+    "un ##s ##ing ##ed ##er ##est ##ly ##ion ##al ##y ##e ##a ##o ##i ##n ##t ##r"
+).split()
+BPE_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. Paris is the capital of France. John Smith works at Google "
+    "in London. Mary lives in Berlin, Germany. I love this movie, it is great! This book was terrible and sad. "
+    "What is the capital of England? Where does John work? The river flows through the old city at night. "
+) * 20
+
+STD = 0.2  # larger than transformers' 0.02, so outputs depend clearly on every input token
+
+
+def bert_vocab_folder(folder: Path, lowercase: bool = True) -> Path:
+    """A vocab.txt with BERT's special tokens, and the tokenizer saved by transformers."""
+    from transformers import BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(".,!?'-:;()") + list("abcdefghijklmnopqrstuvwxyz0123456789")
+    vocab += [w for w in WORDS if w not in vocab]
+    vocab += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=lowercase)
+    tok.model_max_length = 512
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def bpe_vocab_folder(folder: Path) -> Path:
+    """A byte-level BPE vocabulary (vocab.json + merges.txt) trained on a small corpus, RoBERTa style."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    trainer = ByteLevelBPETokenizer()
+    trainer.train_from_iterator([BPE_CORPUS], vocab_size=400, min_frequency=2,
+                                special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    trainer.save_model(str(folder))
+    tok = RobertaTokenizerFast(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"))
+    tok.model_max_length = 512
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Re-draw every weight with std STD (LayerNorm weights around 1) so masking bugs show at 1e-4."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "LayerNorm.weight" in name or "layer_norm.weight" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(STD * torch.randn(p.shape, generator=gen))
+    return model.eval()
+
+
+ARCH = {
+    "bert": ("BertConfig", "bert", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                        intermediate_size=37, max_position_embeddings=128)),
+    "roberta": ("RobertaConfig", "bpe", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=37, max_position_embeddings=130, pad_token_id=1,
+                                             bos_token_id=0, eos_token_id=2, type_vocab_size=1,
+                                             layer_norm_eps=1e-5)),
+    "xlm-roberta": ("XLMRobertaConfig", "bpe", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                    intermediate_size=37, max_position_embeddings=130,
+                                                    pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                                                    type_vocab_size=1, layer_norm_eps=1e-5)),
+    "distilbert": ("DistilBertConfig", "bert", dict(dim=32, n_layers=2, n_heads=4, hidden_dim=37,
+                                                    max_position_embeddings=128)),
+}
+HEAD_CLASS = {
+    "base": "Model",
+    "sequence-classification": "ForSequenceClassification",
+    "token-classification": "ForTokenClassification",
+    "question-answering": "ForQuestionAnswering",
+    "masked-lm": "ForMaskedLM",
+}
+PREFIX = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "distilbert": "DistilBert"}
+
+
+def tiny_checkpoint(folder: Path, arch: str, head: str, *, num_labels: int = 3, seed: int = 0,
+                    labels: list[str] | None = None, **config_overrides) -> Path:
+    """Save a tiny random `arch` model with `head` plus its tokenizer into `folder`."""
+    import transformers
+
+    config_name, vocab_kind, sizes = ARCH[arch]
+    if vocab_kind == "bert":
+        bert_vocab_folder(folder)
+    else:
+        bpe_vocab_folder(folder)
+    vocab_size = len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]) + 8
+    labels = labels or [f"LABEL_{i}" for i in range(num_labels)]
+    config = getattr(transformers, config_name)(
+        vocab_size=vocab_size, id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+        **{**sizes, **config_overrides},
+    )
+    torch.manual_seed(seed)
+    model = getattr(transformers, PREFIX[arch] + HEAD_CLASS[head])(config)
+    randomize(model, seed)
+    model.save_pretrained(str(folder))
+    return folder
