@@ -18,5 +18,5 @@ if [ "$extras" = "test" ]; then
   # in a subprocess, beside the current transformers.
   oracle=.oracle/transformers-5.2.0
   [ -f "$oracle/transformers/__init__.py" ] || pip install $quiet --disable-pip-version-check --no-deps \
-      --target "$oracle" transformers==5.2.0 tokenizers==0.22.2
+      --target "$oracle" transformers==5.2.0 tokenizers==0.22.2 "huggingface-hub>=1.3,<2"
 fi
