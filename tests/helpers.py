@@ -33,10 +33,10 @@ def bert_vocab_folder(folder: Path, lowercase: bool = True) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(".,!?'-:;()") + list("abcdefghijklmnopqrstuvwxyz0123456789")
-    vocab += [w for w in WORDS if w not in vocab]
-    vocab += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    vocab = list(dict.fromkeys(vocab + list(WORDS)))
+    vocab = list(dict.fromkeys(vocab + ["##" + c for c in "abcdefghijklmnopqrstuvwxyz0123456789"]))
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=lowercase)
+    tok = BertTokenizerFast(vocab=str(folder / "vocab.txt"), do_lower_case=lowercase)
     tok.model_max_length = 512
     tok.save_pretrained(str(folder))
     return folder
@@ -52,7 +52,7 @@ def bpe_vocab_folder(folder: Path) -> Path:
     trainer.train_from_iterator([BPE_CORPUS], vocab_size=400, min_frequency=2,
                                 special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     trainer.save_model(str(folder))
-    tok = RobertaTokenizerFast(vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"))
+    tok = RobertaTokenizerFast(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
     tok.model_max_length = 512
     tok.save_pretrained(str(folder))
     return folder
