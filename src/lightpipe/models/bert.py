@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import BaseConfig
 from ..errors import UnsupportedModel
-from .layers import activation, attention, merge_heads, padding_mask, split_heads
+from .layers import Unpadder, activation, attention, linear, merge_heads, split_heads
 
 
 @dataclasses.dataclass
@@ -67,11 +67,12 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(config.hidden_size, config.hidden_size)
         self.value = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, x, mask):
-        q = split_heads(self.query(x), self.num_heads)  # (B, H, T, D)
-        k = split_heads(self.key(x), self.num_heads)
-        v = split_heads(self.value(x), self.num_heads)
-        return merge_heads(attention(q, k, v, mask))  # (B, T, H*D)
+    def forward(self, x, batch: Unpadder):
+        """x: (N, C) real tokens -> (N, C) attention outputs."""
+        q = split_heads(batch.pad(linear(x, self.query)), self.num_heads)  # (B, H, T, D)
+        k = split_heads(batch.pad(linear(x, self.key)), self.num_heads)
+        v = split_heads(batch.pad(linear(x, self.value)), self.num_heads)
+        return batch.unpad(merge_heads(attention(q, k, v, batch.mask)))
 
 
 class BertSelfOutput(nn.Module):
@@ -81,7 +82,7 @@ class BertSelfOutput(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, h, residual):
-        return self.LayerNorm(self.dense(h) + residual)
+        return self.LayerNorm(linear(h, self.dense) + residual)
 
 
 class BertAttention(nn.Module):
@@ -90,18 +91,19 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, x, mask):
-        return self.output(self.self(x, mask), x)
+    def forward(self, x, batch: Unpadder):
+        return self.output(self.self(x, batch), x)
 
 
 class BertIntermediate(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.act = activation(config.hidden_act)
+        self.act = config.hidden_act
+        activation(self.act)  # unknown names fail at build time
 
     def forward(self, x):
-        return self.act(self.dense(x))
+        return linear(x, self.dense, self.act)
 
 
 class BertOutput(nn.Module):
@@ -111,7 +113,7 @@ class BertOutput(nn.Module):
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, h, residual):
-        return self.LayerNorm(self.dense(h) + residual)
+        return self.LayerNorm(linear(h, self.dense) + residual)
 
 
 class BertLayer(nn.Module):
@@ -121,8 +123,8 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, x, mask):
-        x = self.attention(x, mask)
+    def forward(self, x, batch: Unpadder):
+        x = self.attention(x, batch)
         return self.output(self.intermediate(x), x)
 
 
@@ -132,10 +134,12 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
     def forward(self, x, attention_mask):
-        mask = padding_mask(attention_mask)
+        """x: (B, T, C) embeddings -> (B, T, C); the layers run on real tokens only (see Unpadder)."""
+        batch = Unpadder(attention_mask, x.shape[0], x.shape[1])
+        h = batch.unpad(x)  # (N, C)
         for layer in self.layer:
-            x = layer(x, mask)
-        return x
+            h = layer(h, batch)
+        return batch.pad(h)
 
 
 class BertPooler(nn.Module):

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import BaseConfig
 from ..errors import UnsupportedModel
-from .layers import activation, attention, merge_heads, padding_mask, split_heads
+from .layers import Unpadder, activation, attention, linear, merge_heads, split_heads
 
 
 @dataclasses.dataclass
@@ -50,11 +50,12 @@ class MultiHeadSelfAttention(nn.Module):
         self.v_lin = nn.Linear(config.dim, config.dim)
         self.out_lin = nn.Linear(config.dim, config.dim)
 
-    def forward(self, x, mask):
-        q = split_heads(self.q_lin(x), self.n_heads)  # (B, H, T, D)
-        k = split_heads(self.k_lin(x), self.n_heads)
-        v = split_heads(self.v_lin(x), self.n_heads)
-        return self.out_lin(merge_heads(attention(q, k, v, mask)))
+    def forward(self, x, batch: Unpadder):
+        """x: (N, C) real tokens -> (N, C)."""
+        q = split_heads(batch.pad(linear(x, self.q_lin)), self.n_heads)  # (B, H, T, D)
+        k = split_heads(batch.pad(linear(x, self.k_lin)), self.n_heads)
+        v = split_heads(batch.pad(linear(x, self.v_lin)), self.n_heads)
+        return linear(batch.unpad(merge_heads(attention(q, k, v, batch.mask))), self.out_lin)
 
 
 class FFN(nn.Module):
@@ -62,10 +63,11 @@ class FFN(nn.Module):
         super().__init__()
         self.lin1 = nn.Linear(config.dim, config.hidden_dim)
         self.lin2 = nn.Linear(config.hidden_dim, config.dim)
-        self.act = activation(config.activation)
+        self.act = config.activation
+        activation(self.act)  # unknown names fail at build time
 
     def forward(self, x):
-        return self.lin2(self.act(self.lin1(x)))
+        return linear(linear(x, self.lin1, self.act), self.lin2)
 
 
 class TransformerBlock(nn.Module):
@@ -76,8 +78,8 @@ class TransformerBlock(nn.Module):
         self.ffn = FFN(config)
         self.output_layer_norm = nn.LayerNorm(config.dim, eps=1e-12)
 
-    def forward(self, x, mask):
-        x = self.sa_layer_norm(self.attention(x, mask) + x)
+    def forward(self, x, batch: Unpadder):
+        x = self.sa_layer_norm(self.attention(x, batch) + x)
         return self.output_layer_norm(self.ffn(x) + x)
 
 
@@ -87,10 +89,12 @@ class Transformer(nn.Module):
         self.layer = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
 
     def forward(self, x, attention_mask):
-        mask = padding_mask(attention_mask)
+        """x: (B, T, C) embeddings -> (B, T, C); the layers run on real tokens only (see Unpadder)."""
+        batch = Unpadder(attention_mask, x.shape[0], x.shape[1])
+        h = batch.unpad(x)  # (N, C)
         for layer in self.layer:
-            x = layer(x, mask)
-        return x
+            h = layer(h, batch)
+        return batch.pad(h)
 
 
 class DistilBertModel(nn.Module):

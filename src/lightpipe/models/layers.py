@@ -46,6 +46,43 @@ def activation(name: str):
         ) from None
 
 
+# oneDNN's fused linear (+ activation) runs markedly faster than matmul + bias + activation on the CPU
+# for the (tokens, hidden) shapes of encoders, with the same results to ~1e-6. It is a private op,
+# so it is used only after a self-check, and everything falls back to F.linear without it.
+_FUSED_ACTIVATIONS = {
+    None: ("none", [], ""),
+    "gelu": ("gelu", [None], "none"),
+    "gelu_python": ("gelu", [None], "none"),
+    "gelu_pytorch_tanh": ("gelu", [None], "tanh"),
+    "gelu_new": ("gelu", [None], "tanh"),
+    "gelu_fast": ("gelu", [None], "tanh"),
+    "relu": ("relu", [], ""),
+}
+_fused_ok: bool | None = None
+
+
+def _fused_linear_works() -> bool:
+    global _fused_ok
+    if _fused_ok is None:
+        try:
+            x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+            got = torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [None], "none")
+            _fused_ok = bool(torch.allclose(got, F.gelu(F.linear(x, w, b)), atol=1e-5))
+        except Exception:  # op missing in this build
+            _fused_ok = False
+    return _fused_ok
+
+
+def linear(x: torch.Tensor, layer, act: str | None = None) -> torch.Tensor:
+    """layer(x) followed by the named activation, fused into one oneDNN call on the CPU when possible."""
+    if (act in _FUSED_ACTIVATIONS and x.device.type == "cpu" and x.dtype == torch.float32
+            and layer.weight.dtype == torch.float32 and not torch.is_grad_enabled() and _fused_linear_works()):
+        attr, scalars, algorithm = _FUSED_ACTIVATIONS[act]
+        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias, attr, scalars, algorithm)
+    y = F.linear(x, layer.weight, layer.bias)
+    return y if act is None else activation(act)(y)
+
+
 def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """(B, T) 1/0 mask -> (B, 1, 1, T) boolean mask for scaled_dot_product_attention.
 
@@ -71,3 +108,28 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Bidirectional attention over (B, H, T, D) tensors; mask is boolean, True where attended."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class Unpadder:
+    """Moves a padded batch's real tokens into one (N, C) matrix and back.
+
+    Linear layers and layer norms act on each token alone, so they can run on the N real tokens of
+    a batch instead of its B*T padded slots; only attention needs the (B, T) layout. With mixed
+    lengths this skips the work padding would cost. With no padding both moves are free.
+    """
+
+    def __init__(self, attention_mask: torch.Tensor | None, batch: int, length: int):
+        self.batch, self.length = batch, length
+        self.mask = padding_mask(attention_mask)  # (B, 1, 1, T) or None
+        self.index = None if self.mask is None else attention_mask.reshape(-1).nonzero().squeeze(1)  # (N,)
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, C) -> (N, C): the real tokens only (all B*T when nothing is padded)."""
+        flat = x.reshape(self.batch * self.length, x.shape[-1])
+        return flat if self.index is None else flat.index_select(0, self.index)
+
+    def pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C) -> (B, T, C), zeros in the padded slots."""
+        if self.index is not None:
+            x = x.new_zeros(self.batch * self.length, x.shape[-1]).index_copy_(0, self.index, x)
+        return x.view(self.batch, self.length, x.shape[-1])
