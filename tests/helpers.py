@@ -94,9 +94,12 @@ HEAD_CLASS = {
 PREFIX = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "distilbert": "DistilBert"}
 
 
-def tiny_checkpoint(folder: Path, arch: str, head: str, *, num_labels: int = 3, seed: int = 0,
+def tiny_checkpoint(folder: Path, arch: str, head: str, *, num_labels: int | None = None, seed: int = 0,
                     labels: list[str] | None = None, **config_overrides) -> Path:
-    """Save a tiny random `arch` model with `head` plus its tokenizer into `folder`."""
+    """Save a tiny random `arch` model with `head` plus its tokenizer into `folder`.
+
+    num_labels defaults to 2 for the question-answering head (its qa_outputs give start and end
+    logits) and to 3 otherwise."""
     import transformers
 
     config_name, vocab_kind, sizes = ARCH[arch]
@@ -105,6 +108,8 @@ def tiny_checkpoint(folder: Path, arch: str, head: str, *, num_labels: int = 3, 
     else:
         bpe_vocab_folder(folder)
     vocab_size = len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]) + 8
+    if num_labels is None:
+        num_labels = 2 if head == "question-answering" else 3
     labels = labels or [f"LABEL_{i}" for i in range(num_labels)]
     config = getattr(transformers, config_name)(
         vocab_size=vocab_size, id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,10 @@ def pipeline(task: str | None = None, model: str | nn.Module | None = None, *, c
             raise UnsupportedModel("model must be a lightpipe model (loaded by lightpipe), a Hub id or a folder.")
         loaded, folder = model, Path(getattr(model, "name_or_path", "")) if getattr(model, "name_or_path", "") else None
         spec = spec or _task_from_model(loaded)
+        needed = models.head_class(loaded.config.model_type, spec.head)
+        if not isinstance(loaded, needed):
+            raise UnsupportedModel(f"{spec.name} needs a {needed.__name__}, but the model given is a "
+                                   f"{type(loaded).__name__}; load it for this task, or pass its folder.")
         if device is not None or device_map is not None:
             loaded = loaded.to(target)
         if dtype not in (None, "auto"):
@@ -62,7 +67,8 @@ def pipeline(task: str | None = None, model: str | nn.Module | None = None, *, c
                 raise UnsupportedTask("give a task, a model, or both: pipeline(task='text-classification').")
             folder = _default_model_folder(spec)
         else:
-            folder = hub.resolve(model, revision=revision, token=token)
+            folder = hub.resolve(os.fspath(model) if isinstance(model, os.PathLike) else model,
+                                 revision=revision, token=token)
         model_config = _config(config, folder, revision, token)
         if spec is None:
             spec = _task_from_config(model_config, folder)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +43,17 @@ def load_config(folder: Path) -> BaseConfig:
     return models.architecture_module(model_type).Config.from_dict(raw)
 
 
-def resolve_dtype(dtype: Any, config: BaseConfig) -> torch.dtype:
-    """dtype argument ("auto", a name, a torch.dtype or None) -> the torch dtype to compute in."""
-    if dtype is None or dtype == "auto":
+def resolve_dtype(dtype: Any, config: BaseConfig, state: dict[str, torch.Tensor] | None = None) -> torch.dtype:
+    """dtype argument ("auto", a name, a torch.dtype or None) -> the torch dtype to compute in.
+
+    "auto" (and None) take the dtype config.json names; when it names none, the dtype of the first
+    floating-point weight in `state` (as transformers does); float32 when neither says."""
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
         saved = config.dtype
-        return DTYPES.get(str(saved).replace("torch.", ""), torch.float32) if saved else torch.float32
+        if saved:
+            return DTYPES.get(str(saved).replace("torch.", ""), torch.float32)
+        stored = next((t.dtype for t in (state or {}).values() if t.is_floating_point()), None)
+        return stored if stored in DTYPES.values() else torch.float32
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise InvalidInput(f"dtype {dtype} is not supported; use float32, float16 or bfloat16.")
@@ -127,15 +134,20 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_pytorch_bin(path: Path) -> dict[str, torch.Tensor]:
+    # Memory-map the zip format of torch >= 1.6; the legacy format of older checkpoints cannot be mapped.
+    mmap = zipfile.is_zipfile(path)
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # torch raises many kinds here (pickle, zip, unsafe globals)
         raise CheckpointError(
             f"{path} could not be read safely ({type(e).__name__}: {e}). lightpipe loads .bin weights only "
             "with weights_only=True; convert the checkpoint to safetensors if it needs more."
         ) from e
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path} does not hold a state dict.")
+        raise CheckpointError(f"{path} does not hold a state dict (a dict of tensors) but a {type(state).__name__}.")
+    odd = sorted(str(k) for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if odd:
+        raise CheckpointError(f"{path} is not a plain state dict: {', '.join(odd[:5])} is not a tensor.")
     return state
 
 
@@ -218,12 +230,13 @@ def _retie(model: nn.Module) -> None:
 def load_model(folder: Path, head: str, *, dtype: Any = "auto", device: Any = None, config: BaseConfig | None = None) -> nn.Module:
     folder = Path(folder)
     config = config or load_config(folder)
-    torch_dtype = resolve_dtype(dtype, config)
+    resolve_dtype(dtype, config)  # a bad dtype or device fails before any file is read
     torch_device = resolve_device(device)
     check_device_available(torch_device)
     module = models.architecture_module(config.model_type)
     model = build_model(config, head)
-    load_weights(model, read_state_dict(weight_files(folder)), module, torch_dtype, str(folder))
+    state = read_state_dict(weight_files(folder))
+    load_weights(model, state, module, resolve_dtype(dtype, config, state), str(folder))
     model.eval().requires_grad_(False)
     if torch_device.type != "cpu":
         model.to(torch_device)

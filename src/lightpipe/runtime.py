@@ -139,20 +139,24 @@ def prefetch(iterable: Iterable[Any], depth: int = 8) -> Iterator[Any]:
     buffer: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def put(entry) -> bool:
+        """Wait for room unless the consumer has gone; False when it has."""
+        while not stop.is_set():
+            try:
+                buffer.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce():
         try:
             for value in iterable:
-                while not stop.is_set():
-                    try:
-                        buffer.put((True, value), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put((True, value)):
                     return
-            buffer.put((True, _DONE))
+            put((True, _DONE))
         except BaseException as e:  # handed to the consumer, which raises it
-            buffer.put((False, e))
+            put((False, e))
 
     thread = threading.Thread(target=produce, name="lightpipe-prefetch", daemon=True)
     thread.start()

@@ -24,6 +24,24 @@ TRUNCATION_STRATEGIES = {True: "longest_first", "longest_first": "longest_first"
 NO_TOKEN_TYPES = ("Roberta", "XLMRoberta", "Camembert", "DistilBert", "GPT2", "Bart", "Longformer")
 VERY_LARGE = int(1e20)  # transformers' "no limit" for model_max_length
 
+# Spaces that decoding WordPiece tokens leaves before punctuation and English contractions, removed
+# in this order when a checkpoint sets clean_up_tokenization_spaces (as transformers does).
+CLEAN_UP_SPACES = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                   (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+
+
+def clean_up_tokenization(text: str) -> str:
+    """'do n't stop , please .' -> "don't stop, please." (the rules of CLEAN_UP_SPACES, in order)."""
+    for before, after in CLEAN_UP_SPACES:
+        text = text.replace(before, after)
+    return text
+
+
+def _is_backend_failure(error: BaseException) -> bool:
+    """Whether `error` came from the Rust library: a plain Exception, or a Rust panic, which pyo3
+    raises as pyo3_runtime.PanicException, a BaseException subclass that `except Exception` misses."""
+    return isinstance(error, Exception) or type(error).__name__ == "PanicException"
+
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
@@ -49,13 +67,17 @@ class Tokenizer:
 
     def __init__(self, backend: Backend, special_tokens: dict[str, str], *, model_max_length: int = VERY_LARGE,
                  padding_side: str = "right", truncation_side: str = "right", returns_token_type_ids: bool = True,
-                 name_or_path: str = ""):
+                 clean_up_tokenization_spaces: bool = False, clean_up_bpe: bool = False, name_or_path: str = ""):
         self.backend = backend
         self.special_tokens = special_tokens
         self.model_max_length = model_max_length
         self.padding_side = padding_side
         self.truncation_side = truncation_side
         self.returns_token_type_ids = returns_token_type_ids
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+        # transformers skips the clean-up for BPE models (it would eat real spaces before punctuation)
+        # unless the config insists with clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output.
+        self.clean_up_bpe = clean_up_bpe
         self.name_or_path = name_or_path
         # Truncation is a setting of the backend object; one lock keeps concurrent callers apart.
         self._lock = threading.Lock()
@@ -105,6 +127,8 @@ class Tokenizer:
             padding_side=config.get("padding_side", "right"),
             truncation_side=config.get("truncation_side", "right"),
             returns_token_type_ids=returns_types,
+            clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+            clean_up_bpe=bool(config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)),
             name_or_path=str(folder),
         )
 
@@ -121,6 +145,10 @@ class Tokenizer:
     @property
     def pad_token_id(self) -> int | None:
         return self.special_id("pad_token")
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return self.special_id("unk_token")
 
     @property
     def mask_token(self) -> str | None:
@@ -148,26 +176,51 @@ class Tokenizer:
             )
         truncate = truncation not in (None, False, "do_not_truncate")
         if not truncate:
-            return self.backend.encode(text, pair, is_pretokenized=is_split_into_words, add_special_tokens=add_special_tokens)
+            return self._encode(text, pair, is_split_into_words, add_special_tokens)
         limit = max_length if max_length is not None else self.model_max_length
         if limit >= VERY_LARGE:
             raise InvalidInput("truncation was asked for but neither max_length nor the tokenizer's model_max_length is set.")
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 0:
+            raise InvalidInput(f"stride must be a non-negative integer, not {stride!r}.")
         with self._lock:
             try:
                 self.backend.enable_truncation(limit, stride=stride, strategy=TRUNCATION_STRATEGIES[truncation],
                                                direction=self.truncation_side)
-            except Exception as e:
+            except BaseException as e:
+                if not _is_backend_failure(e):
+                    raise
                 raise InvalidInput(f"cannot truncate to max_length={limit} with stride={stride}: {e}") from e
-            try:
-                return self.backend.encode(text, pair, is_pretokenized=is_split_into_words,
-                                           add_special_tokens=add_special_tokens)
-            except Exception as e:
-                raise InvalidInput(f"cannot truncate this input to {limit} tokens: {e}") from e
+            try:  # a stride too large for the room left in a window panics in Rust only when windows are cut
+                return self._encode(text, pair, is_split_into_words, add_special_tokens,
+                                    f"cannot truncate this input to {limit} tokens with stride={stride}")
             finally:
                 self.backend.no_truncation()
 
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+    def _encode(self, text, pair, is_split_into_words: bool, add_special_tokens: bool,
+                what: str = "cannot tokenize this input") -> Encoding:
+        try:
+            return self.backend.encode(text, pair, is_pretokenized=is_split_into_words,
+                                       add_special_tokens=add_special_tokens)
+        except BaseException as e:  # a Rust panic is a BaseException: it must not escape as one
+            if not _is_backend_failure(e):
+                raise
+            raise InvalidInput(f"{what}: {e}") from e
+
+    def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None) -> str:
+        """Ids -> text. With clean_up_tokenization_spaces (default: the checkpoint's setting) the spaces
+        before punctuation and contractions are removed, except for BPE models, as in transformers."""
+        text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        if clean_up_tokenization_spaces is None:
+            clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
+        if clean_up_tokenization_spaces and (self.clean_up_bpe or type(self.backend.model).__name__ != "BPE"):
+            text = clean_up_tokenization(text)
+        return text
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        """Tokens -> text through the backend's decoder ("##" joins for WordPiece, bytes for BPE);
+        joined with spaces when the tokenizer has no decoder."""
+        decoder = self.backend.decoder
+        return decoder.decode(list(tokens)) if decoder is not None else " ".join(tokens)
 
     def convert_ids_to_tokens(self, ids) -> list[str]:
         return [self.backend.id_to_token(int(i)) for i in ids]
@@ -236,8 +289,7 @@ def _bpe_from_vocab(vocab_path: Path, merges_path: Path, config: dict, special: 
         )
     else:
         backend.post_processor = processors.ByteLevel(trim_offsets=False)
-    if "mask_token" in special and not settings.get(special["mask_token"]):
-        # RoBERTa's mask token absorbs the space before it, as in transformers.
-        settings[special["mask_token"]] = {"lstrip": True}
+    # A mask token given as a plain string keeps the space before it (transformers 5 builds it so; 4.x
+    # forced lstrip=True). An AddedToken-like dict in the configs, e.g. {"lstrip": true}, is honoured.
     _add_special(backend, special, settings)
     return backend

@@ -102,7 +102,8 @@ class Pipeline:
             raise InvalidInput(f"num_workers must be a non-negative integer, not {workers!r}.")
 
     def _route(self, call_params: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
-        params = {**self._defaults, **self._checked(call_params)}
+        # A runtime parameter given as None at call time keeps the pipeline's default (as in transformers).
+        params = {**self._defaults, **self._checked(call_params, drop_none=True)}
         pick = lambda names: {k: params[k] for k in names if k in params}  # noqa: E731
         return pick(RUNTIME_PARAMS), pick(self.preprocess_params), pick(self.forward_params), pick(self.postprocess_params)
 
@@ -134,10 +135,10 @@ class Pipeline:
     def __call__(self, inputs, **params):
         runtime, pre, fwd, post = self._route(params)
         batch_size = check_batch_size(runtime.get("batch_size"))
+        if self._is_stream(inputs):  # nothing runs (no progress bar either) until the first result is asked for
+            return self._run_stream(inputs, fwd, pre, post, batch_size, runtime.get("progress"))
         progress = self._progress_bar(runtime.get("progress"), inputs)
         runner = Runner(self._forward_fn(fwd), self.collate_padding(), batch_size, progress)
-        if self._is_stream(inputs):
-            return self._run_stream(inputs, runner, pre, post, runtime.get("num_workers"))
         single = self.is_single(inputs)
         items_in = [inputs] if single else list(inputs)
         try:
@@ -177,15 +178,25 @@ class Pipeline:
             grouped[item.source][1].append(item.meta)
         return [self.postprocess(outs, metas, **post) for outs, metas in grouped]
 
+    @staticmethod
+    def _values(inputs: Iterable) -> Iterator:
+        """A stream's values. A sized dataset is read by index 0..len-1, as a DataLoader reads it, since
+        iterating a map-style Dataset falls back to __getitem__ until IndexError, which a dataset need not raise."""
+        if _is_dataset(inputs) and hasattr(inputs, "__len__") and not hasattr(type(inputs), "__iter__"):
+            return (inputs[i] for i in range(len(inputs)))
+        return iter(inputs)
+
     def _tagged_items(self, inputs: Iterable, pre: dict) -> Iterator[ModelItem]:
-        for source, value in enumerate(inputs):
+        for source, value in enumerate(self._values(inputs)):
             items = list(self.preprocess(value, **pre))
             for i, item in enumerate(items):
                 item.source, item.is_last = source, i == len(items) - 1
             assert items, "preprocess must give at least one model item"
             yield from items
 
-    def _run_stream(self, inputs: Iterable, runner: Runner, pre: dict, post: dict, num_workers) -> Iterator:
+    def _run_stream(self, inputs: Iterable, fwd: dict, pre: dict, post: dict, batch_size: int, progress) -> Iterator:
+        runner = Runner(self._forward_fn(fwd), self.collate_padding(), batch_size,
+                        self._progress_bar(progress, inputs))
         items = prefetch(self._tagged_items(inputs, pre), depth=max(8, 2 * runner.batch_size))
         outs: list = []
         metas: list = []

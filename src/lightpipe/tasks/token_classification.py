@@ -270,17 +270,13 @@ class TokenClassificationPipeline(TextPipeline):
         """Whether the tokenizer marks word continuations (WordPiece's "##"), so sub-words are known exactly."""
         return bool(getattr(self.tokenizer.backend.model, "continuing_subword_prefix", None))
 
-    def _tokens_to_string(self, tokens: list[str]) -> str:
-        decoder = self.tokenizer.backend.decoder
-        return decoder.decode(tokens) if decoder is not None else " ".join(tokens)
-
     def _tokens(self, sentence: str, meta: dict, scores: np.ndarray, strategy: str) -> list[dict]:
         """The non-special tokens of one window, with their scores, text span and whether they continue a word."""
         word_aware = self._word_aware()
         if not word_aware and strategy in WORD_STRATEGIES:
             self._warn_once("heuristic", "this tokenizer does not mark sub-words; aggregation_strategy=%r guesses "
                             "word boundaries from spaces in the text.", strategy)
-        unk_id = self.tokenizer.special_id("unk_token")
+        unk_id = self.tokenizer.unk_token_id
         word_ids, word_starts = meta["word_ids"], meta["word_starts"]
         tokens = []
         for index, token_scores in enumerate(scores):
@@ -335,7 +331,7 @@ class TokenClassificationPipeline(TextPipeline):
             scores = np.nanmean(np.stack([t["scores"] for t in tokens]), axis=0)
         best = int(scores.argmax())
         return {"entity": self.model.config.id2label[best], "score": scores[best],
-                "word": self._tokens_to_string([t["word"] for t in tokens]),
+                "word": self.tokenizer.convert_tokens_to_string([t["word"] for t in tokens]),
                 "start": tokens[0]["start"], "end": tokens[-1]["end"]}
 
     def _group(self, entities: list[dict]) -> list[dict]:
@@ -351,7 +347,7 @@ class TokenClassificationPipeline(TextPipeline):
         return [{
             "entity_group": group[0]["entity"].split("-", 1)[-1],  # as transformers names it, whatever the prefix
             "score": np.nanmean([e["score"] for e in group]),
-            "word": self._tokens_to_string([e["word"] for e in group]),
+            "word": self.tokenizer.convert_tokens_to_string([e["word"] for e in group]),
             "start": group[0]["start"],
             "end": group[-1]["end"],
         } for group in groups]
