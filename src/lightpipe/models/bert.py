@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import BaseConfig
 from ..errors import UnsupportedModel
-from .layers import Unpadder, activation, attention, linear, merge_heads, split_heads
+from .layers import Embedding, Unpadder, activation, attention, linear, merge_heads, split_heads
 
 
 @dataclasses.dataclass
@@ -41,11 +41,12 @@ class BertConfig(BaseConfig):
 
 
 class BertEmbeddings(nn.Module):
-    def __init__(self, config: BertConfig, padding_idx: int | None = None):
+    def __init__(self, config: BertConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=padding_idx)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        # No padding_idx: it only shapes training, and zeroing its row on the meta device costs an import.
+        self.word_embeddings = Embedding(config.vocab_size, config.hidden_size)
+        self.position_embeddings = Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids, token_type_ids=None, position_ids=None) -> torch.Tensor:

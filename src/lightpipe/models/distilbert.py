@@ -9,7 +9,7 @@ from torch import nn
 
 from ..config import BaseConfig
 from ..errors import UnsupportedModel
-from .layers import Unpadder, activation, attention, linear, merge_heads, split_heads
+from .layers import Embedding, Unpadder, activation, attention, linear, merge_heads, split_heads
 
 
 @dataclasses.dataclass
@@ -32,8 +32,8 @@ class DistilBertConfig(BaseConfig):
 class Embeddings(nn.Module):
     def __init__(self, config: DistilBertConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.dim, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.dim)
+        self.word_embeddings = Embedding(config.vocab_size, config.dim)  # no padding_idx: inference only
+        self.position_embeddings = Embedding(config.max_position_embeddings, config.dim)
         self.LayerNorm = nn.LayerNorm(config.dim, eps=1e-12)
 
     def forward(self, input_ids):

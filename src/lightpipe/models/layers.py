@@ -6,6 +6,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..errors import UnsupportedModel
 
@@ -133,3 +134,11 @@ class Unpadder:
         if self.index is not None:
             x = x.new_zeros(self.batch * self.length, x.shape[-1]).index_copy_(0, self.index, x)
         return x.view(self.batch, self.length, x.shape[-1])
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding without random initialisation: weights always come from a checkpoint, and
+    nn.init.normal_ on the meta device would pull in torch's compiler stack (a second of start-up)."""
+
+    def reset_parameters(self) -> None:
+        pass

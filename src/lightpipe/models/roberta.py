@@ -26,7 +26,7 @@ class RobertaConfig(BertConfig):
 
 class RobertaEmbeddings(BertEmbeddings):
     def __init__(self, config: RobertaConfig):
-        super().__init__(config, padding_idx=config.pad_token_id)
+        super().__init__(config)
         self.padding_idx = config.pad_token_id
 
     def forward(self, input_ids, token_type_ids=None, position_ids=None) -> torch.Tensor:
