@@ -113,7 +113,7 @@ def test_loaded_model_and_tokenizer(seqcls):
 
 def test_loaded_model_for_another_task(seqcls):
     model = load_model(seqcls, "sequence-classification")
-    with pytest.raises(UnsupportedModel, match="fill-mask needs a BertForMaskedLM.*BertForSequenceClassification"):
+    with pytest.raises(UnsupportedModel, match="fill-mask needs BertForMaskedLM.*BertForSequenceClassification"):
         pipeline("fill-mask", model=model)
 
 

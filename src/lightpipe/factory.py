@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from pathlib import Path
@@ -13,8 +14,14 @@ from torch import nn
 from . import hub, loading, models
 from .config import BaseConfig
 from .errors import InvalidInput, RemoteCodeNotSupported, UnsupportedModel, UnsupportedTask
-from .processing.text import Tokenizer
 from .tasks import TASK_OF_HEAD, TaskSpec, get_task
+
+# Pipeline component -> "module:Class" under lightpipe.processing, each with from_folder(folder).
+COMPONENTS = {
+    "tokenizer": "text:Tokenizer",
+    "feature_extractor": "audio:FeatureExtractor",
+    "image_processor": "image:ImageProcessor",
+}
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +60,11 @@ def pipeline(task: str | None = None, model: str | nn.Module | None = None, *, c
             raise UnsupportedModel("model must be a lightpipe model (loaded by lightpipe), a Hub id or a folder.")
         loaded, folder = model, Path(getattr(model, "name_or_path", "")) if getattr(model, "name_or_path", "") else None
         spec = spec or _task_from_model(loaded)
-        needed = models.head_class(loaded.config.model_type, spec.head)
-        if not isinstance(loaded, needed):
-            raise UnsupportedModel(f"{spec.name} needs a {needed.__name__}, but the model given is a "
+        heads = models.architecture_module(loaded.config.model_type).HEADS
+        needed = [heads[h] for h in spec.heads if h in heads]
+        if not any(type(loaded) is cls for cls in needed):
+            names = " or ".join(cls.__name__ for cls in needed) or f"a model lightpipe runs for {spec.name}"
+            raise UnsupportedModel(f"{spec.name} needs {names}, but the model given is a "
                                    f"{type(loaded).__name__}; load it for this task, or pass its folder.")
         if device is not None or device_map is not None:
             loaded = loaded.to(target)
@@ -72,12 +81,30 @@ def pipeline(task: str | None = None, model: str | nn.Module | None = None, *, c
         model_config = _config(config, folder, revision, token)
         if spec is None:
             spec = _task_from_config(model_config, folder)
-        loaded = loading.load_model(folder, spec.head, dtype=dtype, device=target, config=model_config)
+        head = _head_for(spec, model_config)
+        loaded = loading.load_model(folder, head, dtype=dtype, device=target, config=model_config)
 
-    tok = _tokenizer(tokenizer, folder, revision, token)
     cls = spec.pipeline_class()
-    return cls(loaded, tok, device=target if (device is not None or device_map is not None) else None,
+    given = {"tokenizer": tokenizer, "feature_extractor": feature_extractor, "image_processor": image_processor}
+    parts = {name: _component(name, given[name], folder, revision, token) for name in cls.components}
+    return cls(loaded, **parts, device=target if (device is not None or device_map is not None) else None,
                batch_size=batch_size, num_workers=num_workers, **task_params)
+
+
+def _head_for(spec: TaskSpec, config: BaseConfig) -> str:
+    """The head to load for `spec`: the one config.json's architectures name, else the first the model has."""
+    module = models.architecture_module(config.model_type)
+    for architecture in config.architectures or ():
+        head = models.head_of_architecture(config.model_type, architecture)
+        if head in spec.heads:
+            return head
+    for head in spec.heads:
+        if head in module.HEADS:
+            return head
+    raise UnsupportedModel(
+        f"{config.model_type} models cannot run {spec.name} in lightpipe (it needs one of the heads "
+        f"{', '.join(spec.heads)}; {config.model_type} has {', '.join(sorted(module.HEADS))})."
+    )
 
 
 def _device(device, device_map) -> torch.device:
@@ -119,11 +146,16 @@ def _config(config, folder: Path, revision, token) -> BaseConfig:
     raise InvalidInput(f"config must be a folder, a Hub id or a lightpipe config, not {type(config).__name__}.")
 
 
+def _task_of_head(model_type: str, head: str | None) -> str | None:
+    own = getattr(models.architecture_module(model_type), "TASK_OF_HEAD", {})
+    return own.get(head) or TASK_OF_HEAD.get(head)
+
+
 def _task_from_config(config: BaseConfig, folder: Path) -> TaskSpec:
     for architecture in config.architectures or ():
-        head = models.head_of_architecture(config.model_type, architecture)
-        if head in TASK_OF_HEAD:
-            return get_task(TASK_OF_HEAD[head])
+        task = _task_of_head(config.model_type, models.head_of_architecture(config.model_type, architecture))
+        if task:
+            return get_task(task)
     raise UnsupportedTask(
         f"no task given, and the architectures {config.architectures} in {folder}/config.json imply none that "
         "lightpipe knows; name the task: pipeline(task=..., model=...)."
@@ -132,18 +164,23 @@ def _task_from_config(config: BaseConfig, folder: Path) -> TaskSpec:
 
 def _task_from_model(model: nn.Module) -> TaskSpec:
     for head, cls in models.architecture_module(model.config.model_type).HEADS.items():
-        if type(model) is cls and head in TASK_OF_HEAD:
-            return get_task(TASK_OF_HEAD[head])
+        task = _task_of_head(model.config.model_type, head) if type(model) is cls else None
+        if task:
+            return get_task(task)
     raise UnsupportedTask(f"no task given, and {type(model).__name__} implies none; name the task.")
 
 
-def _tokenizer(tokenizer, folder: Path | None, revision, token) -> Tokenizer:
-    if isinstance(tokenizer, Tokenizer):
-        return tokenizer
-    if isinstance(tokenizer, (str, Path)):
-        return Tokenizer.from_folder(hub.resolve(str(tokenizer), revision=revision, token=token))
-    if tokenizer is not None:
-        raise InvalidInput(f"tokenizer must be a folder, a Hub id or a lightpipe Tokenizer, not {type(tokenizer).__name__}.")
+def _component(name: str, given, folder: Path | None, revision, token):
+    """A pipeline part (tokenizer, feature_extractor, image_processor): as given, from a folder or Hub id, or
+    from the model's own folder."""
+    module_name, class_name = COMPONENTS[name].split(":")
+    cls = getattr(importlib.import_module(f"lightpipe.processing.{module_name}"), class_name)
+    if isinstance(given, cls):
+        return given
+    if isinstance(given, (str, os.PathLike)):
+        return cls.from_folder(hub.resolve(os.fspath(given), revision=revision, token=token))
+    if given is not None:
+        raise InvalidInput(f"{name} must be a folder, a Hub id or a lightpipe {class_name}, not {type(given).__name__}.")
     if folder is None:
-        raise InvalidInput("the model was passed as an object without a folder to read its tokenizer from; pass tokenizer=.")
-    return Tokenizer.from_folder(folder)
+        raise InvalidInput(f"the model was passed as an object without a folder to read its {name} from; pass {name}=.")
+    return cls.from_folder(folder)

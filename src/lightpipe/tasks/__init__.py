@@ -12,7 +12,7 @@ from ..errors import UnsupportedTask
 class TaskSpec:
     name: str
     pipeline: str  # "module:Class" inside lightpipe.tasks, imported on use
-    head: str  # the model head the task runs (see lightpipe.models)
+    heads: tuple[str, ...]  # the model heads that can run the task (see lightpipe.models), preferred first
     default_model: str
     default_revision: str | None = None
     fallback_model: str | None = None  # an installed weight package's id, used when the default is not cached
@@ -26,24 +26,48 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {
     spec.name: spec
     for spec in (
-        TaskSpec("feature-extraction", "feature_extraction:FeatureExtractionPipeline", "base",
+        TaskSpec("feature-extraction", "feature_extraction:FeatureExtractionPipeline", ("base",),
                  "distilbert/distilbert-base-cased", "6ea8117",
                  fallback_model="sentence-transformers/all-MiniLM-L6-v2"),
-        TaskSpec("text-classification", "text_classification:TextClassificationPipeline", "sequence-classification",
+        TaskSpec("text-classification", "text_classification:TextClassificationPipeline", ("sequence-classification",),
                  "distilbert/distilbert-base-uncased-finetuned-sst-2-english", "714eb0f",
                  aliases=("sentiment-analysis",)),
-        TaskSpec("token-classification", "token_classification:TokenClassificationPipeline", "token-classification",
+        TaskSpec("token-classification", "token_classification:TokenClassificationPipeline", ("token-classification",),
                  "dbmdz/bert-large-cased-finetuned-conll03-english", "4c53496", aliases=("ner",)),
-        TaskSpec("question-answering", "question_answering:QuestionAnsweringPipeline", "question-answering",
+        TaskSpec("question-answering", "question_answering:QuestionAnsweringPipeline", ("question-answering",),
                  "distilbert/distilbert-base-cased-distilled-squad", "564e9b5"),
-        TaskSpec("fill-mask", "fill_mask:FillMaskPipeline", "masked-lm", "distilbert/distilroberta-base", "fb53ab8"),
+        TaskSpec("fill-mask", "fill_mask:FillMaskPipeline", ("masked-lm",), "distilbert/distilroberta-base", "fb53ab8"),
+        TaskSpec("automatic-speech-recognition", "automatic_speech_recognition:AutomaticSpeechRecognitionPipeline",
+                 ("speech-seq2seq", "ctc"), "facebook/wav2vec2-base-960h", "22aad52",
+                 fallback_model="Systran/faster-whisper-tiny.en"),
+        TaskSpec("image-classification", "image_classification:ImageClassificationPipeline",
+                 ("image-classification",), "google/vit-base-patch16-224", "3f49326"),
+        TaskSpec("image-feature-extraction", "image_feature_extraction:ImageFeatureExtractionPipeline",
+                 ("base",), "google/vit-base-patch16-224", "3f49326"),
+        TaskSpec("zero-shot-image-classification",
+                 "zero_shot_image_classification:ZeroShotImageClassificationPipeline",
+                 ("contrastive",), "openai/clip-vit-base-patch32", "3d74acf"),
+        TaskSpec("document-question-answering", "document_question_answering:DocumentQuestionAnsweringPipeline",
+                 ("document-question-answering",), "impira/layoutlm-document-qa", "beed3c4"),
     )
 }
 
 ALIASES = {alias: spec.name for spec in TASKS.values() for alias in spec.aliases}
 
-# Model head -> the task it implies when no task is given.
-TASK_OF_HEAD = {spec.head: spec.name for spec in TASKS.values()}
+# Model head -> the task it implies when no task is given. An architecture module may refine this
+# with its own TASK_OF_HEAD (a vision model's "base" head implies image-feature-extraction).
+TASK_OF_HEAD = {
+    "base": "feature-extraction",
+    "sequence-classification": "text-classification",
+    "token-classification": "token-classification",
+    "question-answering": "question-answering",
+    "masked-lm": "fill-mask",
+    "speech-seq2seq": "automatic-speech-recognition",
+    "ctc": "automatic-speech-recognition",
+    "image-classification": "image-classification",
+    "contrastive": "zero-shot-image-classification",
+    "document-question-answering": "document-question-answering",
+}
 
 
 def get_task(name: str) -> TaskSpec:

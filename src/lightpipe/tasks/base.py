@@ -67,10 +67,16 @@ class Pipeline:
     forward_params: ClassVar[tuple[str, ...]] = ()
     postprocess_params: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, model, tokenizer=None, *, device: torch.device | None = None, batch_size: int | None = None,
-                 num_workers: int | None = None, **params):
+    # The preprocessing parts the factory loads for this task (see factory.COMPONENTS).
+    components: ClassVar[tuple[str, ...]] = ("tokenizer",)
+
+    def __init__(self, model, tokenizer=None, *, feature_extractor=None, image_processor=None,
+                 device: torch.device | None = None, batch_size: int | None = None, num_workers: int | None = None,
+                 **params):
         self.model = model
         self.tokenizer = tokenizer
+        self.feature_extractor = feature_extractor
+        self.image_processor = image_processor
         self.device = device or next(model.parameters()).device
         self._defaults: dict[str, Any] = {}
         self._defaults.update(self._checked({"batch_size": batch_size, "num_workers": num_workers, **params},
