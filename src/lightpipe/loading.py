@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import models
+from . import ct2, models
 from .config import BaseConfig, read_config_json
 from .errors import CheckpointError, InvalidInput, UnsupportedModel
 
@@ -36,7 +36,8 @@ DTYPES = {
 
 
 def load_config(folder: Path) -> BaseConfig:
-    raw = read_config_json(folder)
+    # A CTranslate2 (faster-whisper) folder has no model_type: its config comes from model.bin's shapes.
+    raw = ct2.load_ct2_config(folder) if ct2.is_ct2_folder(folder) else read_config_json(folder)
     model_type = raw.get("model_type")
     if not model_type:
         raise CheckpointError(f"{folder}/config.json names no model_type.")
@@ -235,10 +236,28 @@ def load_model(folder: Path, head: str, *, dtype: Any = "auto", device: Any = No
     check_device_available(torch_device)
     module = models.architecture_module(config.model_type)
     model = build_model(config, head)
-    state = read_state_dict(weight_files(folder))
+    state = ct2.load_ct2_state_dict(folder) if ct2.is_ct2_folder(folder) else read_state_dict(weight_files(folder))
     load_weights(model, state, module, resolve_dtype(dtype, config, state), str(folder))
     model.eval().requires_grad_(False)
     if torch_device.type != "cpu":
         model.to(torch_device)
     model.name_or_path = str(folder)
     return model
+
+
+def load_generation_config(folder: Path) -> dict[str, Any]:
+    """generation_config.json as a dict ({} when absent); for a CTranslate2 Whisper folder, the one
+    transformers would have for the same model."""
+    folder = Path(folder)
+    if ct2.is_ct2_folder(folder):
+        return ct2.load_ct2_generation_config(folder)
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(raw).__name__}.")
+    return raw
