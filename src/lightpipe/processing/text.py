@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from tokenizers import AddedToken, Encoding, Tokenizer as Backend, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Encoding, Regex, Tokenizer as Backend, decoders, models, normalizers, pre_tokenizers, processors
 
 from ..errors import CheckpointError, InvalidInput
 
@@ -109,6 +109,9 @@ class Tokenizer:
             backend = _wordpiece_from_vocab(folder / "vocab.txt", config, special)
         elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
             backend = _bpe_from_vocab(folder / "vocab.json", folder / "merges.txt", config, special, special_settings)
+        elif (folder / "vocab.json").is_file() and str(config.get("tokenizer_class") or "Wav2Vec2").startswith("Wav2Vec2"):
+            # A vocab.json alone is Wav2Vec2CTCTokenizer's layout (older Hub checkpoints do not name the class).
+            backend = _characters_from_vocab(folder / "vocab.json", config, special)
         else:
             raise CheckpointError(
                 f"{folder} has no tokenizer: expected tokenizer.json, vocab.txt, or vocab.json + merges.txt."
@@ -265,6 +268,26 @@ def _wordpiece_from_vocab(vocab_path: Path, config: dict, special: dict[str, str
     )
     backend.decoder = decoders.WordPiece(prefix="##")
     _add_special(backend, special)
+    return backend
+
+
+def _characters_from_vocab(vocab_path: Path, config: dict, special: dict[str, str]) -> Backend:
+    """A character vocabulary (Wav2Vec2CTCTokenizer, CTC speech models): one token per character, the
+    word delimiter ("|") in place of spaces. Speech pipelines decode with their own CTC rules
+    (tasks/automatic_speech_recognition.py); this makes the folder load as a tokenizer."""
+    try:
+        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {vocab_path}: {e}") from e
+    if isinstance(vocab, dict) and isinstance(vocab.get(config.get("target_lang") or ""), dict):
+        vocab = vocab[config["target_lang"]]  # multilingual (MMS) vocabularies nest one per language
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+        raise CheckpointError(f"{vocab_path} must map tokens to ids (set target_lang for a multilingual vocabulary).")
+    special.setdefault("unk_token", "<unk>")
+    backend = Backend(models.WordLevel(vocab, unk_token=special["unk_token"]))
+    backend.normalizer = normalizers.Replace(" ", str(config.get("word_delimiter_token") or "|"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    _add_special(backend, {k: v for k, v in special.items() if v in vocab})
     return backend
 
 

@@ -1,0 +1,389 @@
+"""automatic-speech-recognition: audio -> {"text": ...}, as transformers' pipeline gives it.
+
+One pipeline, with the decoding picked by the loaded model's head:
+
+- "ctc" (Wav2Vec2ForCTC, HubertForCTC): `CTCDecoding`. The model gives a character distribution per
+  feature frame (one frame per `inputs_to_logits_ratio` samples: 320 = 20 ms at 16 kHz); decoding is
+  greedy: the best id per frame, repeats collapsed, the blank (pad) token dropped, the word delimiter
+  "|" read as a space. Character or word timestamps come from the frames each one spans.
+- "speech-seq2seq" (Whisper): `seq2seq_decoding`, to be completed (generation with the Whisper model).
+
+What every model shares, in this file and model-independent:
+
+1. Input normalisation (`FeatureExtractor.load`): a path, URL, bytes, array, tensor or
+   {"raw"/"array", "sampling_rate", "stride"?, ...} dict -> float32 mono samples at the feature
+   extractor's rate, the dict's stride (rescaled to that rate) and its other keys ("extra").
+2. Chunking (`chunk_length_s`, `stride_length_s`): long audio is cut into windows of `chunk_length_s`
+   that overlap by `stride_length_s` on each side (default chunk_length_s / 6), all sizes rounded to
+   whole model frames (`align_to` samples), exactly as transformers' `chunk_iter`. Each window is one
+   model item whose meta carries its stride (see `WindowMeta`); the runtime batches windows across
+   inputs (`batch_size`) and hands all windows of one input, in order, to postprocess.
+3. Output: {"text": str}, plus "chunks": [{"text", "timestamp": (start_s, end_s)}] with
+   `return_timestamps`, plus the dict input's extra keys as lists (one entry per window), as
+   transformers returns them.
+
+Batching never changes a result: each window's outputs are cut to its own length before decoding.
+"""
+
+from __future__ import annotations
+
+import numbers
+from itertools import groupby
+from pathlib import Path
+from typing import Any, ClassVar, TypedDict
+
+import numpy as np
+import torch
+
+from .. import models
+from ..errors import CheckpointError, InvalidInput, UnsupportedModel
+from ..processing.text import _read_json, _token_content, clean_up_tokenization
+from ..runtime import ModelItem, Padding
+from .base import Pipeline
+
+CTC_TIMESTAMPS = ("char", "word")
+STRIDE_FRACTION = 6  # default stride on each side: chunk_length_s / 6, as transformers
+
+
+class WindowMeta(TypedDict):
+    """The meta of one model item (one window of one input), the same for every decoding.
+
+    samples: the window's length in samples at the feature extractor's sampling rate.
+    stride: None, or (samples, left, right): the window's length and how many of its first and last
+        samples only give context (they overlap the neighbouring windows, or a dict input's "stride"
+        asked to ignore them); samples at the feature extractor's rate, as transformers' `chunk_iter`.
+    start: the window's first sample in the whole input (same rate).
+    extra: the dict input's other keys, returned with the result.
+    """
+
+    samples: int
+    stride: tuple[int, int, int] | None
+    start: int
+    extra: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------- chunking
+def window_sizes(chunk_length_s: float, stride_length_s, sampling_rate: int, align_to: int) -> tuple[int, int, int]:
+    """(chunk, left stride, right stride) in samples, each rounded to a multiple of `align_to` samples
+    (the model's samples per output frame) so that strides drop whole frames."""
+    if stride_length_s is None:
+        stride_length_s = chunk_length_s / STRIDE_FRACTION
+    if isinstance(stride_length_s, numbers.Real):
+        stride_length_s = (stride_length_s, stride_length_s)
+
+    def aligned(seconds: float) -> int:
+        return int(round(seconds * sampling_rate / align_to) * align_to)
+
+    chunk, left, right = aligned(chunk_length_s), aligned(stride_length_s[0]), aligned(stride_length_s[1])
+    if chunk <= left + right:
+        raise InvalidInput(
+            f"chunk_length_s={chunk_length_s} gives windows of {chunk} samples, not longer than the strides "
+            f"({left} + {right} samples): make chunk_length_s longer than twice stride_length_s."
+        )
+    return chunk, left, right
+
+
+def chunk_windows(n: int, chunk: int, left: int, right: int) -> list[tuple[int, int, tuple[int, int, int]]]:
+    """Windows over `n` samples: (start, end, (length, left stride, right stride)) each, in order.
+
+    transformers' `chunk_iter`: windows start every `chunk - left - right` samples; the first has no
+    left stride and the last (the first reaching the end) no right stride."""
+    step = chunk - left - right
+    windows = []
+    for start in range(0, n, step):
+        end = min(start + chunk, n)
+        is_last = start + chunk >= n
+        stride = (end - start, 0 if start == 0 else left, 0 if is_last else right)
+        if end - start > stride[1]:
+            windows.append((start, end, stride))
+        if is_last:
+            break
+    return windows
+
+
+def rescale_stride(stride: tuple[int, int, int], ratio: float) -> tuple[int, int, int]:
+    """(samples, left, right) in samples -> in output frames at `ratio` frames per sample, rounded as
+    transformers rounds them (the frame count first, then each side in proportion)."""
+    samples, left, right = stride
+    frames = int(round(samples * ratio))
+    return frames, int(round(left / samples * frames)), int(round(right / samples * frames))
+
+
+# ---------------------------------------------------------------------------------------------- CTC
+class CTCVocabulary:
+    """The character vocabulary of a CTC checkpoint (Wav2Vec2CTCTokenizer: vocab.json +
+    tokenizer_config.json) and its decoding rules: ids -> text, with character offsets in frames."""
+
+    def __init__(self, tokens: dict[int, str], *, pad_token: str = "<pad>", unk_token: str = "<unk>",
+                 word_delimiter_token: str | None = "|", replace_word_delimiter_char: str = " ",
+                 do_lower_case: bool = False, clean_up_tokenization_spaces: bool = False):
+        self.tokens = tokens
+        self.pad_token = pad_token  # the CTC blank
+        self.unk_token = unk_token
+        self.word_delimiter_token = word_delimiter_token
+        self.replace_word_delimiter_char = replace_word_delimiter_char
+        self.do_lower_case = do_lower_case
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "CTCVocabulary":
+        folder = Path(folder)
+        vocab_path = folder / "vocab.json"
+        if not vocab_path.is_file():
+            raise CheckpointError(
+                f"{folder} has no vocab.json: a CTC speech checkpoint needs its character vocabulary "
+                "(vocab.json and tokenizer_config.json, as Wav2Vec2CTCTokenizer saves them)."
+            )
+        vocab = _read_json(vocab_path)
+        config = _read_json(folder / "tokenizer_config.json")
+        special = {**_read_json(folder / "special_tokens_map.json"), **config}  # tokenizer_config.json wins
+        target_lang = config.get("target_lang")
+        if target_lang:
+            if not isinstance(vocab.get(target_lang), dict):
+                raise CheckpointError(f"{vocab_path} has no vocabulary for target_lang {target_lang!r}.")
+            vocab = vocab[target_lang]  # multilingual (MMS) vocabularies nest one per language
+        if not vocab or not all(isinstance(i, int) and not isinstance(i, bool) for i in vocab.values()):
+            raise CheckpointError(
+                f"{vocab_path} must map each token to an integer id (a multilingual vocabulary nested by language "
+                "needs target_lang in tokenizer_config.json)."
+            )
+        tokens = {i: t for t, i in vocab.items()}
+        # Ids beyond vocab.json that tokenizer_config.json declares (added tokens) decode to their content.
+        for index, entry in (config.get("added_tokens_decoder") or {}).items():
+            content = _token_content(entry)[0]
+            if content is not None and str(index).lstrip("-").isdigit() and int(index) not in tokens:
+                tokens[int(index)] = content
+        delimiter = _token_content(special.get("word_delimiter_token", "|"))[0]
+        replace = config.get("replace_word_delimiter_char", " ")
+        return cls(
+            tokens,
+            pad_token=_token_content(special.get("pad_token"))[0] or "<pad>",
+            unk_token=_token_content(special.get("unk_token"))[0] or "<unk>",
+            word_delimiter_token=delimiter,
+            replace_word_delimiter_char=replace if isinstance(replace, str) else " ",
+            do_lower_case=bool(config.get("do_lower_case", False)),
+            clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
+        )
+
+    def decode(self, ids, with_offsets: bool = False) -> tuple[str, list[dict[str, Any]] | None]:
+        """Frame ids (T,) -> (text, character offsets or None), as Wav2Vec2CTCTokenizer.decode with
+        skip_special_tokens=False (the transformers pipeline's call): special tokens such as "</s>"
+        stay in the text.
+
+        Offsets: [{"char", "start_offset", "end_offset"}] in frames, end exclusive, one per emitted
+        token (the delimiter as `replace_word_delimiter_char`), the blank dropped.
+        """
+        tokens = [self.tokens.get(int(i), self.unk_token) for i in ids]
+        runs = [(token, len(list(group))) for token, group in groupby(tokens)]  # CTC: repeats collapse
+        chars = [self.replace_word_delimiter_char if t == self.word_delimiter_token else t
+                 for t, _ in runs if t != self.pad_token]
+        text = "".join(chars).strip()
+        if self.do_lower_case:
+            text = text.lower()
+        if self.clean_up_tokenization_spaces:
+            text = clean_up_tokenization(text)
+        if not with_offsets:
+            return text, None
+        offsets, end = [], 0
+        for token, count in runs:
+            start, end = end, end + count
+            if token != self.pad_token:
+                offsets.append({"char": chars[len(offsets)], "start_offset": start, "end_offset": end})
+        return text, offsets
+
+    def word_offsets(self, char_offsets: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Character offsets -> [{"word", "start_offset", "end_offset"}]: runs of characters between
+        delimiters (transformers' `_get_word_offsets`)."""
+        words: list[dict[str, Any]] = []
+        for is_space, group in groupby(char_offsets, key=lambda o: o["char"] == self.replace_word_delimiter_char):
+            if not is_space:
+                group = list(group)
+                words.append({"word": "".join(o["char"] for o in group), "start_offset": group[0]["start_offset"],
+                              "end_offset": group[-1]["end_offset"]})
+        return words
+
+
+class CTCDecoding:
+    """Greedy CTC over frame-wise logits, for Wav2Vec2ForCTC and HubertForCTC."""
+
+    name = "ctc"
+
+    def __init__(self, pipeline: "AutomaticSpeechRecognitionPipeline", vocabulary: CTCVocabulary):
+        self.model = pipeline.model
+        self.feature_extractor = pipeline.feature_extractor
+        self.vocabulary = vocabulary
+        self.align_to = int(self.model.config.inputs_to_logits_ratio)  # samples per output frame
+        self.min_samples = 1
+        while self.model.output_lengths(self.min_samples) < 1:  # the convolutions' receptive field
+            self.min_samples += 1
+        self.padding = Padding(values={"input_values": float(self.feature_extractor.padding_value), "attention_mask": 0})
+
+    def check_params(self, params: dict[str, Any]) -> None:
+        stamps = params.get("return_timestamps")
+        if stamps not in (None, False) and stamps not in CTC_TIMESTAMPS:
+            raise InvalidInput(f"CTC models give return_timestamps='char' or 'word', not {stamps!r}.")
+        if params.get("return_language"):
+            raise InvalidInput("return_language is for Whisper models only.")
+
+    def features(self, audio: np.ndarray) -> dict[str, torch.Tensor]:
+        # transformers' pipeline always asks for the mask: padded batches then mask padded frames.
+        return self.feature_extractor(audio, return_attention_mask=True)
+
+    def forward(self, batch: dict[str, torch.Tensor], **params) -> dict[str, torch.Tensor]:
+        """Generation settings (generate_kwargs, max_new_tokens) do not apply to CTC and are ignored, as
+        in transformers."""
+        values = batch["input_values"].to(next(self.model.parameters()).dtype)
+        logits = self.model(values, batch.get("attention_mask"))["logits"]  # (B, T, vocab)
+        return {"tokens": logits.argmax(dim=-1)}  # (B, T)
+
+    def frame_ids(self, outputs: list[dict[str, torch.Tensor]], metas: list[WindowMeta]) -> np.ndarray:
+        """The windows' best ids joined, each window cut to its own frames and its strides dropped."""
+        pieces = []
+        for out, meta in zip(outputs, metas):
+            ids = out["tokens"][: int(self.model.output_lengths(meta["samples"]))].numpy()
+            if meta["stride"] is not None:
+                frames, left, right = rescale_stride(meta["stride"], 1 / self.align_to)
+                ids = ids[left: frames - right]
+            pieces.append(ids)
+        return np.concatenate(pieces)
+
+    def postprocess(self, outputs: list[dict[str, torch.Tensor]], metas: list[WindowMeta],
+                    return_timestamps=None, **params) -> dict[str, Any]:
+        text, offsets = self.vocabulary.decode(self.frame_ids(outputs, metas), with_offsets=bool(return_timestamps))
+        result: dict[str, Any] = {"text": text}
+        if return_timestamps:
+            key = "char"
+            if return_timestamps == "word":
+                offsets, key = self.vocabulary.word_offsets(offsets), "word"
+            rate = self.feature_extractor.sampling_rate
+            result["chunks"] = [
+                {"text": o[key], "timestamp": (o["start_offset"] * self.align_to / rate,
+                                               o["end_offset"] * self.align_to / rate)}
+                for o in offsets
+            ]
+        return result
+
+
+# ---------------------------------------------------------------------------------------------- seq2seq
+def seq2seq_decoding(pipeline: "AutomaticSpeechRecognitionPipeline"):
+    """TO BE COMPLETED: the decoding of speech-seq2seq models (Whisper).
+
+    Return an object with the interface of `CTCDecoding`:
+      name: str; padding: Padding (Whisper: {"input_features": 0.0, "attention_mask": 0});
+      align_to: int (1 for Whisper: chunks are not aligned to frames); min_samples: int (1);
+      check_params(params): validate return_timestamps (True / "word", not "char"), generate_kwargs,
+          max_new_tokens, return_language; raise InvalidInput;
+      features(audio (samples,) float32) -> per-window tensors (FeatureExtractor(audio, ...), e.g.
+          long_form=True for unchunked audio longer than 30 s, as transformers does);
+      forward(batch, generate_kwargs=None, max_new_tokens=None, return_timestamps=None, return_language=None)
+          -> dict of (B, ...) tensors (generated tokens, token timestamps);
+      postprocess(outputs, metas, return_timestamps=None, return_language=None) -> {"text", "chunks"?}:
+          outputs / metas are all windows of one input, in order; each meta is a `WindowMeta` whose
+          stride is (samples, left, right) in samples at feature_extractor.sampling_rate (divide by it
+          for the seconds transformers' Whisper decoding works in).
+    """
+    raise UnsupportedModel("Whisper support is being wired")
+
+
+# ---------------------------------------------------------------------------------------------- pipeline
+def _head_of(model) -> str | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    for head, cls in models.architecture_module(config.model_type).HEADS.items():
+        if type(model) is cls:
+            return head
+    return None
+
+
+def _is_seconds(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value) and value >= 0
+
+
+class AutomaticSpeechRecognitionPipeline(Pipeline):
+    """Audio -> {"text": str}, optionally with timestamped "chunks"; see the module docstring."""
+
+    task = "automatic-speech-recognition"
+    components: ClassVar[tuple[str, ...]] = ("tokenizer", "feature_extractor")
+    preprocess_params = ("chunk_length_s", "stride_length_s", "ignore_warning")
+    forward_params = ("generate_kwargs", "max_new_tokens", "return_timestamps", "return_language")
+    postprocess_params = ("return_timestamps", "return_language")
+
+    def __init__(self, model, tokenizer=None, *, feature_extractor=None, **kwargs):
+        if feature_extractor is None:
+            raise InvalidInput("automatic-speech-recognition needs a feature_extractor (the checkpoint's "
+                               "preprocessor_config.json); pass its folder as feature_extractor=.")
+        self.model, self.tokenizer, self.feature_extractor = model, tokenizer, feature_extractor
+        head = _head_of(model)
+        if head == "ctc":
+            folder = getattr(tokenizer, "name_or_path", "") or getattr(model, "name_or_path", "")
+            self.decoding = CTCDecoding(self, CTCVocabulary.from_folder(folder))
+        elif head == "speech-seq2seq":
+            self.decoding = seq2seq_decoding(self)
+        else:
+            raise UnsupportedModel(f"automatic-speech-recognition needs a CTC or speech-seq2seq model, not "
+                                   f"{type(model).__name__}.")
+        super().__init__(model, tokenizer, feature_extractor=feature_extractor, **kwargs)
+
+    def check_params(self, params: dict[str, Any]) -> None:
+        super().check_params(params)
+        chunk = params.get("chunk_length_s")
+        if chunk is not None and not _is_seconds(chunk):
+            raise InvalidInput(f"chunk_length_s must be a non-negative number of seconds (0: no chunking), not {chunk!r}.")
+        stride = params.get("stride_length_s")
+        pair = stride if isinstance(stride, (list, tuple)) else [stride]
+        if stride is not None and (len(pair) not in (1, 2) or not all(_is_seconds(s) for s in pair)):
+            raise InvalidInput(f"stride_length_s must be a number of seconds or a (left, right) pair, not {stride!r}.")
+        kwargs = params.get("generate_kwargs")
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise InvalidInput(f"generate_kwargs must be a dict, not {type(kwargs).__name__}.")
+        tokens = params.get("max_new_tokens")
+        if tokens is not None and (isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1):
+            raise InvalidInput(f"max_new_tokens must be a positive integer, not {tokens!r}.")
+        self.decoding.check_params(params)
+
+    def collate_padding(self) -> Padding:
+        return self.decoding.padding
+
+    # ------------------------------------------------------------------ the three stages
+    def preprocess(self, inputs, chunk_length_s=None, stride_length_s=None, ignore_warning=None) -> list[ModelItem]:
+        item = self.feature_extractor.load(inputs)
+        audio, rate = item.array, self.feature_extractor.sampling_rate
+        if len(audio) < self.decoding.min_samples:
+            raise InvalidInput(f"the audio is {len(audio)} samples long; this model needs at least "
+                               f"{self.decoding.min_samples} samples ({self.decoding.min_samples / rate:g} s at {rate} Hz).")
+        if chunk_length_s:
+            if isinstance(stride_length_s, (list, tuple)) and len(stride_length_s) == 1:
+                stride_length_s = stride_length_s[0]
+            sizes = window_sizes(chunk_length_s, stride_length_s, rate, self.decoding.align_to)
+            if sizes[0] < self.decoding.min_samples:
+                raise InvalidInput(f"chunk_length_s={chunk_length_s} is shorter than this model's shortest input "
+                                   f"({self.decoding.min_samples / rate:g} s).")
+            windows = self._runnable(chunk_windows(len(audio), *sizes))
+        else:
+            windows = [(0, len(audio), item.stride)]  # a dict input's own stride, if it gave one
+        return [
+            ModelItem(self.decoding.features(audio[start:end]),
+                      meta=WindowMeta(samples=end - start, stride=stride, start=start, extra=item.extra),
+                      is_last=i == len(windows) - 1)
+            for i, (start, end, stride) in enumerate(windows)
+        ]
+
+    def _runnable(self, windows: list) -> list:
+        """Drop a final window too short for the model (possible only with strides shorter than its
+        receptive field, where transformers fails); the window before it then keeps its right side."""
+        if len(windows) > 1 and windows[-1][1] - windows[-1][0] < self.decoding.min_samples:
+            windows = windows[:-1]
+            start, end, (samples, left, _) = windows[-1]
+            windows[-1] = (start, end, (samples, left, 0))
+        return windows
+
+    def forward(self, batch: dict[str, torch.Tensor], **params) -> dict[str, torch.Tensor]:
+        return self.decoding.forward(batch, **params)
+
+    def postprocess(self, outputs: list[dict[str, torch.Tensor]], metas: list[WindowMeta], **params) -> dict[str, Any]:
+        extra: dict[str, list] = {}
+        for meta in metas:  # transformers returns a dict input's extra keys once per window
+            for key, value in meta["extra"].items():
+                extra.setdefault(key, []).append(value)
+        return {**self.decoding.postprocess(outputs, metas, **params), **extra}
