@@ -159,3 +159,20 @@ class Embedding(nn.Embedding):
 
     def reset_parameters(self) -> None:
         pass
+
+
+def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(..., C) hidden states times the (V, C) output embedding -> (..., V) logits.
+
+    A decode step has few rows and a large vocabulary, so the product is bound by reading the matrix. On the
+    CPU, BLAS streams a row-major (V, C) matrix fastest as the left operand (weight @ hidden^T); one row would
+    take its slower matrix-vector path, so it is paired with a copy of itself.
+    """
+    shape = hidden.shape
+    rows = hidden.reshape(-1, shape[-1])
+    if hidden.device.type != "cpu" or hidden.dtype != torch.float32 or rows.shape[0] >= 16:
+        return F.linear(hidden, weight)
+    n = rows.shape[0]
+    paired = rows.repeat(2, 1) if n == 1 else rows
+    logits = (weight @ paired.t()).t()[:n]  # (n, V)
+    return logits.contiguous().view(*shape[:-1], weight.shape[0])

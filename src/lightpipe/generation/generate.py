@@ -1,0 +1,473 @@
+"""Autoregressive generation: options validated up front, then prefill -> decode steps -> stop.
+
+`generate(model, input_ids, config)` runs any model that offers the decoding protocol:
+
+- `model.new_cache(rows, max_length, encoder_hidden=None) -> KVCache`: an empty cache for `rows`
+  sequences (cross-attention keys/values computed here, once, for encoder-decoder models);
+- `model.decode_step(tokens (rows, t), cache, positions=None, *, alignment_heads=None, last_only=False)`
+  -> logits (rows, t or 1, V), or (logits, cross-attention probabilities) when alignment_heads is given;
+- optionally `model.max_positions`, the longest sequence its position embeddings allow.
+
+The first step (prefill) feeds the whole prompt; each later step feeds one token per row. A list of
+logits processors shapes the scores, a strategy (greedy, sampling, beam search) picks the tokens, and
+generation stops at max length or when every row has ended. Results equal transformers' `generate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError, InvalidInput
+from . import processors as P
+from .search import BeamSearch, Greedy, Sample
+
+DEFAULT_NEW_TOKENS = 20  # transformers' default when neither max_new_tokens nor max_length is given
+
+# transformers' generation options lightpipe does not implement, with the value at which they do nothing.
+UNSUPPORTED = {
+    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None, "top_h": None,
+    "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
+    "sequence_bias": None, "renormalize_logits": False, "exponential_decay_length_penalty": None,
+    "guidance_scale": 1.0, "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": None,
+    "constraints": None, "force_words_ids": None, "watermarking_config": None, "stop_strings": None, "max_time": None,
+}
+_warned: set = set()
+logger = logging.getLogger(__name__)
+
+_TOKEN_LISTS = ("suppress_tokens", "begin_suppress_tokens")
+
+
+def _frozen(value: Any) -> Any:
+    """JSON lists -> tuples and dicts -> read-only mappings, so a frozen config is really immutable."""
+    if isinstance(value, dict):
+        return MappingProxyType({k: _frozen(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """Generation options, validated when built. Field names and defaults are transformers' GenerationConfig's.
+
+    Lengths: max_new_tokens counts generated tokens; max_length counts the whole decoder sequence, prompt
+    included (used when max_new_tokens is None; 20 new tokens when both are None). Keys of generation_config.json
+    that are not options here (Whisper's lang_to_id, task_to_id, no_timestamps_token_id, ...) are kept in `extra`.
+    """
+
+    max_new_tokens: int | None = None
+    max_length: int | None = None
+    min_new_tokens: int | None = None
+    min_length: int = 0
+    do_sample: bool = False
+    num_beams: int = 1
+    num_return_sequences: int = 1
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    decoder_start_token_id: int | None = None
+    forced_bos_token_id: int | None = None
+    forced_eos_token_id: int | tuple[int, ...] | None = None
+    suppress_tokens: tuple[int, ...] | None = None
+    begin_suppress_tokens: tuple[int, ...] | None = None
+    forced_tokens: tuple[tuple[int, int], ...] | None = None  # (position in the sequence, token) pairs
+    output_scores: bool = False
+    alignment_heads: tuple[tuple[int, int], ...] | None = None  # (decoder layer, head) pairs
+    output_cross_attentions: bool = False  # collect the alignment heads' cross-attention probabilities
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        for name in ("suppress_tokens", "begin_suppress_tokens", "forced_tokens", "alignment_heads", "extra"):
+            object.__setattr__(self, name, _frozen(getattr(self, name)))
+        for name in ("eos_token_id", "forced_eos_token_id"):
+            if isinstance(getattr(self, name), (list, tuple)):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        self._validate()
+
+    # ------------------------------------------------------------------ reading
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "GenerationConfig":
+        """generation_config.json's keys -> a config; null values take the default, unknown keys go to `extra`.
+        Options of transformers that lightpipe does not implement are logged (once) when set to an active value."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in raw.items() if k in fields and v is not None}
+        extra = {k: v for k, v in raw.items()
+                 if k not in fields and not k.startswith("_") and k != "transformers_version"}
+        ignored = sorted(k for k, inactive in UNSUPPORTED.items()
+                         if raw.get(k) is not None and raw[k] != inactive)
+        if ignored and tuple(ignored) not in _warned:
+            _warned.add(tuple(ignored))
+            logger.warning("generation options %s are not implemented by lightpipe and are ignored.",
+                           ", ".join(ignored))
+        return cls(**known, extra=extra)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "GenerationConfig":
+        """A checkpoint folder's generation_config.json; without one, the generation options that config.json
+        holds (older checkpoints kept them there, and transformers falls back to them)."""
+        path = Path(folder) / "generation_config.json"
+        if path.is_file():
+            try:
+                raw = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+            if not isinstance(raw, dict):
+                raise CheckpointError(f"{path} must hold a JSON object.")
+        else:
+            from ..config import read_config_json
+
+            path = Path(folder) / "config.json"
+            options = {f.name for f in dataclasses.fields(cls)} | {"forced_decoder_ids"}
+            raw = {k: v for k, v in read_config_json(Path(folder)).items() if k in options}
+        try:
+            return cls.from_dict(raw)
+        except InvalidInput as e:
+            raise CheckpointError(f"{path} holds an invalid generation option: {e}") from e
+
+    def replace(self, **changes: Any) -> "GenerationConfig":
+        """A copy with some options changed (validated). Unknown names are an error that lists the known ones."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - fields)
+        if unknown:
+            raise InvalidInput(f"unknown generation option(s) {', '.join(unknown)}; "
+                               f"known: {', '.join(sorted(fields))}.")
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+    @property
+    def fill_token_id(self) -> int:
+        """The token written after a sequence has ended: pad, else the first end token (as transformers)."""
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        return self.eos_token_ids[0] if self.eos_token_ids else 0
+
+    # ------------------------------------------------------------------ validation
+    def _validate(self) -> None:
+        def positive_int(name, allow_none=True, allow_zero=False):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
+                kind = "a non-negative" if allow_zero else "a positive"
+                raise InvalidInput(f"{name} must be {kind} integer, not {value!r}.")
+
+        def number(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InvalidInput(f"{name} must be a number, not {value!r}.")
+
+        positive_int("max_new_tokens")
+        positive_int("max_length")
+        positive_int("min_new_tokens", allow_zero=True)
+        positive_int("min_length", allow_none=False, allow_zero=True)
+        positive_int("num_beams", allow_none=False)
+        positive_int("num_return_sequences", allow_none=False)
+        positive_int("top_k", allow_zero=True)
+        positive_int("no_repeat_ngram_size", allow_none=False, allow_zero=True)
+        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
+            number(name)
+        if not isinstance(self.do_sample, bool):
+            raise InvalidInput(f"do_sample must be True or False, not {self.do_sample!r}.")
+        if self.do_sample and not self.temperature > 0:
+            raise InvalidInput(f"temperature must be > 0 when sampling, not {self.temperature}; "
+                               "use do_sample=False for greedy decoding.")
+        if not 0 < self.top_p <= 1:
+            raise InvalidInput(f"top_p must be in (0, 1], not {self.top_p}.")
+        if not self.repetition_penalty > 0:
+            raise InvalidInput(f"repetition_penalty must be > 0, not {self.repetition_penalty}.")
+        if self.early_stopping not in (True, False, "never"):
+            raise InvalidInput(f"early_stopping must be True, False or 'never', not {self.early_stopping!r}.")
+        if self.num_return_sequences > 1:
+            if self.num_beams == 1 and not self.do_sample:
+                raise InvalidInput("num_return_sequences > 1 needs beam search (num_beams > 1) or sampling "
+                                   "(do_sample=True): greedy decoding returns one sequence per input.")
+            if self.num_beams > 1 and self.num_return_sequences > self.num_beams:
+                raise InvalidInput(f"num_return_sequences ({self.num_return_sequences}) must not exceed "
+                                   f"num_beams ({self.num_beams}).")
+        for name in ("eos_token_id", "pad_token_id", "bos_token_id", "decoder_start_token_id", "forced_bos_token_id",
+                     "forced_eos_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, tuple) else (value,)
+            if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+                raise InvalidInput(f"{name} must be a token id (a non-negative integer), not {value!r}.")
+        for name in _TOKEN_LISTS:
+            value = getattr(self, name)
+            if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+                raise InvalidInput(f"{name} must be a list of token ids, not {value!r}.")
+        for name in ("forced_tokens", "alignment_heads"):
+            value = getattr(self, name)
+            pairs_ok = value is None or all(
+                isinstance(p, tuple) and len(p) == 2 and all(isinstance(i, int) and i >= 0 for i in p) for p in value)
+            if not pairs_ok:
+                raise InvalidInput(f"{name} must be a list of (int, int) pairs, not {value!r}.")
+        if self.output_cross_attentions and not self.alignment_heads:
+            raise InvalidInput("output_cross_attentions needs alignment_heads: the (layer, head) pairs to collect.")
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    """What `generate` returns. N = batch * num_return_sequences rows.
+
+    sequences: (N, T) prompt + generated tokens; rows that ended early are filled with the pad token.
+    scores: per generated step, the processed (rows, V) scores (greedy/sampling: one row per sequence; beam
+        search: log-probabilities of the running beams, see beam_indices), when output_scores.
+    sequences_scores: (N,) length-penalised log-probabilities of beam search hypotheses.
+    beam_indices: (N, T - prompt_length) the row of `scores` that chose each generated token (-1 past the end).
+    cross_attentions: (N, len(alignment_heads), T - 1, S) cross-attention probabilities of the alignment heads
+        for every decoder input position (the last token is never fed back), when output_cross_attentions.
+    """
+
+    sequences: torch.Tensor
+    prompt_length: int
+    scores: tuple[torch.Tensor, ...] | None = None
+    sequences_scores: torch.Tensor | None = None
+    beam_indices: torch.Tensor | None = None
+    cross_attentions: torch.Tensor | None = None
+
+    @property
+    def generated(self) -> torch.Tensor:
+        """(N, T - prompt_length) the generated tokens only."""
+        return self.sequences[:, self.prompt_length:]
+
+
+# The streaming hook: called after every step of greedy decoding or sampling with the (rows,) new tokens and a
+# (rows,) boolean mask of the rows that were still running (the others received the pad token).
+TokenCallback = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Everything decided before the first forward pass."""
+
+    input_ids: torch.Tensor  # (B, P)
+    padding: torch.Tensor | None  # (B,) left padding per row
+    max_length: int
+    processors: list
+
+
+def generate(model, input_ids, config: GenerationConfig, *, encoder_hidden: torch.Tensor | None = None,
+             attention_mask: torch.Tensor | None = None, processors: Sequence[P.Processor] = (),
+             on_token: TokenCallback | None = None, generator: torch.Generator | None = None) -> GenerationOutput:
+    """Generate continuations of `input_ids` (B, P) - for encoder-decoder models the decoder prompt (e.g. the
+    start token), with `encoder_hidden` (B, S, C) from `model.encode`.
+
+    input_ids may also be a list of token-id lists; lists of different lengths are left-padded. attention_mask
+    (B, P) marks real tokens with 1 and left padding with 0. `processors` are applied after the configured token
+    rules and before the sampling warpers; `on_token` streams tokens (not with beam search); `generator` seeds
+    sampling.
+    """
+    device = next(model.parameters()).device
+    plan = _plan(model, input_ids, attention_mask, config, encoder_hidden, processors, on_token, device)
+    with torch.inference_mode():
+        if config.num_beams > 1:
+            return _beam_search(model, plan, config, encoder_hidden, generator)
+        return _sample(model, plan, config, encoder_hidden, on_token, generator)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation before compute
+
+
+def _plan(model, input_ids, attention_mask, config, encoder_hidden, processors, on_token, device) -> _Plan:
+    if not isinstance(config, GenerationConfig):
+        raise InvalidInput(f"config must be a lightpipe GenerationConfig, not {type(config).__name__}.")
+    input_ids, attention_mask = _as_prompt(input_ids, attention_mask, config, device)
+    batch, prompt_length = input_ids.shape
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is not None and bool(((input_ids < 0) | (input_ids >= vocab)).any()):
+        raise InvalidInput(f"input_ids hold token ids outside the vocabulary [0, {vocab}).")
+    padding = None
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise InvalidInput(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                               f"input_ids {tuple(input_ids.shape)}: they must match.")
+        mask = attention_mask.to(device).bool()
+        if not bool(mask[:, -1].all()) or bool((mask[:, 1:] < mask[:, :-1]).any()):
+            raise InvalidInput("attention_mask must be left padding (0s, then 1s, last column all 1s): prompts are "
+                               "padded on the left for generation.")
+        padding = (~mask).sum(dim=1)
+    if encoder_hidden is not None:
+        if encoder_hidden.dim() != 3 or encoder_hidden.shape[0] != batch:
+            raise InvalidInput(f"encoder_hidden must be (batch={batch}, S, C), not {tuple(encoder_hidden.shape)}.")
+    if config.num_beams > 1 and on_token is not None:
+        raise InvalidInput("token streaming (on_token) works with greedy decoding and sampling, not beam search.")
+    P.check_processors(processors)
+    if config.output_cross_attentions:
+        num_layers = getattr(getattr(model, "config", None), "decoder_layers", None)
+        heads = getattr(getattr(model, "config", None), "decoder_attention_heads", None)
+        for layer, head in config.alignment_heads:
+            if (num_layers is not None and layer >= num_layers) or (heads is not None and head >= heads):
+                raise InvalidInput(f"alignment head ({layer}, {head}) does not exist in a decoder of {num_layers} "
+                                   f"layers with {heads} heads.")
+    max_length = _max_length(model, config, prompt_length)
+    return _Plan(input_ids, padding, max_length,
+                 P.build_processors(config, prompt_length, max_length, processors, beams=config.num_beams > 1))
+
+
+def _as_prompt(input_ids, attention_mask, config, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(input_ids, (list, tuple)):
+        rows = [list(r) for r in input_ids]
+        if not rows or any(not r for r in rows):
+            raise InvalidInput("input_ids must hold at least one token per row.")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for r in rows for t in r):
+            raise InvalidInput("input_ids must be lists of integer token ids.")
+        longest = max(map(len, rows))
+        if attention_mask is None and any(len(r) != longest for r in rows):
+            attention_mask = torch.tensor([[0] * (longest - len(r)) + [1] * len(r) for r in rows])
+        rows = [[config.fill_token_id] * (longest - len(r)) + r for r in rows]
+        input_ids = torch.tensor(rows, dtype=torch.long)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise InvalidInput("input_ids must be a (batch, length) tensor of token ids, or a list of token-id lists.")
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise InvalidInput(f"input_ids must hold integer token ids, not {input_ids.dtype}.")
+    if attention_mask is not None and not isinstance(attention_mask, torch.Tensor):
+        attention_mask = torch.as_tensor(attention_mask)
+    return input_ids.to(device=device, dtype=torch.long), attention_mask
+
+
+def _max_length(model, config: GenerationConfig, prompt_length: int) -> int:
+    limit = getattr(model, "max_positions", None)
+    if config.max_new_tokens is not None:
+        max_length = prompt_length + config.max_new_tokens
+        if limit is not None and max_length > limit:
+            raise InvalidInput(
+                f"the prompt ({prompt_length} tokens) plus max_new_tokens ({config.max_new_tokens}) exceeds the "
+                f"{limit} positions this model can decode; ask for at most {limit - prompt_length} new tokens.")
+    elif config.max_length is not None:
+        max_length = config.max_length if limit is None else min(config.max_length, limit)
+    else:
+        max_length = prompt_length + DEFAULT_NEW_TOKENS
+        max_length = max_length if limit is None else min(max_length, limit)
+    if prompt_length >= max_length:
+        raise InvalidInput(f"the prompt has {prompt_length} tokens, so max_length={max_length} leaves no room to "
+                           "generate; set max_new_tokens instead.")
+    return max_length
+
+
+# ----------------------------------------------------------------------------------------------
+# Greedy decoding and sampling
+
+
+def _new_cache(model, rows: int, plan: _Plan, encoder_hidden, repeat: int):
+    cache = model.new_cache(rows, plan.max_length, encoder_hidden=encoder_hidden)
+    if plan.padding is not None:
+        cache.set_left_padding(plan.padding.repeat_interleave(repeat))
+    return cache
+
+
+def _decode(model, tokens, cache, heads):
+    """One forward pass -> (rows, V) float32 scores of the next token, and the alignment weights (or None)."""
+    if heads:
+        logits, weights = model.decode_step(tokens, cache, alignment_heads=heads, last_only=True)
+    else:
+        logits, weights = model.decode_step(tokens, cache, last_only=True), None
+    return logits[:, -1].float(), weights
+
+
+def _sample(model, plan: _Plan, config: GenerationConfig, encoder_hidden, on_token, generator) -> GenerationOutput:
+    repeat = config.num_return_sequences  # sampling several sequences per input
+    prompt = plan.input_ids.repeat_interleave(repeat, dim=0)
+    rows, prompt_length = prompt.shape
+    select = Sample(generator) if config.do_sample else Greedy()
+    eos = torch.tensor(config.eos_token_ids, dtype=torch.long, device=prompt.device)
+    fill = config.fill_token_id
+    heads = list(config.alignment_heads) if config.output_cross_attentions else None
+
+    tokens = torch.full((rows, plan.max_length), fill, dtype=torch.long, device=prompt.device)
+    tokens[:, :prompt_length] = prompt
+    cache = _new_cache(model, rows, plan, encoder_hidden, repeat)
+    running = torch.ones(rows, dtype=torch.bool, device=prompt.device)
+    all_scores, all_weights = [], []
+    length, step_input = prompt_length, prompt
+    while True:
+        scores, weights = _decode(model, step_input, cache, heads)
+        scores = P.apply(plan.processors, tokens[:, :length], scores)
+        if config.output_scores:
+            all_scores.append(scores)
+        if weights is not None:
+            all_weights.append(weights)
+        chosen = select(scores)
+        if eos.numel():
+            chosen = torch.where(running, chosen, fill)
+        tokens[:, length] = chosen
+        length += 1
+        if on_token is not None:
+            on_token(chosen, running.clone())
+        if eos.numel():
+            running &= ~torch.isin(chosen, eos)
+        if length >= plan.max_length or not bool(running.any()):
+            break
+        step_input = tokens[:, length - 1:length]
+    return GenerationOutput(
+        sequences=tokens[:, :length], prompt_length=prompt_length,
+        scores=tuple(all_scores) if config.output_scores else None,
+        cross_attentions=torch.cat(all_weights, dim=2) if heads else None,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Beam search
+
+
+def _beam_search(model, plan: _Plan, config: GenerationConfig, encoder_hidden, generator) -> GenerationOutput:
+    beams = config.num_beams
+    prompt = plan.input_ids.repeat_interleave(beams, dim=0)  # (B*N, P), the beams of one input adjacent
+    rows, prompt_length = prompt.shape
+    heads = list(config.alignment_heads) if config.output_cross_attentions else None
+    search = BeamSearch(prompt, plan.input_ids.shape[0], beams, plan.max_length, config.eos_token_ids,
+                        config.fill_token_id, config.length_penalty, config.early_stopping, config.do_sample,
+                        generator)
+    cache = _new_cache(model, rows, plan, encoder_hidden, beams)
+    all_scores, all_weights = [], []
+    step_input = prompt
+    while True:
+        logits, weights = _decode(model, step_input, cache, heads)
+        log_probs = P.apply(plan.processors, search.tokens(), logits.log_softmax(dim=-1))
+        if config.output_scores:
+            all_scores.append(log_probs)
+        if weights is not None:
+            all_weights.append(weights)
+        parents = search.step(log_probs)
+        if search.finished:
+            break
+        cache.reorder(parents)
+        step_input = search.tokens()[:, -1:]
+    sequences, sequence_scores, beam_indices = search.result(config.num_return_sequences)
+    return GenerationOutput(
+        sequences=sequences, prompt_length=prompt_length,
+        scores=tuple(all_scores) if config.output_scores else None,
+        sequences_scores=sequence_scores, beam_indices=beam_indices,
+        cross_attentions=_beam_weights(all_weights, beam_indices) if heads else None,
+    )
+
+
+def _beam_weights(steps: list[torch.Tensor], beam_indices: torch.Tensor) -> torch.Tensor:
+    """Per-step (rows, h, t, S) weights of the running beams -> (N, h, T - 1, S) along each returned hypothesis.
+
+    Step s ran the row beam_indices[:, s] for the hypothesis' token s; the prompt positions come from the first
+    step. Past a hypothesis' end the index is -1 and row 0 stands in (those positions are not part of it)."""
+    rows = beam_indices.clamp(min=0)
+    parts = [steps[0].index_select(0, rows[:, 0])]
+    parts += [steps[s].index_select(0, rows[:, s]) for s in range(1, beam_indices.shape[1])]
+    return torch.cat(parts, dim=2)

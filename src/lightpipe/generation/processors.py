@@ -1,0 +1,320 @@
+"""Logits processors: small callables that reshape next-token scores before a token is chosen.
+
+Each one is `processor(input_ids, scores) -> scores`, with input_ids the (rows, length) tokens so far
+(prompt included) and scores the (rows, vocab) float scores of the next token: raw logits for greedy
+decoding and sampling, log-probabilities for beam search. A list is applied in order by `apply`;
+`build_processors` assembles the list a `GenerationConfig` asks for, in the order transformers uses
+(so results match it): penalties and length rules, forced and suppressed tokens, the caller's own
+processors (e.g. Whisper's timestamp rules), then the sampling warpers (temperature, top-k, top-p).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import InvalidInput
+
+if TYPE_CHECKING:
+    from .generate import GenerationConfig
+
+Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NEG_INF = -math.inf
+
+
+def apply(processors: Sequence[Processor], input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    for processor in processors:
+        scores = processor(input_ids, scores)
+    return scores
+
+
+class _VocabMask:
+    """A (vocab,) boolean mask over token ids, built once per vocabulary size and device."""
+
+    def __init__(self, token_ids: Iterable[int]):
+        self.token_ids = sorted({int(t) for t in token_ids})
+        self._mask: torch.Tensor | None = None
+
+    def mask(self, scores: torch.Tensor) -> torch.Tensor:
+        if self._mask is None or self._mask.shape[0] != scores.shape[-1] or self._mask.device != scores.device:
+            mask = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+            ids = [t for t in self.token_ids if 0 <= t < scores.shape[-1]]  # ids past the vocabulary mask nothing
+            mask[ids] = True
+            self._mask = mask
+        return self._mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Token rules
+
+
+class SuppressTokens:
+    """Never choose these tokens."""
+
+    def __init__(self, token_ids: Iterable[int]):
+        self.tokens = _VocabMask(token_ids)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores.masked_fill(self.tokens.mask(scores), NEG_INF)
+
+
+class SuppressTokensAtBegin:
+    """Do not choose these tokens as the first generated one (when the sequence has `begin_index` tokens)."""
+
+    def __init__(self, token_ids: Iterable[int], begin_index: int):
+        self.tokens = _VocabMask(token_ids)
+        self.begin_index = begin_index
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[-1] != self.begin_index:
+            return scores
+        return scores.masked_fill(self.tokens.mask(scores), NEG_INF)
+
+
+class ForcedTokens:
+    """Force token `token` when the sequence (prompt included) has exactly `position` tokens."""
+
+    def __init__(self, forced: dict[int, int] | Iterable[tuple[int, int]]):
+        self.forced = dict(forced)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        token = self.forced.get(input_ids.shape[-1])
+        if token is None:
+            return scores
+        forced = torch.full_like(scores, NEG_INF)
+        forced[:, token] = 0.0
+        return forced
+
+
+class ForcedFirstToken:
+    """Force `token` as the first generated token of a decoder started from one token (BART's forced_bos)."""
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[-1] != 1:
+            return scores
+        forced = torch.full_like(scores, NEG_INF)
+        forced[:, self.token] = 0.0
+        return forced
+
+
+class ForcedLastToken:
+    """Force an end token as the last token when the sequence reaches `max_length` (forced_eos)."""
+
+    def __init__(self, max_length: int, eos_token_ids: Iterable[int]):
+        self.max_length = max_length
+        self.eos = list(eos_token_ids)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[-1] != self.max_length - 1:
+            return scores
+        forced = torch.full_like(scores, NEG_INF)
+        forced[:, self.eos] = 0.0
+        return forced
+
+
+class NoRepeatNGram:
+    """Forbid any token that would repeat an n-gram already in the sequence (prompt included)."""
+
+    def __init__(self, ngram_size: int):
+        self.n = ngram_size
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        length, n = input_ids.shape[-1], self.n
+        if length < n:
+            return scores
+        # An n-gram is completed by the next token only if its first n - 1 tokens equal the current suffix.
+        suffix = input_ids[:, length - n + 1:]  # (rows, n - 1)
+        windows = input_ids.unfold(1, n, 1)  # (rows, length - n + 1, n)
+        repeats = (windows[..., :-1] == suffix[:, None, :]).all(dim=-1)  # (rows, windows)
+        vocab = scores.shape[-1]
+        banned = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
+        # Windows that do not repeat write to a spare column past the vocabulary.
+        banned.scatter_(1, torch.where(repeats, windows[..., -1].clamp(max=vocab), vocab), True)
+        return scores.masked_fill(banned[:, :vocab], NEG_INF)
+
+
+class MinLength:
+    """Forbid end-of-sequence tokens while the sequence (prompt included) is shorter than `min_length`."""
+
+    def __init__(self, min_length: int, eos_token_ids: Iterable[int]):
+        self.min_length = min_length
+        self.eos = _VocabMask(eos_token_ids)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[-1] >= self.min_length:
+            return scores
+        return scores.masked_fill(self.eos.mask(scores), NEG_INF)
+
+
+class RepetitionPenalty:
+    """Make tokens already in the sequence less likely: positive scores divided by `penalty`, negative ones
+    multiplied (the CTRL rule, as transformers applies it, prompt included)."""
+
+    def __init__(self, penalty: float):
+        self.penalty = penalty
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        seen = scores.gather(1, input_ids)  # (rows, length)
+        seen = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
+        return scores.scatter(1, input_ids, seen)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling warpers
+
+
+class Temperature:
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores / self.temperature
+
+
+class TopK:
+    """Keep the k best tokens (at least `min_tokens_to_keep`)."""
+
+    def __init__(self, top_k: int, min_tokens_to_keep: int = 1):
+        self.top_k = max(top_k, min_tokens_to_keep)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        k = min(self.top_k, scores.shape[-1])
+        kth_best = torch.topk(scores, k).values[..., -1:]  # (rows, 1)
+        return scores.masked_fill(scores < kth_best, NEG_INF)
+
+
+class TopP:
+    """Keep the smallest set of best tokens whose probabilities add up to more than `top_p` (nucleus)."""
+
+    def __init__(self, top_p: float, min_tokens_to_keep: int = 1):
+        self.top_p = top_p
+        self.min_tokens_to_keep = min_tokens_to_keep
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        ascending, order = torch.sort(scores, descending=False)
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1 - self.top_p)  # the unlikely tail, which holds at most 1 - top_p
+        drop[..., -self.min_tokens_to_keep:] = False
+        return scores.masked_fill(drop.scatter(1, order, drop), NEG_INF)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whisper
+
+
+class WhisperTimestamps:
+    """Whisper's timestamp grammar (the rules of openai/whisper, as transformers' WhisperTimeStampLogitsProcessor).
+
+    Timestamp tokens are ids >= no_timestamps_token_id + 1. Among the generated tokens (from `begin_index`):
+    timestamps come in pairs (except just before end of text); they never decrease; the first token is a
+    timestamp no later than `max_initial_timestamp_index`; and when the timestamps together are more likely
+    than the best text token, a timestamp must be chosen. <|notimestamps|> is never chosen.
+    """
+
+    def __init__(self, no_timestamps_token_id: int, eos_token_id: int, begin_index: int,
+                 max_initial_timestamp_index: int | None = None, detect_timestamp_from_logprob: bool = True):
+        self.no_timestamps_token_id = no_timestamps_token_id
+        self.timestamp_begin = no_timestamps_token_id + 1
+        self.eos_token_id = eos_token_id
+        self.begin_index = begin_index
+        self.max_initial_timestamp_index = max_initial_timestamp_index
+        self.detect_timestamp_from_logprob = detect_timestamp_from_logprob
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores = scores.clone()
+        scores[:, self.no_timestamps_token_id] = NEG_INF
+        begin = self.timestamp_begin
+        generated = input_ids[:, self.begin_index:]  # (rows, n)
+        rows, n = generated.shape
+        vocab = torch.arange(scores.shape[-1], device=scores.device)
+        is_timestamp = vocab >= begin  # (V,)
+
+        if n:
+            stamp = generated >= begin  # (rows, n)
+            last_was = stamp[:, -1]
+            penultimate_was = stamp[:, -2] if n >= 2 else torch.ones_like(last_was)
+            # After a lone timestamp the next token is a timestamp or end of text; after a pair, text.
+            text_or_eos_forbidden = (last_was & ~penultimate_was)[:, None] & (vocab < self.eos_token_id)
+            timestamp_forbidden = (last_was & penultimate_was)[:, None] & is_timestamp
+            scores.masked_fill_(text_or_eos_forbidden | timestamp_forbidden, NEG_INF)
+            # Timestamps never decrease: below the last one is forbidden, and so is the last one itself unless it
+            # opens a pair that must be closed (a repeated <|0.00|> otherwise).
+            index = torch.arange(n, device=generated.device)
+            last_index = torch.where(stamp, index, -1).max(dim=1).values  # (rows,), -1 without timestamps
+            last_stamp = generated.gather(1, last_index.clamp(min=0)[:, None]).squeeze(1)
+            lowest = torch.where(last_was & ~penultimate_was, last_stamp, last_stamp + 1)
+            lowest = torch.where(last_index >= 0, lowest, torch.full_like(lowest, begin))
+            scores.masked_fill_(is_timestamp & (vocab < lowest[:, None]), NEG_INF)
+        else:
+            # The first generated token must be a timestamp, and an early one.
+            scores[:, :begin] = NEG_INF
+            if self.max_initial_timestamp_index is not None:
+                scores[:, begin + self.max_initial_timestamp_index + 1:] = NEG_INF
+
+        if self.detect_timestamp_from_logprob:
+            logprobs = torch.log_softmax(scores.float(), dim=-1)
+            timestamp_logprob = logprobs[:, begin:].logsumexp(dim=-1)
+            best_text_logprob = logprobs[:, :begin].max(dim=-1).values
+            must_stamp = (timestamp_logprob > best_text_logprob)[:, None]  # (rows, 1)
+            scores[:, :begin].masked_fill_(must_stamp, NEG_INF)
+        return scores
+
+
+# ----------------------------------------------------------------------------------------------
+# Assembly
+
+
+def build_processors(config: "GenerationConfig", prompt_length: int, max_length: int,
+                     extra: Sequence[Processor] = (), beams: bool = False) -> list[Processor]:
+    """The processors `config` asks for, around the caller's `extra` ones, in transformers' order.
+
+    prompt_length is the length of the prompt given to the decoder (the position of the first generated token);
+    max_length the length at which generation stops.
+    """
+    processors: list[Processor] = []
+    eos = config.eos_token_ids
+    if config.repetition_penalty != 1.0:
+        processors.append(RepetitionPenalty(config.repetition_penalty))
+    if config.no_repeat_ngram_size:
+        processors.append(NoRepeatNGram(config.no_repeat_ngram_size))
+    min_length = config.min_length
+    if config.min_new_tokens is not None:
+        min_length = prompt_length + config.min_new_tokens
+    if min_length and eos:
+        processors.append(MinLength(min_length, eos))
+    if config.forced_bos_token_id is not None:
+        processors.append(ForcedFirstToken(config.forced_bos_token_id))
+    if config.forced_eos_token_id is not None:
+        forced_eos = config.forced_eos_token_id
+        processors.append(ForcedLastToken(max_length, [forced_eos] if isinstance(forced_eos, int) else forced_eos))
+    if config.forced_tokens:
+        processors.append(ForcedTokens(config.forced_tokens))
+    if config.suppress_tokens:
+        processors.append(SuppressTokens(config.suppress_tokens))
+    if config.begin_suppress_tokens:
+        # With a forced first token after a one-token prompt, "the beginning" is the token after it.
+        begin = prompt_length + 1 if prompt_length == 1 and config.forced_bos_token_id is not None else prompt_length
+        processors.append(SuppressTokensAtBegin(config.begin_suppress_tokens, begin))
+    processors.extend(extra)
+    if config.do_sample:
+        # Beam sampling keeps one token more than there are end tokens, so a beam can always go on.
+        keep = len(eos) + 1 if beams else 1
+        if config.temperature != 1.0:
+            processors.append(Temperature(config.temperature))
+        if config.top_k:
+            processors.append(TopK(config.top_k, keep))
+        if config.top_p < 1.0:
+            processors.append(TopP(config.top_p, keep))
+    return processors
+
+
+def check_processors(processors: Sequence[Processor]) -> None:
+    for p in processors:
+        if not callable(p):
+            raise InvalidInput(f"a logits processor must be callable as processor(input_ids, scores), not {p!r}.")
