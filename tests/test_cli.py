@@ -64,6 +64,8 @@ def test_demo_runs_offline_as_a_module():
     result = subprocess.run([sys.executable, "-m", "lightpipe", "demo"], capture_output=True, text=True,
                             env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("query:")
-    scores = [float(line.split()[0]) for line in result.stdout.splitlines()[1:]]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("transcript of sample.flac:") and "speech recognition" in lines[0].lower()
+    assert lines[1].startswith("query:")
+    scores = [float(line.split()[0]) for line in lines[2:]]
     assert scores == sorted(scores, reverse=True) and len(scores) >= 5

@@ -100,11 +100,14 @@ def cmd_tasks(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Embed the bundled sentences with the real all-MiniLM-L6-v2 weights, offline, and rank them by similarity."""
+    """Transcribe the bundled spoken sample with the task's default (offline) speech model, then embed the
+    bundled sentences with the real all-MiniLM-L6-v2 weights, offline, and rank them by similarity."""
     import torch
 
     from . import pipeline
 
+    transcribe = pipeline("automatic-speech-recognition")
+    print(f"transcript of {(EXAMPLES / 'sample.flac').name}: {transcribe(str(EXAMPLES / 'sample.flac'))['text'].strip()}")
     sentences = [s for s in (EXAMPLES / "sentences.txt").read_text(encoding="utf-8").splitlines() if s.strip()]
     embed = pipeline("feature-extraction", model="sentence-transformers/all-MiniLM-L6-v2")
     vectors = []

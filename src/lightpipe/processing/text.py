@@ -91,6 +91,11 @@ class Tokenizer:
     def from_folder(cls, folder: str | Path) -> "Tokenizer":
         folder = Path(folder)
         config = _read_json(folder / "tokenizer_config.json")
+        from .. import ct2  # imports torch: only here
+
+        if not config and ct2.is_ct2_folder(folder, need_weights=False):
+            # A CTranslate2 (faster-whisper) folder has tokenizer.json alone: the special tokens are Whisper's.
+            config = ct2.tokenizer_config(folder)
         special_map = _read_json(folder / "special_tokens_map.json")
         special: dict[str, str] = {}
         special_settings: dict[str, dict] = {}

@@ -6,7 +6,10 @@ One pipeline, with the decoding picked by the loaded model's head:
   feature frame (one frame per `inputs_to_logits_ratio` samples: 320 = 20 ms at 16 kHz); decoding is
   greedy: the best id per frame, repeats collapsed, the blank (pad) token dropped, the word delimiter
   "|" read as a space. Character or word timestamps come from the frames each one spans.
-- "speech-seq2seq" (Whisper): `seq2seq_decoding`, to be completed (generation with the Whisper model).
+- "speech-seq2seq" (Whisper): `WhisperDecoding`. Each window (up to 30 s) is encoded once and decoded by
+  `whisper_generate` (beam search with 5 beams and at most 256 new tokens unless the checkpoint's generation
+  config or the call says otherwise, as transformers' pipeline); the windows' tokens are merged into one text,
+  and timestamps, by `decode_asr`. Word timestamps come from the alignment heads' cross-attention by DTW.
 
 What every model shares, in this file and model-independent:
 
@@ -225,7 +228,7 @@ class CTCDecoding:
         if params.get("return_language"):
             raise InvalidInput("return_language is for Whisper models only.")
 
-    def features(self, audio: np.ndarray) -> dict[str, torch.Tensor]:
+    def features(self, audio: np.ndarray, whole: bool = False) -> dict[str, torch.Tensor]:
         # transformers' pipeline always asks for the mask: padded batches then mask padded frames.
         return self.feature_extractor(audio, return_attention_mask=True)
 
@@ -265,24 +268,243 @@ class CTCDecoding:
 
 
 # ---------------------------------------------------------------------------------------------- seq2seq
-def seq2seq_decoding(pipeline: "AutomaticSpeechRecognitionPipeline"):
-    """TO BE COMPLETED: the decoding of speech-seq2seq models (Whisper).
+WHISPER_TIMESTAMPS = (True, "word")
+# What the ASR pipeline decodes with when the checkpoint's generation config leaves these unset (transformers'
+# pipeline defaults, after openai/whisper's beam size).
+PIPELINE_NUM_BEAMS = 5
+PIPELINE_MAX_NEW_TOKENS = 256
+REFERENCE_MAX_LENGTH = 20  # transformers' default max_length: a config that keeps it has "not set" it
+# generate_kwargs that are Whisper prompt options (passed to whisper_generate), not GenerationConfig fields.
+WHISPER_OPTIONS = ("language", "task", "prompt_ids", "temperature")
+# GenerationConfig fields a pipeline call may not change: they would change the shape of what forward returns.
+RESERVED_OPTIONS = ("num_return_sequences", "output_scores", "output_cross_attentions", "alignment_heads")
 
-    Return an object with the interface of `CTCDecoding`:
-      name: str; padding: Padding (Whisper: {"input_features": 0.0, "attention_mask": 0});
-      align_to: int (1 for Whisper: chunks are not aligned to frames); min_samples: int (1);
-      check_params(params): validate return_timestamps (True / "word", not "char"), generate_kwargs,
-          max_new_tokens, return_language; raise InvalidInput;
-      features(audio (samples,) float32) -> per-window tensors (FeatureExtractor(audio, ...), e.g.
-          long_form=True for unchunked audio longer than 30 s, as transformers does);
-      forward(batch, generate_kwargs=None, max_new_tokens=None, return_timestamps=None, return_language=None)
-          -> dict of (B, ...) tensors (generated tokens, token timestamps);
-      postprocess(outputs, metas, return_timestamps=None, return_language=None) -> {"text", "chunks"?}:
-          outputs / metas are all windows of one input, in order; each meta is a `WindowMeta` whose
-          stride is (samples, left, right) in samples at feature_extractor.sampling_rate (divide by it
-          for the seconds transformers' Whisper decoding works in).
-    """
-    raise UnsupportedModel("Whisper support is being wired")
+
+class WhisperDecoding:
+    """Whisper (speech-seq2seq): one 30 s window per model item, decoded by `whisper_generate`, the windows of
+    one input merged by `decode_asr` (transformers' Whisper `_decode_asr`).
+
+    forward returns, per window: "tokens" (B, G) the generated ids (the prompt left out, as transformers'
+    Whisper generate returns them; rows that ended early are filled with <|endoftext|>), with return_language
+    the prompt's language token in front; with return_timestamps="word" also "token_timestamps" (B, G), the
+    start of each token in seconds from the window's start, each row aligned alone (so that batching changes
+    nothing)."""
+
+    name = "speech-seq2seq"
+    align_to = 1  # windows are cut at any sample: Whisper pads every window to 30 s anyway
+    min_samples = 1
+
+    def __init__(self, pipeline: "AutomaticSpeechRecognitionPipeline"):
+        from ..processing.whisper_text import WhisperVocabulary
+
+        self.model = pipeline.model
+        self.feature_extractor = pipeline.feature_extractor
+        if pipeline.tokenizer is None:
+            raise InvalidInput("a Whisper pipeline needs the checkpoint's tokenizer; pass its folder as tokenizer=.")
+        if self.feature_extractor.kind != "whisper":
+            raise InvalidInput("a Whisper model needs a Whisper (log-mel) feature extractor, not a "
+                               f"{self.feature_extractor.kind} one.")
+        folder = getattr(self.model, "name_or_path", "") or getattr(pipeline.tokenizer, "name_or_path", "")
+        raw = _generation_config_dict(folder)
+        self.generation_config = _generation_config(raw, self.model.config, folder)
+        self.vocabulary = WhisperVocabulary.from_tokenizer(pipeline.tokenizer, raw)
+        self.padding = Padding(values={"input_features": float(self.feature_extractor.padding_value),
+                                       "attention_mask": 0})
+        # Seconds per timestamp step: one window over the encoder's positions (30 s / 1500 = 0.02 s).
+        self.time_precision = self.feature_extractor.chunk_length / self.model.config.max_source_positions
+
+    # ------------------------------------------------------------------ parameters
+    def check_params(self, params: dict[str, Any]) -> None:
+        stamps = params.get("return_timestamps")
+        if stamps not in (None, False) and stamps not in WHISPER_TIMESTAMPS:
+            raise InvalidInput(f"Whisper gives return_timestamps=True (segments) or 'word', not {stamps!r} "
+                               "(no 'char' timestamps).")
+        if stamps == "word" and not self.generation_config.alignment_heads:
+            raise InvalidInput("return_timestamps='word' needs alignment_heads in the checkpoint's "
+                               "generation_config.json (the cross-attention heads that follow the audio).")
+        language = params.get("return_language")
+        if language is not None and not isinstance(language, bool):
+            raise InvalidInput(f"return_language must be True or False, not {language!r}.")
+        if "generate_kwargs" in params or "max_new_tokens" in params or "return_timestamps" in params:
+            self.options(params.get("generate_kwargs"), params.get("max_new_tokens"), stamps)
+
+    def options(self, generate_kwargs: dict | None, max_new_tokens: int | None, return_timestamps=None):
+        """The call's generation settings -> (GenerationConfig, whisper_generate keyword arguments).
+
+        As transformers' pipeline: generate_kwargs and max_new_tokens on top of the checkpoint's generation
+        config; num_beams=5 and max_new_tokens=256 where neither the call nor the checkpoint set them (a
+        checkpoint's max_length counts as setting the length)."""
+        kwargs = dict(generate_kwargs or {})
+        if max_new_tokens is not None:
+            kwargs["max_new_tokens"] = max_new_tokens
+        whisper = {k: kwargs.pop(k) for k in WHISPER_OPTIONS if k in kwargs}
+        reserved = sorted(set(kwargs) & set(RESERVED_OPTIONS))
+        if reserved:
+            raise InvalidInput(f"generate_kwargs {', '.join(reserved)} cannot be set in the speech-recognition "
+                               "pipeline: it returns one transcription per input.")
+        if "return_timestamps" in kwargs:
+            raise InvalidInput("pass return_timestamps as a pipeline parameter, not in generate_kwargs.")
+        config = self.generation_config
+        defaults = {}
+        if "num_beams" not in kwargs and config.num_beams == 1:
+            defaults["num_beams"] = PIPELINE_NUM_BEAMS
+        length_set = config.max_new_tokens is not None or config.max_length not in (None, REFERENCE_MAX_LENGTH)
+        if not ({"max_new_tokens", "max_length"} & set(kwargs)) and not length_set:
+            defaults["max_new_tokens"] = PIPELINE_MAX_NEW_TOKENS
+        if "max_length" in kwargs and "max_new_tokens" not in kwargs:
+            defaults["max_new_tokens"] = None  # the call's max_length rules
+        config = config.replace(**{**defaults, **kwargs})
+        if return_timestamps == "word":
+            config = config.replace(output_cross_attentions=True)
+        prompt_ids = whisper.get("prompt_ids")
+        if prompt_ids is not None:
+            if isinstance(prompt_ids, (torch.Tensor, np.ndarray)):
+                prompt_ids = prompt_ids.reshape(-1).tolist()
+            if not isinstance(prompt_ids, (list, tuple)) or not all(
+                    isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt_ids):
+                raise InvalidInput("prompt_ids must be a list of token ids (e.g. from the tokenizer's encoding of "
+                                   "the previous text).")
+            whisper["prompt_ids"] = [int(t) for t in prompt_ids]
+        from ..models.whisper import check_prompt_options
+
+        check_prompt_options(config, whisper.get("language"), whisper.get("task"), bool(return_timestamps))
+        return config, whisper
+
+    def _return_timestamps(self, return_timestamps):
+        # A checkpoint whose generation config says return_timestamps gives them unasked, as in transformers.
+        return return_timestamps or self.generation_config.extra.get("return_timestamps") or False
+
+    # ------------------------------------------------------------------ stages
+    def features(self, audio: np.ndarray, whole: bool = False) -> dict[str, torch.Tensor]:
+        """One window -> {"input_features" (n_mels, frames), "attention_mask" (frames,)}: the audio padded or cut
+        to the feature extractor's 30 s, as transformers' pipeline does for chunks. A whole (unchunked) input
+        longer than that is refused: lightpipe has no sequential long-form decoding yet."""
+        limit = self.feature_extractor.n_samples
+        if whole and limit is not None and len(audio) > limit:
+            rate = self.feature_extractor.sampling_rate
+            raise InvalidInput(
+                f"the audio is {len(audio) / rate:.1f} s long, longer than Whisper's {limit / rate:g} s window: pass "
+                f"chunk_length_s={limit / rate:g} to transcribe it in overlapping windows (with batch_size to run "
+                "several windows at once)."
+            )
+        return self.feature_extractor(audio, return_attention_mask=True)
+
+    def forward(self, batch: dict[str, torch.Tensor], generate_kwargs=None, max_new_tokens=None,
+                return_timestamps=None, return_language=None) -> dict[str, torch.Tensor]:
+        from ..models.whisper import whisper_generate
+
+        return_timestamps = self._return_timestamps(return_timestamps)
+        config, whisper = self.options(generate_kwargs, max_new_tokens, return_timestamps)
+        features = batch["input_features"]
+        encoder_hidden = self.model.encode(features.to(next(self.model.parameters()).dtype))  # (B, S, C)
+        out = whisper_generate(self.model, encoder_hidden, config, return_timestamps=bool(return_timestamps),
+                               **whisper)
+        tokens = out.generated  # (B, G)
+        result = {}
+        if return_timestamps == "word":
+            frames = batch["attention_mask"].sum(dim=-1) if "attention_mask" in batch else None
+            result["token_timestamps"] = self._token_times(out, config, frames)
+        if return_language:
+            tokens = self._with_language(out, tokens)
+            if "token_timestamps" in result:  # the language token is heard at the start
+                times = result["token_timestamps"]
+                result["token_timestamps"] = torch.cat([torch.zeros_like(times[:, :1]), times], dim=1)
+        result["tokens"] = tokens
+        return result
+
+    def _row_lengths(self, out, config) -> list[int]:
+        """Generated tokens of each row, its end token included (what transformers aligns for that row alone)."""
+        if out.beam_indices is not None:
+            return (out.beam_indices != -1).sum(dim=-1).tolist()
+        generated = out.generated
+        ends = torch.zeros_like(generated, dtype=torch.bool)
+        for eos in config.eos_token_ids:
+            ends |= generated == eos
+        lengths = []
+        for row in range(generated.shape[0]):
+            hits = ends[row].nonzero()
+            lengths.append(int(hits[0]) + 1 if len(hits) else generated.shape[1])
+        return lengths
+
+    def _token_times(self, out, config, frames: torch.Tensor | None) -> torch.Tensor:
+        """(B, G) start time of each generated token: cross-attention of the alignment heads through DTW, each
+        row cut to its own length and audio frames first, as transformers computes it for one audio."""
+        from ..processing.whisper_text import token_timestamps
+
+        prompt, width = out.prompt_length, out.generated.shape[1]
+        times = torch.zeros(out.generated.shape, dtype=torch.float32)
+        width_of = getattr(self.model.config, "median_filter_width", 7)
+        for row, generated in enumerate(self._row_lengths(out, config)):
+            weights = out.cross_attentions[row: row + 1, :, : prompt + generated - 1]  # (1, h, rows, S)
+            found = token_timestamps(weights.float().cpu(), num_input_ids=prompt, time_precision=self.time_precision,
+                                     num_frames=None if frames is None else int(frames[row]),
+                                     median_filter_width=width_of)[0, prompt:]
+            times[row, : len(found)] = found
+            if len(found) < width:  # past the end: the row's last time (never read: those are end tokens)
+                times[row, len(found):] = found[-1] if len(found) else 0.0
+        return times
+
+    def _with_language(self, out, tokens: torch.Tensor) -> torch.Tensor:
+        """The prompt's language token put in front of each row, so that `decode_asr` can name the language
+        (transformers re-adds it from the unstripped sequence the same way)."""
+        languages = set(self.generation_config.extra.get("lang_to_id", {}).values())
+        if not languages:
+            return tokens
+        prompts = out.sequences[:, : out.prompt_length].tolist()
+        found = [next((t for t in prompt if t in languages), None) for prompt in prompts]
+        if any(f is None for f in found):
+            return tokens
+        return torch.cat([torch.tensor(found, dtype=tokens.dtype)[:, None], tokens], dim=1)
+
+    def postprocess(self, outputs: list[dict[str, torch.Tensor]], metas: list[WindowMeta],
+                    return_timestamps=None, return_language=None, **params) -> dict[str, Any]:
+        from ..processing.whisper_text import decode_asr, stride_in_seconds
+
+        return_timestamps = self._return_timestamps(return_timestamps)
+        rate = self.feature_extractor.sampling_rate
+        model_outputs = []
+        for out, meta in zip(outputs, metas):
+            item = {"tokens": out["tokens"]}
+            if "token_timestamps" in out:
+                item["token_timestamps"] = out["token_timestamps"]
+            if meta["stride"] is not None:
+                item["stride"] = stride_in_seconds(meta["stride"], rate)
+            model_outputs.append(item)
+        text, optional = decode_asr(self.vocabulary, model_outputs, return_timestamps=return_timestamps,
+                                    return_language=bool(return_language), time_precision=self.time_precision)
+        return {"text": text, **optional}
+
+
+def _generation_config_dict(folder) -> dict[str, Any]:
+    """generation_config.json of the model's folder (made from the CTranslate2 files for such a folder)."""
+    from ..loading import load_generation_config
+
+    return load_generation_config(Path(folder)) if folder and Path(folder).is_dir() else {}
+
+
+def _generation_config(raw: dict[str, Any], model_config, folder):
+    """The checkpoint's generation settings; without generation_config.json, those config.json kept (as
+    transformers falls back to)."""
+    from ..generation.generate import GenerationConfig
+
+    if raw:
+        try:
+            return GenerationConfig.from_dict(raw)
+        except InvalidInput as e:
+            raise CheckpointError(f"{folder}: invalid generation_config.json: {e}") from e
+    if folder and Path(folder).is_dir():
+        return GenerationConfig.from_folder(folder)
+    options = {k: getattr(model_config, k) for k in ("decoder_start_token_id", "eos_token_id", "pad_token_id",
+                                                     "bos_token_id", "suppress_tokens", "begin_suppress_tokens")}
+    return GenerationConfig.from_dict({k: v for k, v in options.items() if v is not None})
+
+
+def seq2seq_decoding(pipeline: "AutomaticSpeechRecognitionPipeline") -> WhisperDecoding:
+    """The decoding of speech-seq2seq models: Whisper is the one lightpipe has."""
+    if getattr(pipeline.model.config, "model_type", None) != "whisper":
+        raise UnsupportedModel(f"automatic-speech-recognition supports Whisper among speech-seq2seq models, not "
+                               f"{type(pipeline.model).__name__}.")
+    return WhisperDecoding(pipeline)
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
@@ -363,7 +585,7 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         else:
             windows = [(0, len(audio), item.stride)]  # a dict input's own stride, if it gave one
         return [
-            ModelItem(self.decoding.features(audio[start:end]),
+            ModelItem(self.decoding.features(audio[start:end], whole=not chunk_length_s),
                       meta=WindowMeta(samples=end - start, stride=stride, start=start, extra=item.extra),
                       is_last=i == len(windows) - 1)
             for i, (start, end, stride) in enumerate(windows)
