@@ -19,6 +19,16 @@ MODEL_TYPES: dict[str, str] = {
     "xlm-roberta": "roberta",
     "camembert": "roberta",
     "distilbert": "distilbert",
+    "wav2vec2": "wav2vec2",
+    "hubert": "hubert",
+    "layoutlm": "layoutlm",
+    "clip": "clip",
+    "vit": "vit",
+    "deit": "deit",
+    "convnext": "convnext",
+    "beit": "beit",
+    "swin": "swin",
+    "whisper": "whisper",
 }
 
 # Head kinds a task can ask for.

@@ -1,0 +1,81 @@
+"""Image classification: lightpipe vs transformers on the same vit-base-sized weights, from JPEG files.
+
+    python benchmarks/bench_vision.py [--repeat 3] [--images 32]
+
+Cases: ViT-B/16 at 224 px (google/vit-base-patch16-224's shape, random weights) classifying JPEG photos
+of 640x480 from disk, decoding and preprocessing included, at batch 1 and batch 16. Prints a Markdown
+table of median times and speed-ups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import numpy as np
+
+from common import CACHE, table, timed
+
+
+def vit_base_checkpoint():
+    folder = CACHE / "vit-base-patch16-224"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    import torch
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    labels = {i: f"class {i}" for i in range(1000)}
+    model = transformers.ViTForImageClassification(transformers.ViTConfig(id2label=labels)).eval()
+    model.save_pretrained(str(folder))
+    transformers.ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(str(folder))
+    return folder
+
+
+def jpeg_files(n: int) -> list[str]:
+    """n photo-like 640x480 JPEGs (smooth gradients plus noise), written once."""
+    from PIL import Image
+
+    folder = CACHE / "jpegs"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:480, 0:640] / 480.0
+    for i in range(n):
+        path = folder / f"photo{i}.jpg"
+        if not path.is_file():
+            phase = rng.uniform(0, 6, 3)
+            pixels = np.stack([127 + 100 * np.sin(4 * x + 3 * y + p) for p in phase], -1)
+            pixels = np.clip(pixels + rng.normal(0, 12, pixels.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--images", type=int, default=32)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import transformers
+
+    import lightpipe
+
+    folder = vit_base_checkpoint()
+    files = jpeg_files(args.images)
+    ours = lightpipe.pipeline("image-classification", model=str(folder))
+    ref = transformers.pipeline("image-classification", model=str(folder))
+    rows = []
+    for batch_size in (1, 16):
+        a = timed(lambda: ours(files, batch_size=batch_size), args.repeat)
+        b = timed(lambda: ref(files, batch_size=batch_size), args.repeat)
+        rows.append((f"ViT-B/16, {len(files)} JPEGs, batch {batch_size}", a / len(files) * 1000,
+                     b / len(files) * 1000, "ms/image"))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

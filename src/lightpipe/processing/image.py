@@ -1,0 +1,614 @@
+"""Images: load from anything, orient, convert to RGB, resize, crop, rescale and normalise.
+
+`load_image` turns a path, URL, base64 string, bytes, PIL image or array into an upright RGB PIL
+image, refusing what cannot be decoded with an `InvalidInput` that says why. `ImageProcessor`
+reproduces the PIL-backend image processors of transformers (ViT, DeiT, BEiT, ConvNeXt, CLIP,
+Swin ...) from a checkpoint's preprocessor_config.json:
+
+    PIL image --convert RGB--> --resize (PIL)--> uint8 (H, W, 3) --center crop--> --rescale, normalise-->
+    float32 (3, H, W)
+
+Resizing is PIL's, as in the reference, so pixels agree exactly. Rescaling and normalising map each
+of the 256 byte values through a per-channel table computed the way the reference computes it
+(float64 rescale, float32 normalise), so pixel values agree to the last bit, for a whole batch in
+one indexing operation.
+
+Pillow is an optional dependency (`pip install 'lightpipe[vision]'`), imported on first use.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import functools
+import io
+import json
+import os
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import CheckpointError, InvalidInput, MissingDependency, UnsupportedModel
+
+# Decoded images larger than this many pixels are refused from their header, before decoding:
+# a 100 kB PNG can claim 20000 x 20000 pixels and take gigabytes to decode. Pillow's own default.
+MAX_IMAGE_PIXELS = 89_478_485  # ~ 9459 x 9459
+MAX_DOWNLOAD_BYTES = 100 * 2**20  # 100 MiB: no real image needs more
+DEFAULT_URL_TIMEOUT = 60.0  # seconds: the wait for a URL when no timeout is given
+DOWNLOAD_CHUNK = 1 << 16
+
+# PIL resampling filters by the integer codes preprocessor_config.json stores.
+NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING = 0, 1, 2, 3, 4, 5
+RESAMPLE_NAMES = {"nearest": NEAREST, "lanczos": LANCZOS, "bilinear": BILINEAR, "bicubic": BICUBIC,
+                  "box": BOX, "hamming": HAMMING}
+
+IMAGENET_STANDARD_MEAN = (0.5, 0.5, 0.5)
+IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+ORIENTATION_TAG = 0x0112  # EXIF Orientation
+
+
+def _pil():
+    """The PIL modules, or MissingDependency saying how to install them."""
+    try:
+        import PIL.Image
+        import PIL.ImageOps
+    except ImportError as e:
+        raise MissingDependency(
+            "image inputs need Pillow: pip install 'lightpipe[vision]' (or pip install pillow)."
+        ) from e
+    return PIL
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_image(image: Any, timeout: float | None = None):
+    """An image in any accepted form -> an upright RGB `PIL.Image.Image`.
+
+    Accepts a local path (str or os.PathLike), an http(s) URL (fetched within `timeout` seconds,
+    DEFAULT_URL_TIMEOUT when None), a base64 string or a `data:image/...;base64,` URI, raw bytes,
+    a PIL image, or an array (numpy or torch): (H, W) grayscale, (H, W, C) or (C, H, W) with C in
+    1, 3, 4; uint8, or floats holding 0..255 integers or 0..1 intensities. The EXIF orientation is
+    applied, as transformers' load_image does. Anything unreadable raises InvalidInput saying why.
+    """
+    PIL = _pil()
+    if isinstance(image, PIL.Image.Image):
+        return _upright_rgb(image, owned=False)
+    if isinstance(image, os.PathLike):
+        image = os.fspath(image)
+    if isinstance(image, str):
+        return _load_string(image, timeout)
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return _decode(bytes(image), "the bytes given")
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        return _from_array(image)
+    raise InvalidInput(
+        f"an image must be a path, an http(s) URL, a base64 string, bytes, a PIL image or an array, "
+        f"not {type(image).__name__}."
+    )
+
+
+def _load_string(text: str, timeout: float | None):
+    if text.startswith(("http://", "https://")):
+        return _decode(_download(text, timeout), text)
+    if text.startswith("data:"):
+        head, _, payload = text.partition(",")
+        if ";base64" not in head:
+            raise InvalidInput("a data: URI image must be base64-encoded (data:image/png;base64,...).")
+        return _decode(_base64(payload, "the data: URI"), "the data: URI")
+    if os.path.isfile(text):
+        try:
+            with open(text, "rb") as f:
+                return _decode(f, text)
+        except OSError as e:
+            raise InvalidInput(f"the image file {text} cannot be read: {e}") from e
+    if os.path.isdir(text):
+        raise InvalidInput(f"{text} is a folder, not an image file.")
+    try:
+        return _decode(_base64(text, "it"), "it")
+    except InvalidInput as e:
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise InvalidInput(
+            f"{shown!r} is neither an existing file, an http(s) URL, nor a base64-encoded image ({str(e).rstrip('.')})."
+        ) from None
+
+
+def _base64(text: str, what: str) -> bytes:
+    compact = "".join(text.split())  # base64 text is often wrapped over several lines
+    try:
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InvalidInput(f"{what} is not valid base64: {e}") from e
+
+
+def _download(url: str, timeout: float | None) -> bytes:
+    """The body of `url`, read within `timeout` seconds in all (each socket wait is bounded by it too)."""
+    import urllib.error
+    import urllib.request
+
+    timeout = DEFAULT_URL_TIMEOUT if timeout is None else timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise InvalidInput(f"timeout must be a positive number of seconds, not {timeout!r}.")
+    deadline = time.monotonic() + timeout
+    request = urllib.request.Request(url, headers={"User-Agent": "lightpipe"})
+    chunks, size = [], 0
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            while True:
+                if time.monotonic() > deadline:
+                    raise InvalidInput(f"fetching {url} took longer than the timeout of {timeout} s.")
+                chunk = response.read1(DOWNLOAD_CHUNK)  # what has arrived: read() would wait for a full chunk
+                if not chunk:
+                    break
+                size += len(chunk)
+                if size > MAX_DOWNLOAD_BYTES:
+                    raise InvalidInput(f"{url} is larger than {MAX_DOWNLOAD_BYTES // 2**20} MiB; not an image to classify.")
+                chunks.append(chunk)
+    except urllib.error.HTTPError as e:
+        raise InvalidInput(f"fetching {url} failed: HTTP {e.code} {e.reason}.") from e
+    except (urllib.error.URLError, OSError, ValueError) as e:  # refused, reset, timed out, bad URL, cut short
+        reason = getattr(e, "reason", e)
+        raise InvalidInput(f"fetching {url} failed ({type(e).__name__}: {reason}); check the URL and network, "
+                           "or pass a larger timeout=.") from e
+    return b"".join(chunks)
+
+
+# Pillow warns (DecompressionBombWarning) at open for images above its own limit; we refuse those
+# ourselves, with a message, so the warning is silenced around open. catch_warnings swaps global
+# state, hence the lock for the preprocessing threads.
+_OPEN_LOCK = threading.Lock()
+
+
+def _open(source, what: str):
+    PIL = _pil()
+    if isinstance(source, bytes):
+        if not source:
+            raise InvalidInput(f"{what} is empty (0 bytes), not an image.")
+        source = io.BytesIO(source)
+    try:
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            return PIL.Image.open(source)
+    except PIL.Image.DecompressionBombError as e:
+        raise InvalidInput(f"{what} is too large to decode safely ({e}).") from e
+    except PIL.UnidentifiedImageError as e:
+        empty = " (it is empty)" if _is_empty(source) else ""
+        raise InvalidInput(f"{what} is not an image Pillow can read{empty}.") from e
+    except Exception as e:  # Pillow's parsers raise many kinds (OSError, SyntaxError, struct.error ...)
+        raise InvalidInput(f"{what} is not a readable image ({type(e).__name__}: {e}).") from e
+
+
+def _is_empty(source) -> bool:
+    try:
+        source.seek(0, io.SEEK_END)
+        return source.tell() == 0
+    except (AttributeError, OSError, ValueError):
+        return False
+
+
+def _checked_size(image, what: str):
+    """The image, if its header's size is one we decode."""
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InvalidInput(
+            f"{what} is {width} x {height} pixels, more than the {MAX_IMAGE_PIXELS} lightpipe decodes "
+            "(a guard against decompression bombs); resize it first."
+        )
+    if width == 0 or height == 0:
+        raise InvalidInput(f"{what} has no pixels ({width} x {height}).")
+    return image
+
+
+def _decode(source, what: str):
+    """Open, size-check from the header, then decode fully, so truncated files fail here and not later."""
+    image = _checked_size(_open(source, what), what)
+    try:
+        image.load()
+    except Exception as e:  # truncated data, corrupt streams: Pillow raises OSError, SyntaxError, ValueError ...
+        raise InvalidInput(f"{what} could not be decoded ({type(e).__name__}: {e}); the file may be truncated or corrupt.") from e
+    return _upright_rgb(image, owned=True)
+
+
+def _upright_rgb(image, owned: bool):
+    """Apply the EXIF orientation and convert to RGB. An image we did not decode is never changed in place."""
+    PIL = _pil()
+    try:
+        orientation = image.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # an unreadable EXIF block does not make the pixels unusable
+        orientation = 1
+    try:
+        if orientation not in (None, 1):
+            if owned:
+                PIL.ImageOps.exif_transpose(image, in_place=True)
+            else:
+                image = PIL.ImageOps.exif_transpose(image)
+                owned = True
+        return image if image.mode == "RGB" else image.convert("RGB")
+    except Exception as e:  # a lazily opened PIL image may still fail to decode here
+        raise InvalidInput(f"the image could not be decoded ({type(e).__name__}: {e}).") from e
+
+
+def _channels_last(array: np.ndarray) -> np.ndarray:
+    """(H, W), (H, W, C) or (C, H, W) -> (H, W, C); channels first wins when both ends could be channels,
+    as in transformers."""
+    if array.ndim == 2:
+        return array[:, :, None]
+    if array.ndim != 3:
+        raise InvalidInput(f"an image array must have 2 or 3 dimensions (H, W[, C]), not shape {array.shape}.")
+    if array.shape[0] in (1, 3, 4):
+        return np.moveaxis(array, 0, -1)
+    if array.shape[-1] in (1, 3, 4):
+        return array
+    raise InvalidInput(f"cannot tell the channels of an image array of shape {array.shape}; "
+                       "give (H, W, C) or (C, H, W) with 1, 3 or 4 channels.")
+
+
+def _as_uint8(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        raise InvalidInput(f"an image array must hold integers or floats, not {array.dtype}.")
+    values = array.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise InvalidInput("the image array holds NaN or infinite values.")
+    low, high = values.min(), values.max()
+    if np.array_equal(values, np.floor(values)) and low >= 0 and high <= 255:
+        return values.astype(np.uint8)
+    if low >= 0 and high <= 1:
+        # 0..1 intensities: scaled and truncated to bytes, as transformers does before PIL resizing.
+        return (values * 255).astype(np.float32).astype(np.uint8)
+    raise InvalidInput(f"image array values must be integers in 0..255 or floats in 0..1, not {low}..{high}.")
+
+
+def _from_array(array: np.ndarray):
+    PIL = _pil()
+    pixels = _channels_last(np.asarray(array))
+    if pixels.size == 0:
+        raise InvalidInput(f"the image array is empty (shape {array.shape}).")
+    pixels = _as_uint8(pixels)
+    channels = pixels.shape[-1]
+    if channels == 1:
+        pixels = np.repeat(pixels, 3, axis=-1)
+    elif channels == 4:
+        pixels = _composite_on_white(pixels)
+    return PIL.Image.fromarray(np.ascontiguousarray(pixels))  # (H, W, 3) uint8: RGB
+
+
+def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """(H, W, 4) uint8 -> (H, W, 3): transparent pixels become white, as transformers' convert_to_rgb does."""
+    alpha = rgba[..., 3:4] / 255
+    return np.round(alpha * rgba[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------
+# The image processor
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessorDefaults:
+    """The class defaults of one transformers image processor: used for keys a config leaves out."""
+
+    size: dict
+    resample: int
+    image_mean: tuple[float, ...]
+    image_std: tuple[float, ...]
+    crop_size: dict | None = None
+    do_center_crop: bool = False
+    do_convert_rgb: bool = False
+    default_to_square: bool = True  # how a bare int `size` reads: a square, or the shortest edge
+    crop_pct: float | None = None
+
+
+_VIT = ProcessorDefaults({"height": 224, "width": 224}, BILINEAR, IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD)
+PROCESSOR_DEFAULTS: dict[str, ProcessorDefaults] = {
+    "ViTImageProcessor": _VIT,
+    "DeiTImageProcessor": ProcessorDefaults({"height": 256, "width": 256}, BICUBIC, IMAGENET_STANDARD_MEAN,
+                                            IMAGENET_STANDARD_STD, {"height": 224, "width": 224}, True),
+    "BeitImageProcessor": ProcessorDefaults({"height": 224, "width": 224}, BICUBIC, IMAGENET_STANDARD_MEAN,
+                                            IMAGENET_STANDARD_STD, {"height": 224, "width": 224}, False),
+    "ConvNextImageProcessor": ProcessorDefaults({"shortest_edge": 384}, BICUBIC, IMAGENET_STANDARD_MEAN,
+                                                IMAGENET_STANDARD_STD, default_to_square=False, crop_pct=224 / 256),
+    "CLIPImageProcessor": ProcessorDefaults({"shortest_edge": 224}, BICUBIC, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
+                                            {"height": 224, "width": 224}, True, True, default_to_square=False),
+    "BitImageProcessor": ProcessorDefaults({"shortest_edge": 224}, BICUBIC, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
+                                           {"height": 224, "width": 224}, True, True, default_to_square=False),
+}
+# The processor each model type uses when its preprocessor_config.json names none (transformers' auto map).
+PROCESSOR_OF_MODEL_TYPE = {
+    "vit": "ViTImageProcessor", "swin": "ViTImageProcessor", "swinv2": "ViTImageProcessor",
+    "deit": "DeiTImageProcessor", "beit": "BeitImageProcessor", "data2vec-vision": "BeitImageProcessor",
+    "convnext": "ConvNextImageProcessor", "convnextv2": "ConvNextImageProcessor",
+    "clip": "CLIPImageProcessor", "dinov2": "BitImageProcessor",
+}
+CONFIG_FILES = ("preprocessor_config.json", "processor_config.json")
+SIZE_FORMS = ({"height", "width"}, {"shortest_edge"}, {"shortest_edge", "longest_edge"})
+
+
+def _processor_kind(raw: dict, model_type: str | None) -> str | None:
+    name = raw.get("image_processor_type") or raw.get("feature_extractor_type")
+    if isinstance(name, str):
+        name = name.replace("FeatureExtractor", "ImageProcessor")
+        for suffix in ("Fast", "Pil"):
+            name = name[: -len(suffix)] if name.endswith(suffix) else name
+        return name
+    return PROCESSOR_OF_MODEL_TYPE.get(model_type or "")
+
+
+def _size_dict(value: Any, default_to_square: bool, what: str) -> dict[str, int]:
+    """A config's size in any of its historic forms -> one of SIZE_FORMS."""
+    if isinstance(value, bool):
+        raise CheckpointError(f"{what}={value!r} is not a size.")
+    if isinstance(value, int):
+        return {"height": value, "width": value} if default_to_square else {"shortest_edge": value}
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return {"height": int(value[0]), "width": int(value[1])}
+    if isinstance(value, dict) and set(value) in SIZE_FORMS and all(isinstance(v, int) and v > 0 for v in value.values()):
+        return dict(value)
+    raise UnsupportedModel(
+        f"{what}={value!r} is not supported; lightpipe resizes to {{'height', 'width'}}, {{'shortest_edge'}} "
+        "or {'shortest_edge', 'longest_edge'}."
+    )
+
+
+def _triple(value: Any, what: str) -> tuple[float, float, float]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (float(value),) * 3
+    if isinstance(value, (list, tuple)) and len(value) == 3:
+        return tuple(float(v) for v in value)  # type: ignore[return-value]
+    raise UnsupportedModel(f"{what}={value!r} is not supported; give one value or three (one per RGB channel).")
+
+
+def _resample(value: Any) -> int:
+    if isinstance(value, str) and value.lower() in RESAMPLE_NAMES:
+        return RESAMPLE_NAMES[value.lower()]
+    if isinstance(value, int) and not isinstance(value, bool) and value in RESAMPLE_NAMES.values():
+        return value
+    raise UnsupportedModel(f"resample={value!r} is not a PIL resampling filter (0..5 or a name).")
+
+
+def shortest_edge_size(height: int, width: int, shortest: int) -> tuple[int, int]:
+    """(height, width) after scaling the shorter side to `shortest`; the longer side is truncated, as in
+    transformers (and torchvision): int(shortest * long / short)."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(shortest * long / short)
+    return (new_long, shortest) if width <= height else (shortest, new_long)
+
+
+def bounded_size(height: int, width: int, shortest: int, longest: int) -> tuple[int, int]:
+    """(height, width) with the shorter side at `shortest`, unless the longer side would pass `longest`,
+    in which case the longer side is `longest` (transformers' get_size_with_aspect_ratio)."""
+    raw = None
+    low, high = float(min(height, width)), float(max(height, width))
+    if high / low * shortest > longest:
+        raw = longest * low / high
+        shortest = int(round(raw))
+    if (height <= width and height == shortest) or (width <= height and width == shortest):
+        return height, width
+    if width < height:
+        return (int(raw * height / width) if raw is not None else int(shortest * height / width)), shortest
+    return shortest, (int(raw * width / height) if raw is not None else int(shortest * width / height))
+
+
+def center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(H, W, C) -> (height, width, C) around the centre; zero padding where the image is smaller,
+    placed as transformers places it."""
+    h, w = pixels.shape[:2]
+    top, left = (h - height) // 2, (w - width) // 2
+    if top >= 0 and left >= 0:
+        return pixels[top:top + height, left:left + width]
+    out_h, out_w = max(height, h), max(width, w)
+    pad_top, pad_left = -(-(out_h - h) // 2), -(-(out_w - w) // 2)  # ceil division
+    canvas = np.zeros((out_h, out_w) + pixels.shape[2:], dtype=pixels.dtype)
+    canvas[pad_top:pad_top + h, pad_left:pad_left + w] = pixels
+    top, left = top + pad_top, left + pad_left
+    return canvas[max(0, top):min(out_h, top + height), max(0, left):min(out_w, left + width)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageProcessor:
+    """A checkpoint's image preprocessing: PIL image -> float32 pixel values (3, H, W).
+
+    Built by `from_folder` (or `from_dict`) with the class defaults of the transformers processor
+    the config names, overridden by the config's own keys.
+    """
+
+    kind: str = "ViTImageProcessor"
+    do_resize: bool = True
+    size: dict = dataclasses.field(default_factory=lambda: {"height": 224, "width": 224})
+    resample: int = BILINEAR
+    do_center_crop: bool = False
+    crop_size: dict | None = None
+    crop_pct: float | None = None  # ConvNeXt: below 384 px, resize to shortest_edge / crop_pct, then crop
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] = IMAGENET_STANDARD_MEAN
+    image_std: tuple[float, float, float] = IMAGENET_STANDARD_STD
+    do_convert_rgb: bool = False
+
+    OPTIONS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "crop_pct", "do_rescale",
+               "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike) -> "ImageProcessor":
+        """Read preprocessor_config.json, or the image_processor section of processor_config.json."""
+        folder = Path(folder)
+        raw = None
+        for name in CONFIG_FILES:
+            path = folder / name
+            if not path.is_file():
+                continue
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+            if isinstance(data, dict) and name == "processor_config.json":
+                data = data.get("image_processor")
+            if isinstance(data, dict):
+                raw = data
+                break
+        if raw is None:
+            raise CheckpointError(
+                f"{folder} has no image preprocessing settings: expected preprocessor_config.json, or "
+                "processor_config.json with an image_processor section."
+            )
+        model_type = None
+        if (folder / "config.json").is_file():
+            try:
+                model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                model_type = None
+        return cls.from_dict(raw, model_type=model_type)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], model_type: str | None = None) -> "ImageProcessor":
+        """Settings as preprocessor_config.json writes them; missing keys take the named processor's defaults."""
+        kind = _processor_kind(raw, model_type) or "ViTImageProcessor"
+        defaults = PROCESSOR_DEFAULTS.get(kind, _VIT)
+        square = raw.get("default_to_square", defaults.default_to_square)
+
+        def get(key, default):
+            value = raw.get(key)
+            return default if value is None else value
+
+        size = get("size", defaults.size)
+        if isinstance(size, int) and "max_size" in raw and not square:  # old DETR-style configs
+            size = {"shortest_edge": size, "longest_edge": raw["max_size"]}
+        crop_size = get("crop_size", defaults.crop_size)
+        processor = cls(
+            kind=kind,
+            do_resize=bool(get("do_resize", True)),
+            size=_size_dict(size, square, "size"),
+            resample=_resample(get("resample", defaults.resample)),
+            do_center_crop=bool(get("do_center_crop", defaults.do_center_crop)),
+            crop_size=None if crop_size is None else _size_dict(crop_size, True, "crop_size"),
+            crop_pct=get("crop_pct", defaults.crop_pct) if kind == "ConvNextImageProcessor" else None,
+            do_rescale=bool(get("do_rescale", True)),
+            rescale_factor=float(get("rescale_factor", 1 / 255)),
+            do_normalize=bool(get("do_normalize", True)),
+            image_mean=_triple(get("image_mean", defaults.image_mean), "image_mean"),
+            image_std=_triple(get("image_std", defaults.image_std), "image_std"),
+            do_convert_rgb=bool(get("do_convert_rgb", defaults.do_convert_rgb)),
+        )
+        processor._check()
+        return processor
+
+    def _check(self) -> None:
+        if self.do_center_crop and (self.crop_size is None or set(self.crop_size) != {"height", "width"}):
+            raise UnsupportedModel(f"do_center_crop needs crop_size {{'height', 'width'}}, not {self.crop_size!r}.")
+        if self.kind == "ConvNextImageProcessor" and self.do_resize and "shortest_edge" not in self.size:
+            raise UnsupportedModel(f"ConvNeXt preprocessing needs size {{'shortest_edge'}}, not {self.size!r}.")
+        if self.do_normalize and any(s == 0 for s in self.image_std):
+            raise UnsupportedModel("image_std must not contain 0.")
+
+    def with_options(self, **options: Any) -> "ImageProcessor":
+        """A copy with some settings changed (keys and value forms as in preprocessor_config.json)."""
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            raise InvalidInput(f"unknown image processor option(s) {unknown}; accepted: {', '.join(self.OPTIONS)}.")
+        if not options:
+            return self
+        raw = {k: getattr(self, k) for k in self.OPTIONS}
+        raw.update(options)
+        raw["image_processor_type"] = self.kind
+        raw["default_to_square"] = PROCESSOR_DEFAULTS.get(self.kind, _VIT).default_to_square
+        try:
+            return self.from_dict(raw)
+        except (UnsupportedModel, CheckpointError) as e:
+            raise InvalidInput(str(e)) from e
+
+    # ------------------------------------------------------------------ the steps
+    def to_rgb(self, image):
+        """A PIL image of any mode -> RGB. With do_convert_rgb, transparency is composited onto white, as
+        the reference's convert_to_rgb does; otherwise the alpha channel is dropped, as its load_image does."""
+        PIL = _pil()
+        if self.do_convert_rgb and ("A" in image.getbands() or image.info.get("transparency") is not None):
+            rgba = image.convert("RGBA")
+            white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return PIL.Image.alpha_composite(white, rgba).convert("RGB")
+        return image if image.mode == "RGB" else image.convert("RGB")
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) the resize step produces for an image of (height, width)."""
+        size = self.size
+        if "shortest_edge" in size and "longest_edge" in size:
+            return bounded_size(height, width, size["shortest_edge"], size["longest_edge"])
+        if "shortest_edge" in size:
+            shortest = size["shortest_edge"]
+            if self.crop_pct is not None:
+                if shortest >= 384:  # ConvNeXt warps to a square at 384 px and above
+                    return shortest, shortest
+                shortest = int(shortest / self.crop_pct)
+            return shortest_edge_size(height, width, shortest)
+        return size["height"], size["width"]
+
+    def prepare(self, image) -> np.ndarray:
+        """One image (anything load_image takes) -> resized and cropped RGB bytes, (H, W, 3) uint8."""
+        PIL = _pil()
+        if not isinstance(image, PIL.Image.Image):
+            image = load_image(image)
+        image = self.to_rgb(image)
+        if self.do_resize:
+            height, width = self.output_size(image.height, image.width)
+            image = image.resize((width, height), resample=self.resample)
+        pixels = np.array(image)  # a writable copy, (H, W, 3) uint8
+        if self.do_resize and self.crop_pct is not None and self.size["shortest_edge"] < 384:
+            pixels = center_crop(pixels, self.size["shortest_edge"], self.size["shortest_edge"])
+        if self.do_center_crop:
+            pixels = center_crop(pixels, self.crop_size["height"], self.crop_size["width"])
+        return np.ascontiguousarray(pixels)
+
+    def pixel_table(self) -> torch.Tensor:
+        """(3, 256) float32: the value each byte of each channel becomes after rescale and normalise,
+        computed as the reference computes it (rescale in float64 then float32, normalise in float32)."""
+        values = torch.arange(256, dtype=torch.float64)
+        if self.do_rescale:
+            values = values * self.rescale_factor
+        values = values.to(torch.float32).expand(3, 256)
+        if self.do_normalize:
+            mean = torch.tensor(self.image_mean, dtype=torch.float32)[:, None]
+            std = torch.tensor(self.image_std, dtype=torch.float32)[:, None]
+            values = (values - mean) / std
+        return values.contiguous()
+
+    def normalize(self, pixels: np.ndarray) -> torch.Tensor:
+        """(..., H, W, 3) uint8 -> (..., 3, H, W) float32 pixel values, rescaled and normalised: each
+        channel's bytes index that channel's row of the table (faster than arithmetic, and exact)."""
+        table = self._table
+        channels = [table[c][pixels[..., c]] for c in range(3)]  # 3 x (..., H, W)
+        return torch.from_numpy(np.stack(channels, axis=-3))
+
+    @functools.cached_property
+    def _table(self) -> np.ndarray:
+        return self.pixel_table().numpy()  # computed once: the settings are frozen
+
+    def __call__(self, images) -> dict[str, torch.Tensor]:
+        """One image -> {"pixel_values": (3, H, W)}; a list of images -> {"pixel_values": (B, 3, H, W)}.
+
+        A list's images must come out the same size (a fixed size or a center crop make sure of it)."""
+        if isinstance(images, (list, tuple)):
+            if not images:
+                raise InvalidInput("no images given.")
+            prepared = [self.prepare(image) for image in images]
+            if len({p.shape for p in prepared}) > 1:
+                raise InvalidInput(
+                    "these images come out of preprocessing at different sizes "
+                    f"({sorted({p.shape[:2] for p in prepared})}); process them one at a time."
+                )
+            return {"pixel_values": self.normalize(np.stack(prepared))}
+        pixels = self.prepare(images)
+        return {"pixel_values": self.normalize(pixels)}

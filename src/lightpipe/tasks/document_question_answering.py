@@ -1,0 +1,302 @@
+"""document-question-answering: a page image (or its words with boxes) and a question -> the words that answer it.
+
+LayoutLM (v1) as transformers' DocumentQuestionAnsweringPipeline runs it:
+
+- the document is a list of words, each with a box (x0, y0, x1, y1) on a 0-1000 grid of the page:
+  given as `word_boxes`, or read from the image by Tesseract (lightpipe.processing.ocr);
+- the question, split on whitespace, and the words are tokenized as a pair of pre-split word lists
+  (question first); a document too long for `max_seq_len` tokens is cut into overlapping windows, each
+  window one model item of the same input, `doc_stride` tokens shared between neighbours;
+- every token gets its word's box; the question's tokens and [CLS] get (0, 0, 0, 0), [SEP] gets
+  (1000, 1000, 1000, 1000);
+- start and end logits are scored as in extractive question answering (the span search of
+  tasks/question_answering.py): only the document's tokens (and CLS) may be in an answer, a span scores
+  p(start) * p(end), at most `max_answer_len` tokens long;
+- an answer is a run of whole words: `start` and `end` are WORD indices into the document's words, and
+  `answer` is those words joined by spaces. Unlike text QA, equal answers are not merged.
+
+The result of one input is always a list of answers, best first: [{"score", "answer", "start", "end"}].
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import numbers
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import InvalidInput, UnsupportedModel
+from ..processing.ocr import GRID, ocr_words
+from ..runtime import ModelItem, Padding
+from .base import TextPipeline
+from .question_answering import DEFAULT_MAX_ANSWER_LEN, NO_NULL_SCORE, _softmax_allowed, best_spans
+
+MAX_DOC_STRIDE = 256  # the default overlap is half a window, at most this many tokens
+QUESTION_BOX = [0, 0, 0, 0]  # the box of the question's tokens, CLS and padding
+SEP_BOX = [GRID] * 4  # the box of separator tokens
+PADDING_STRATEGIES = ("longest", "max_length", "do_not_pad")
+INPUT_KEYS = ("image", "question", "word_boxes")
+_MISSING = object()
+
+
+class DocumentQuestionAnsweringPipeline(TextPipeline):
+    """pipe(image=..., question=...) -> [{"score", "answer", "start", "end"}, ...]; see the module docstring."""
+
+    task = "document-question-answering"
+    components = ("tokenizer",)  # LayoutLM v1 reads no pixels: the image only goes through OCR
+    preprocess_params = ("padding", "doc_stride", "max_question_len", "max_seq_len", "lang", "tesseract_config",
+                         "timeout")
+    postprocess_params = ("top_k", "max_answer_len", "handle_impossible_answer")
+    sequence_outputs = ("start_logits", "end_logits")
+
+    def __init__(self, model, tokenizer=None, **kwargs):
+        if tokenizer is not None and tokenizer.padding_side != "right":
+            raise UnsupportedModel(
+                f"document-question-answering needs a tokenizer that pads on the right, but {tokenizer.name_or_path} "
+                f"pads on the {tokenizer.padding_side}; set \"padding_side\": \"right\" in its tokenizer_config.json."
+            )
+        super().__init__(model, tokenizer, **kwargs)
+
+    def collate_padding(self) -> Padding:
+        text = super().collate_padding()
+        # Padded tokens get the box (0, 0, 0, 0), as transformers pads "bbox" in a batch.
+        return Padding(values={**text.values, "bbox": 0}, side=text.side, sequence_outputs=text.sequence_outputs)
+
+    # ------------------------------------------------------------------ parameters
+    def check_params(self, params: dict[str, Any]) -> None:
+        super().check_params(params)
+        minimum = {"top_k": 1, "max_answer_len": 1, "max_seq_len": 1, "max_question_len": 1, "doc_stride": 0}
+        for name, low in minimum.items():
+            value = params.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                kind = "a positive integer" if low else "a non-negative integer"
+                raise InvalidInput(f"{name} must be {kind}, not {value!r}.")
+        impossible = params.get("handle_impossible_answer")
+        if impossible is not None and not isinstance(impossible, bool):
+            raise InvalidInput(f"handle_impossible_answer must be True or False, not {impossible!r}.")
+        padding = params.get("padding")
+        if not (padding is None or isinstance(padding, bool) or padding in PADDING_STRATEGIES):
+            raise InvalidInput(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', "
+                               f"not {padding!r}.")
+        for name in ("lang", "tesseract_config"):
+            if params.get(name) is not None and not isinstance(params[name], str):
+                raise InvalidInput(f"{name} must be a string, not {params[name]!r}.")
+        timeout = params.get("timeout")
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+            raise InvalidInput(f"timeout must be a positive number of seconds, not {timeout!r}.")
+
+    # ------------------------------------------------------------------ inputs
+    def __call__(self, image=_MISSING, question=None, word_boxes=None, **params):
+        """pipe(image, question), pipe(image=..., question=..., word_boxes=...), pipe({"image", "question",
+        "word_boxes"}), a list of such dicts (a list of results), or a generator / dataset of them (a stream).
+
+        `image`: a path, URL, PIL image, bytes, base64 string or array (see processing.image.load_image), or
+        None when `word_boxes` are given. `word_boxes`: [(word, [x0, y0, x1, y1]), ...] with integer boxes on
+        the 0-1000 grid of the page; when given, no OCR runs and the image is not opened.
+        """
+        return super().__call__(self._gather(image, question, word_boxes), **params)
+
+    def _gather(self, image: Any, question: Any, word_boxes: Any):
+        """The call's arguments -> one checked input dict, a list of them, or a stream left to preprocess."""
+        if image is _MISSING:
+            raise InvalidInput("no input: call pipe(image=..., question=...).")
+        if question is not None:
+            if not isinstance(question, str):
+                raise InvalidInput(f"question must be a string, not {type(question).__name__}; to ask several "
+                                   'questions pass a list of dicts [{"image": ..., "question": ...}, ...].')
+            inputs = {"image": image, "question": question}
+            if word_boxes is not None:
+                inputs["word_boxes"] = word_boxes
+            self._example(inputs)
+            return inputs
+        if word_boxes is not None:
+            raise InvalidInput("word_boxes= was given without a question: call pipe(image=..., question=..., "
+                               "word_boxes=...).")
+        if self._is_stream(image):
+            return image
+        if isinstance(image, collections.abc.Mapping):
+            self._example(image)
+            return image
+        if isinstance(image, (list, tuple)):
+            for item in image:
+                self._example(item)
+            return list(image)
+        raise InvalidInput("the question is missing: call pipe(image=..., question='...'), or pass dicts "
+                           '{"image": ..., "question": ..., "word_boxes": ...}.')
+
+    def _example(self, item: Any) -> tuple[Any, str, Any]:
+        """One input dict -> (image, question, word_boxes or None), its shape checked (the image is not opened)."""
+        if not isinstance(item, collections.abc.Mapping):
+            raise InvalidInput('each input must be a dict {"image": ..., "question": ...} (word_boxes optional), '
+                               f"not {type(item).__name__}.")
+        extra = sorted(map(str, set(item) - set(INPUT_KEYS)))
+        if "question" not in item or extra:
+            problem = f"unexpected keys {extra}" if extra else "no question"
+            raise InvalidInput(f'an input must be a dict {{"image": ..., "question": ..., "word_boxes": ...}}: '
+                               f"{problem}.")
+        if item["question"] is None:
+            raise InvalidInput("question is None: give some text.")
+        question = self.check_text(item["question"], "question")
+        image, word_boxes = item.get("image"), item.get("word_boxes")
+        if image is None and word_boxes is None:
+            raise InvalidInput("give an image (its words are read by OCR) or "
+                               "word_boxes=[(word, [x0, y0, x1, y1]), ...].")
+        return image, question, word_boxes
+
+    def _checked_word_boxes(self, word_boxes: Any) -> tuple[list[str], list[list[int]]]:
+        """[(word, [x0, y0, x1, y1]), ...] -> (words, boxes); every box four integers inside the grid, x0 <= x1,
+        y0 <= y1."""
+        if isinstance(word_boxes, (str, bytes)) or not isinstance(word_boxes, collections.abc.Sequence):
+            raise InvalidInput(f"word_boxes must be a list of (word, [x0, y0, x1, y1]) pairs, not "
+                               f"{type(word_boxes).__name__}.")
+        limit = getattr(self.model.config, "max_2d_position_embeddings", GRID + 1)
+        words, boxes = [], []
+        for i, pair in enumerate(word_boxes):
+            if isinstance(pair, (str, bytes)) or not isinstance(pair, collections.abc.Sequence) or len(pair) != 2:
+                raise InvalidInput(f"word_boxes[{i}] must be a pair (word, [x0, y0, x1, y1]), not {pair!r}.")
+            word, box = pair
+            if not isinstance(word, str):
+                raise InvalidInput(f"word_boxes[{i}]: the word must be a string, not {type(word).__name__}.")
+            words.append(word)
+            boxes.append(_checked_box(box, limit, f"word_boxes[{i}] ({word!r})"))
+        return words, boxes
+
+    # ------------------------------------------------------------------ preprocess
+    def preprocess(self, inputs, padding=None, doc_stride=None, max_question_len=None, max_seq_len=None, lang=None,
+                   tesseract_config=None, timeout=None):
+        """One input -> one model item per window of its words.
+
+        `max_question_len` is accepted and ignored: transformers' pipeline accepts it but does not use it.
+        """
+        image, question, word_boxes = self._example(inputs)
+        if word_boxes is not None:
+            words, boxes = self._checked_word_boxes(word_boxes)
+        else:
+            from ..processing.image import load_image
+
+            words, boxes = ocr_words(load_image(image, timeout=timeout), lang=lang,
+                                     tesseract_config=tesseract_config or "")
+        if max_seq_len is None:
+            max_seq_len = self.max_positions
+        if doc_stride is None:
+            doc_stride = min(max_seq_len // 2, MAX_DOC_STRIDE)
+
+        windows = self._windows(question.split(), words, max_seq_len, doc_stride)
+        if padding in (True, "longest", "max_length"):
+            self._pad(windows, max_seq_len if padding == "max_length" else max(len(w.ids) for w in windows))
+
+        cls_id, sep_id = self.tokenizer.special_id("cls_token"), self.tokenizer.special_id("sep_token")
+        items = []
+        for window in windows:
+            if len(window.ids) > self.max_positions:
+                raise InvalidInput(f"a window of {len(window.ids)} tokens is longer than this model's "
+                                   f"{self.max_positions} positions; pass max_seq_len={self.max_positions} or less.")
+            ids = np.asarray(window.ids)
+            in_document = np.asarray([sid == 1 for sid in window.sequence_ids], dtype=bool)
+            # (T,) True where a token may be in an answer: the document's tokens, and CLS (which some models
+            # use to say "no answer").
+            allowed = in_document | (ids == cls_id) if cls_id is not None else in_document
+            token_boxes = [boxes[word] if inside else (SEP_BOX if token == sep_id else QUESTION_BOX)
+                           for token, inside, word in zip(window.ids, in_document, window.word_ids)]
+            features = self.features(window, with_types=True)  # transformers always passes token_type_ids
+            features["bbox"] = torch.tensor(token_boxes, dtype=torch.long).reshape(len(ids), 4)  # (T, 4)
+            items.append(ModelItem(features, meta={
+                "allowed": allowed & (np.asarray(window.attention_mask) == 1),
+                "word_ids": window.word_ids,
+                "words": words,
+            }))
+        return items
+
+    def _windows(self, question_words: list[str], words: list[str], max_seq_len: int, doc_stride: int) -> list:
+        """(question words, document words) -> Encodings of at most max_seq_len tokens, the document cut into
+        windows that overlap by doc_stride tokens (a document that fits gives one window).
+
+        The tokenizer errors out (or panics) when the question leaves no room for the document, or the stride is
+        not smaller than that room; those become InvalidInput, checked before it runs.
+        """
+        tokenizer = self.tokenizer
+        kept = len(tokenizer.encode(question_words, is_split_into_words=True, add_special_tokens=False).ids)
+        room = max_seq_len - tokenizer.num_special_tokens_to_add(pair=True) - kept  # document tokens per window
+        if 0 <= doc_stride < room:
+            encoding = tokenizer.encode(question_words, words, is_split_into_words=True, truncation="only_second",
+                                        max_length=max_seq_len, stride=doc_stride)
+            return [encoding, *encoding.overflowing]
+        whole = tokenizer.encode(question_words, words, is_split_into_words=True)
+        if len(whole.ids) <= max_seq_len:  # nothing to cut: the tokenizer would not look at the stride
+            return [whole]
+        if room <= 0:
+            raise InvalidInput(
+                f"the question is {kept} tokens long, which leaves no room for the document in max_seq_len="
+                f"{max_seq_len} tokens; pass a larger max_seq_len or a shorter question."
+            )
+        raise InvalidInput(
+            f"doc_stride ({doc_stride}) must be smaller than the {room} document tokens each window holds "
+            f"(max_seq_len={max_seq_len} minus the question and special tokens); pass a smaller doc_stride "
+            "or a larger max_seq_len."
+        )
+
+    def _pad(self, windows: list, length: int) -> None:
+        """Pad every window to `length` tokens on the right, as the tokenizer pads when asked to."""
+        tokenizer = self.tokenizer
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        pad_token = tokenizer.special_tokens.get("pad_token", "[PAD]")
+        for window in windows:
+            window.pad(length, direction="right", pad_id=pad_id, pad_type_id=0, pad_token=pad_token)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, batch):
+        out = self.model(**batch)
+        return {"start_logits": out["start_logits"], "end_logits": out["end_logits"]}  # (B, T) each
+
+    # ------------------------------------------------------------------ postprocess
+    def postprocess(self, outputs, metas, top_k=None, max_answer_len=None, handle_impossible_answer=None):
+        # None means "not given", as in transformers.
+        top_k = 1 if top_k is None else top_k
+        max_answer_len = DEFAULT_MAX_ANSWER_LEN if max_answer_len is None else max_answer_len
+        null_score = NO_NULL_SCORE
+        answers: list[dict[str, Any]] = []
+        for out, meta in zip(outputs, metas):
+            allowed = meta["allowed"]
+            start = _softmax_allowed(out["start_logits"].float().numpy(), allowed)
+            end = _softmax_allowed(out["end_logits"].float().numpy(), allowed)
+            if handle_impossible_answer:
+                null_score = min(null_score, (start[0] * end[0]).item())
+            start[0] = end[0] = 0.0  # token 0 (CLS) is not an answer span itself
+            starts, ends, scores = best_spans(start, end, allowed, top_k, max_answer_len)
+            word_ids, words = meta["word_ids"], meta["words"]
+            for s, e, score in zip(starts.tolist(), ends.tolist(), scores.tolist()):
+                first, last = word_ids[s], word_ids[e]
+                if first is None or last is None:  # a span starting or ending on CLS: no words
+                    continue
+                answers.append({"score": score, "answer": " ".join(words[first:last + 1]), "start": first,
+                                "end": last})
+        if handle_impossible_answer:
+            answers.append({"score": null_score, "answer": "", "start": 0, "end": 0})
+        return sorted(answers, key=lambda a: a["score"], reverse=True)[:top_k]
+
+
+def _checked_box(box: Any, limit: int, where: str) -> list[int]:
+    """A box (x0, y0, x1, y1) -> four ints; InvalidInput unless they are integers in [0, limit), x0 <= x1, y0 <= y1."""
+    if isinstance(box, (str, bytes)) or not isinstance(box, collections.abc.Sequence) and not hasattr(box, "tolist"):
+        raise InvalidInput(f"{where}: the box must be [x0, y0, x1, y1], not {box!r}.")
+    values = box.tolist() if hasattr(box, "tolist") else list(box)
+    if len(values) != 4 or not all(_is_whole(v) for v in values):
+        raise InvalidInput(f"{where}: the box must be four integers [x0, y0, x1, y1] on the 0-{GRID} grid of the "
+                           f"page, not {box!r}.")
+    x0, y0, x1, y1 = (int(v) for v in values)
+    if min(x0, y0, x1, y1) < 0 or max(x0, y0, x1, y1) >= limit or x1 < x0 or y1 < y0:
+        raise InvalidInput(
+            f"{where}: the box {[x0, y0, x1, y1]} must lie in 0..{limit - 1} with x0 <= x1 and y0 <= y1; "
+            f"boxes are given on a {GRID}x{GRID} grid of the page: int({GRID} * x / width), int({GRID} * y / height)."
+        )
+    return [x0, y0, x1, y1]
+
+
+def _is_whole(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, numbers.Integral):
+        return True
+    return isinstance(value, numbers.Real) and float(value).is_integer()

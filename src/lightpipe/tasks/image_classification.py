@@ -1,0 +1,86 @@
+"""image-classification: an image -> its top labels with scores."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import InvalidInput
+from ..processing.image import load_image
+from ..runtime import ModelItem
+from .base import Pipeline
+from .text_classification import FUNCTIONS, apply_function
+
+DEFAULT_TOP_K = 5
+
+
+def check_timeout(params: dict[str, Any]) -> None:
+    timeout = params.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise InvalidInput(f"timeout must be a positive number of seconds, not {timeout!r}.")
+
+
+class ImagePipeline(Pipeline):
+    """A pipeline over an image processor: each input is loaded (path, URL, base64, bytes, PIL image or
+    array), preprocessed to pixel_values (3, H, W), and batches are stacked (all images share one size)."""
+
+    components = ("image_processor",)
+
+    def __call__(self, inputs=None, **params):
+        if "images" in params:  # transformers' keyword for the inputs
+            if inputs is not None:
+                raise InvalidInput("give the images once: as the first argument or as images=, not both.")
+            inputs = params.pop("images")
+        if inputs is None:
+            raise InvalidInput("no image given: pass a path, URL, base64 string, bytes, PIL image or array.")
+        return super().__call__(inputs, **params)
+
+    def check_params(self, params: dict[str, Any]) -> None:
+        super().check_params(params)
+        check_timeout(params)
+
+    def image_item(self, image, timeout=None, processor=None) -> ModelItem:
+        pixels = (processor or self.image_processor)(load_image(image, timeout=timeout))["pixel_values"]
+        return ModelItem({"pixel_values": pixels})
+
+    def model_dtype(self):
+        return next(self.model.parameters()).dtype
+
+
+class ImageClassificationPipeline(ImagePipeline):
+    task = "image-classification"
+    preprocess_params = ("timeout",)
+    postprocess_params = ("top_k", "function_to_apply")
+
+    def check_params(self, params: dict[str, Any]) -> None:
+        super().check_params(params)
+        top_k = params.get("top_k")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise InvalidInput(f"top_k must be a positive integer, not {top_k!r}.")
+        fn = params.get("function_to_apply")
+        if fn is not None and (not isinstance(fn, str) or fn.lower() not in FUNCTIONS + ("default",)):
+            raise InvalidInput(f"function_to_apply must be one of {', '.join(FUNCTIONS)}, not {fn!r}.")
+
+    def preprocess(self, inputs, timeout=None):
+        return [self.image_item(inputs, timeout)]
+
+    def forward(self, batch):
+        return {"logits": self.model(batch["pixel_values"].to(self.model_dtype()))["logits"]}
+
+    def default_function(self) -> str:
+        config = self.model.config
+        if config.problem_type == "regression":
+            return "none"
+        if config.problem_type == "multi_label_classification" or config.num_labels == 1:
+            return "sigmoid"
+        return "softmax"
+
+    def postprocess(self, outputs, metas, top_k=None, function_to_apply=None):
+        """-> [{"label", "score"}], best first; top_k None means transformers' default of 5."""
+        function = (function_to_apply or "default").lower()
+        if function == "default":
+            function = self.default_function()
+        scores = apply_function(outputs[0]["logits"], function).tolist()
+        id2label = self.model.config.id2label
+        ranked = sorted(({"label": id2label[i], "score": s} for i, s in enumerate(scores)),
+                        key=lambda d: d["score"], reverse=True)
+        return ranked[: DEFAULT_TOP_K if top_k is None else top_k]
