@@ -8,7 +8,7 @@ from ..errors import InvalidInput
 from ..processing.image import load_image
 from ..runtime import ModelItem
 from .base import Pipeline
-from .text_classification import FUNCTIONS, apply_function
+from .text_classification import FUNCTIONS, apply_function, default_function
 
 DEFAULT_TOP_K = 5
 
@@ -66,19 +66,11 @@ class ImageClassificationPipeline(ImagePipeline):
     def forward(self, batch):
         return {"logits": self.model(batch["pixel_values"].to(self.model_dtype()))["logits"]}
 
-    def default_function(self) -> str:
-        config = self.model.config
-        if config.problem_type == "regression":
-            return "none"
-        if config.problem_type == "multi_label_classification" or config.num_labels == 1:
-            return "sigmoid"
-        return "softmax"
-
     def postprocess(self, outputs, metas, top_k=None, function_to_apply=None):
         """-> [{"label", "score"}], best first; top_k None means transformers' default of 5."""
         function = (function_to_apply or "default").lower()
         if function == "default":
-            function = self.default_function()
+            function = default_function(self.model.config)
         scores = apply_function(outputs[0]["logits"], function).tolist()
         id2label = self.model.config.id2label
         ranked = sorted(({"label": id2label[i], "score": s} for i, s in enumerate(scores)),

@@ -14,6 +14,15 @@ FUNCTIONS = ("softmax", "sigmoid", "none")
 _UNSET = object()
 
 
+def default_function(config) -> str:
+    """transformers' rule: regression -> none; multi-label or a single label -> sigmoid; else softmax."""
+    if config.problem_type == "regression":
+        return "none"
+    if config.problem_type == "multi_label_classification" or config.num_labels == 1:
+        return "sigmoid"
+    return "softmax"
+
+
 def apply_function(logits: torch.Tensor, name: str) -> torch.Tensor:
     logits = logits.float()
     if name == "softmax":
@@ -67,18 +76,10 @@ class TextClassificationPipeline(TextPipeline):
     def forward(self, batch):
         return {"logits": self.model(**batch)["logits"]}
 
-    def default_function(self) -> str:
-        config = self.model.config
-        if config.problem_type == "regression":
-            return "none"
-        if config.problem_type == "multi_label_classification" or config.num_labels == 1:
-            return "sigmoid"
-        return "softmax"
-
     def postprocess(self, outputs, metas, top_k=_UNSET, function_to_apply=None):
         function = (function_to_apply or "default").lower()
         if function == "default":
-            function = self.default_function()
+            function = default_function(self.model.config)
         scores = apply_function(outputs[0]["logits"], function).numpy()
         id2label = self.model.config.id2label
         if top_k is _UNSET:  # no top_k given anywhere: transformers' single-dict form
