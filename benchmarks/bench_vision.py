@@ -1,6 +1,6 @@
 """Image classification: lightpipe vs transformers on the same vit-base-sized weights, from JPEG files.
 
-    python benchmarks/bench_vision.py [--repeat 3] [--images 32]
+    python benchmarks/bench_vision.py [--repeat 3] [--images 32] [--threads N]
 
 Cases: ViT-B/16 at 224 px (google/vit-base-patch16-224's shape, random weights) classifying JPEG photos
 of 640x480 from disk, decoding and preprocessing included, at batch 1 and batch 16. Prints a Markdown
@@ -57,10 +57,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    import torch
     import transformers
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import lightpipe
 

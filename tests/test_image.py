@@ -41,6 +41,7 @@ PROCESSORS = {
     "convnext-crop-pct-odd": ("ConvNextImageProcessor", {"size": {"shortest_edge": 61}, "crop_pct": 0.9}),
     "convnext-384-warp": ("ConvNextImageProcessor", {}),
     "clip": ("CLIPImageProcessor", {}),
+    "bit": ("BitImageProcessor", {"size": {"shortest_edge": 40}, "crop_size": {"height": 36, "width": 36}}),
     "clip-lanczos": ("CLIPImageProcessor", {"resample": 1, "size": {"shortest_edge": 33},
                                             "crop_size": {"height": 33, "width": 30}}),
 }

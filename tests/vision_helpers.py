@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-STD = 0.2  # larger than transformers' 0.02, so outputs depend clearly on every pixel
+from helpers import STD  # 0.2: larger than transformers' 0.02, so outputs depend clearly on every pixel
 
 # arch -> (config class, config sizes, image processor class, processor settings)
 VISION_ARCH = {

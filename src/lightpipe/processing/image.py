@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import io
 import json
+import logging
 import os
 import threading
 import time
@@ -35,6 +36,9 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, InvalidInput, MissingDependency, UnsupportedModel
+
+logger = logging.getLogger(__name__)
+_WARNED: set[str] = set()  # unknown processor kinds already warned about
 
 # Decoded images larger than this many pixels are refused from their header, before decoding:
 # a 100 kB PNG can claim 20000 x 20000 pixels and take gigabytes to decode. Pillow's own default.
@@ -134,14 +138,21 @@ def _base64(text: str, what: str) -> bytes:
         raise InvalidInput(f"{what} is not valid base64: {e}") from e
 
 
+def check_timeout(timeout: Any) -> float:
+    """A URL timeout in seconds (None: DEFAULT_URL_TIMEOUT), or InvalidInput."""
+    if timeout is None:
+        return DEFAULT_URL_TIMEOUT
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+        raise InvalidInput(f"timeout must be a positive number of seconds, not {timeout!r}.")
+    return float(timeout)
+
+
 def _download(url: str, timeout: float | None) -> bytes:
     """The body of `url`, read within `timeout` seconds in all (each socket wait is bounded by it too)."""
     import urllib.error
     import urllib.request
 
-    timeout = DEFAULT_URL_TIMEOUT if timeout is None else timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
-        raise InvalidInput(f"timeout must be a positive number of seconds, not {timeout!r}.")
+    timeout = check_timeout(timeout)
     deadline = time.monotonic() + timeout
     request = urllib.request.Request(url, headers={"User-Agent": "lightpipe"})
     chunks, size = [], 0
@@ -478,6 +489,10 @@ class ImageProcessor:
     def from_dict(cls, raw: dict[str, Any], model_type: str | None = None) -> "ImageProcessor":
         """Settings as preprocessor_config.json writes them; missing keys take the named processor's defaults."""
         kind = _processor_kind(raw, model_type) or "ViTImageProcessor"
+        if kind not in PROCESSOR_DEFAULTS and kind not in _WARNED:
+            _WARNED.add(kind)
+            logger.warning("%s is not an image processor lightpipe knows; keys its config leaves out take "
+                           "ViTImageProcessor's defaults.", kind)
         defaults = PROCESSOR_DEFAULTS.get(kind, _VIT)
         square = raw.get("default_to_square", defaults.default_to_square)
 

@@ -5,18 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import InvalidInput
-from ..processing.image import load_image
+from ..processing.image import check_timeout, load_image
 from ..runtime import ModelItem
 from .base import Pipeline
 from .text_classification import FUNCTIONS, apply_function, default_function
 
 DEFAULT_TOP_K = 5
-
-
-def check_timeout(params: dict[str, Any]) -> None:
-    timeout = params.get("timeout")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
-        raise InvalidInput(f"timeout must be a positive number of seconds, not {timeout!r}.")
 
 
 class ImagePipeline(Pipeline):
@@ -36,7 +30,7 @@ class ImagePipeline(Pipeline):
 
     def check_params(self, params: dict[str, Any]) -> None:
         super().check_params(params)
-        check_timeout(params)
+        check_timeout(params.get("timeout"))
 
     def image_item(self, image, timeout=None, processor=None) -> ModelItem:
         pixels = (processor or self.image_processor)(load_image(image, timeout=timeout))["pixel_values"]
