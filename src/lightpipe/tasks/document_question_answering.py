@@ -31,7 +31,8 @@ from ..errors import InvalidInput, UnsupportedModel
 from ..processing.ocr import GRID, ocr_words
 from ..runtime import ModelItem, Padding
 from .base import TextPipeline
-from .question_answering import DEFAULT_MAX_ANSWER_LEN, NO_NULL_SCORE, _softmax_allowed, best_spans
+from .question_answering import (DEFAULT_MAX_ANSWER_LEN, NO_NULL_SCORE, _softmax_allowed, best_spans,
+                                 check_span_params)
 
 MAX_DOC_STRIDE = 256  # the default overlap is half a window, at most this many tokens
 QUESTION_BOX = [0, 0, 0, 0]  # the box of the question's tokens, CLS and padding
@@ -67,12 +68,7 @@ class DocumentQuestionAnsweringPipeline(TextPipeline):
     # ------------------------------------------------------------------ parameters
     def check_params(self, params: dict[str, Any]) -> None:
         super().check_params(params)
-        minimum = {"top_k": 1, "max_answer_len": 1, "max_seq_len": 1, "max_question_len": 1, "doc_stride": 0}
-        for name, low in minimum.items():
-            value = params.get(name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                kind = "a positive integer" if low else "a non-negative integer"
-                raise InvalidInput(f"{name} must be {kind}, not {value!r}.")
+        check_span_params(params)
         impossible = params.get("handle_impossible_answer")
         if impossible is not None and not isinstance(impossible, bool):
             raise InvalidInput(f"handle_impossible_answer must be True or False, not {impossible!r}.")

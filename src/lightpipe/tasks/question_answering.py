@@ -95,6 +95,16 @@ def _char_span(encoding, s: int, e: int, sequence_index: int, align_to_words: bo
 
 
 # ---------------------------------------------------------------------------------------- the pipeline
+def check_span_params(params: dict[str, Any]) -> None:
+    """The integer parameters of extractive QA (text and document): top_k, lengths and the window stride."""
+    minimum = {"top_k": 1, "max_answer_len": 1, "max_seq_len": 1, "max_question_len": 1, "doc_stride": 0}
+    for name, low in minimum.items():
+        value = params.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            kind = "a positive integer" if low else "a non-negative integer"
+            raise InvalidInput(f"{name} must be {kind}, not {value!r}.")
+
+
 class QuestionAnsweringPipeline(TextPipeline):
     """pipe(question=..., context=...) -> {"score", "start", "end", "answer"}; see the module docstring."""
 
@@ -106,12 +116,7 @@ class QuestionAnsweringPipeline(TextPipeline):
     # ------------------------------------------------------------------ parameters
     def check_params(self, params: dict[str, Any]) -> None:
         super().check_params(params)
-        minimum = {"top_k": 1, "max_answer_len": 1, "max_seq_len": 1, "max_question_len": 1, "doc_stride": 0}
-        for name, low in minimum.items():
-            value = params.get(name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-                kind = "a positive integer" if low else "a non-negative integer"
-                raise InvalidInput(f"{name} must be {kind}, not {value!r}.")
+        check_span_params(params)
         for name in ("handle_impossible_answer", "align_to_words"):
             value = params.get(name)
             if value is not None and not isinstance(value, bool):
