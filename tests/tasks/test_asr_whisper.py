@@ -109,10 +109,7 @@ def same(ours, ref):
 
 
 # ---------------------------------------------------------------------------------------------- parity
-# Only plain transcripts are compared on the random model: when a window's tokens hold timestamp pairs,
-# transformers' Whisper generate goes on decoding from the last pair (its sequential seek loop), which lightpipe
-# does not do yet; timestamps are compared on real weights below, where the reference decodes each window once.
-@pytest.mark.parametrize("timestamps", [None])
+@pytest.mark.parametrize("timestamps", [None, True, "word"])
 def test_matches_transformers(pipes, timestamps):
     ours, ref = pipes()
     params = {"max_new_tokens": MAX_NEW}
@@ -127,6 +124,25 @@ def test_matches_transformers(pipes, timestamps):
         if timestamps:
             assert got["chunks"]
     assert len(set(texts)) > 1  # the random model hears the audio
+
+
+@pytest.mark.parametrize("timestamps", [True, "word"])
+def test_short_audio_decoded_again_from_its_last_segment_matches_transformers(pipes, timestamps, monkeypatch):
+    """A short clip whose tokens end inside a segment is decoded a second time from its last timestamp pair, by
+    transformers and by lightpipe: the kept tokens of both windows make the text."""
+    from lightpipe.models import whisper_longform
+
+    ours, ref = pipes()
+    windows = []
+    decode = whisper_longform._SeekLoop._decode_window
+    monkeypatch.setattr(whisper_longform._SeekLoop, "_decode_window",
+                        lambda loop, active: (windows.append(loop.seek[active[0]]), decode(loop, active))[1])
+    params = {"max_new_tokens": MAX_NEW, "return_timestamps": timestamps, "generate_kwargs": {"num_beams": 1}}
+    for seed in (4, 10):
+        audio = clip(15000, seed)
+        windows.clear()
+        same(ours(audio, **params), ref(audio.copy(), **params))
+        assert windows[0] == 0 and len(windows) == 2 and 0 < windows[1] < 100  # decoded again from a pair's time
 
 
 @pytest.mark.parametrize("options", [
@@ -173,12 +189,48 @@ def test_batch_size_changes_nothing(pipes):
         assert one == four
 
 
-def test_unchunked_audio_longer_than_a_window_asks_for_chunking(pipes):
+@pytest.mark.parametrize("params", [
+    {"return_timestamps": True},
+    {"return_timestamps": True, "generate_kwargs": {"num_beams": 1}},
+    {"return_timestamps": "word", "generate_kwargs": {"num_beams": 1}},
+    {"return_timestamps": True, "return_language": True, "generate_kwargs": {"num_beams": 2, "language": "de"}},
+])
+def test_long_audio_without_chunking_decodes_sequentially_as_transformers(pipes, params):
+    """Audio longer than a window (1 s here), no chunk_length_s: Whisper's seek loop, window after window."""
     ours, ref = pipes()
-    with pytest.raises(InvalidInput, match="chunk_length_s=1"):
-        ours(clip(RATE + 500, 3))
-    audio = clip(6000, 4)
-    same(ours(audio, max_new_tokens=MAX_NEW), ref(audio.copy(), max_new_tokens=MAX_NEW))
+    audio = clip(2 * RATE + 777, 12)
+    got = ours(audio, max_new_tokens=MAX_NEW, **params)
+    same(got, ref(audio.copy(), max_new_tokens=MAX_NEW, **params))
+    stamps = [c["timestamp"] for c in got["chunks"]]
+    assert stamps and stamps[-1][0] > 1.0  # the text reaches past the first window
+
+
+def test_long_audio_without_timestamps_gives_the_text_of_the_timestamped_decoding(pipes):
+    """transformers refuses long audio when the checkpoint says return_timestamps=False and the call asks none;
+    lightpipe decodes it with timestamps (the seek loop needs them) and returns the text alone."""
+    ours, ref = pipes()
+    audio = clip(3 * RATE + 1234, 9)
+    with pytest.raises(ValueError, match="return_timestamps"):
+        ref(audio.copy(), max_new_tokens=MAX_NEW)
+    got = ours(audio, max_new_tokens=MAX_NEW)
+    assert got == {"text": ref(audio.copy(), max_new_tokens=MAX_NEW, return_timestamps=True)["text"]}
+
+
+def test_long_and_short_audio_batched_change_nothing(pipes):
+    ours, _ = pipes()
+    audios = [clip(3 * RATE + 1234, 9), clip(11000, 2), clip(2 * RATE + 777, 12), clip(4000, 1)]
+    for params in ({}, {"return_timestamps": True}, {"return_timestamps": "word", "generate_kwargs": {"num_beams": 2}}):
+        one = ours(audios, batch_size=1, max_new_tokens=MAX_NEW, **params)
+        assert ours(audios, batch_size=4, max_new_tokens=MAX_NEW, **params) == one
+
+
+@pytest.mark.parametrize("timestamps", [True, "word"])
+def test_chunked_timestamps_match_transformers(pipes, timestamps):
+    ours, ref = pipes()
+    audio = clip(3 * RATE + 1234, 9)
+    params = {"chunk_length_s": 0.8, "stride_length_s": 0.15, "max_new_tokens": MAX_NEW,
+              "return_timestamps": timestamps, "generate_kwargs": {"num_beams": 1}}
+    same(ours(audio, batch_size=2, **params), ref(audio.copy(), batch_size=2, **params))
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
@@ -312,3 +364,33 @@ def test_shared_tiny_en_equals_transformers_and_the_package(sample, package_pipe
         got = ours(sample, **params)
         same(got, ref(sample.copy(), **params))
     assert got["text"] == package_pipe(sample, return_timestamps=True)["text"]
+
+
+def test_long_audio_sequential_decoding_gives_the_sentences_in_order(package_pipe):
+    """98 s, no chunk_length_s: Whisper's own window-by-window decoding, with segment and word timestamps."""
+    import soundfile
+
+    audio, rate = soundfile.read(str(LONG_SPEECH), dtype="float32")
+    script = (LONG_SPEECH.with_suffix(".txt")).read_text()
+    result = package_pipe(audio, return_timestamps=True, generate_kwargs={"num_beams": 1})
+    assert word_error_rate(result["text"], script) <= 0.1
+    # A window that ends on a timestamp pair leaves that pair in the tokens; the next window restarts at the
+    # pair's first time, and transformers' decoding of the joined tokens then shows an empty segment running
+    # backwards (e.g. (28.0, 27.0)). lightpipe gives the same; the segments with words are in order.
+    check_timestamps([c for c in result["chunks"] if c["text"].strip()], len(audio) / rate)
+    assert result["chunks"][-1]["timestamp"][0] > 90  # the segments run to the end of the audio
+
+
+@pytest.mark.skipif(not SHARED_TINY_EN.is_dir(), reason="../shared/models/whisper-tiny.en is absent")
+def test_shared_tiny_en_sequential_decoding_equals_transformers():
+    """Two windows of real speech (40 s, unchunked): the same segments, times and words as transformers."""
+    import soundfile
+
+    audio, rate = soundfile.read(str(LONG_SPEECH), dtype="float32")
+    audio = audio[: 40 * rate]
+    ours = lightpipe.pipeline("automatic-speech-recognition", model=str(SHARED_TINY_EN))
+    ref = transformers.pipeline("automatic-speech-recognition", model=str(SHARED_TINY_EN))
+    params = {"return_timestamps": True, "generate_kwargs": {"num_beams": 1}}
+    got = ours(audio, **params)
+    same(got, ref(audio.copy(), **params))
+    assert len(got["chunks"]) >= 6 and got["chunks"][-1]["timestamp"][0] > 30

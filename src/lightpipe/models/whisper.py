@@ -519,14 +519,16 @@ def whisper_generate(model: WhisperForConditionalGeneration, encoder_hidden: tor
                      generation_config: GenerationConfig, *, language: str | int | Sequence | None = None,
                      task: str | None = None, return_timestamps: bool = False,
                      prompt_ids: Sequence[int] | None = None, temperature: float | None = None,
-                     on_token=None, generator: torch.Generator | None = None) -> GenerationOutput:
+                     on_token=None, generator: torch.Generator | None = None,
+                     detected_language: Sequence[int] | None = None) -> GenerationOutput:
     """Decode one window per audio, as transformers' WhisperForConditionalGeneration.generate does for audio
     up to 30 s: prompt (language detected per audio when needed), Whisper's suppressed tokens, timestamp rules
     with return_timestamps, and its length rule (max_length counted after the prompt, capped at the model's
     limit). `language` is one for all audio or a list with one per audio. `temperature` > 0 samples (one beam);
     None or 0 decodes greedily or with generation_config.num_beams. num_return_sequences decodes each audio that
     many times (as the reference does). Returns full sequences (prompt included); prompt_length says where the
-    text starts.
+    text starts. `detected_language` (one token id per audio) stands in for language detection when the caller
+    has already detected it (sequential decoding detects once per audio, on its first window).
     """
     batch = encoder_hidden.shape[0]
     languages = list(language) if isinstance(language, (list, tuple)) else [language] * batch
@@ -539,7 +541,10 @@ def whisper_generate(model: WhisperForConditionalGeneration, encoder_hidden: tor
         raise InvalidInput(f"temperature must be a non-negative number, not {temperature!r}.")
     detected = [None] * batch
     if language is None and needs_language_detection(generation_config, None, task):
-        detected = detect_language(model, encoder_hidden, generation_config)
+        if detected_language is not None and len(detected_language) != batch:
+            raise InvalidInput(f"detected_language must hold one token id per audio ({batch}).")
+        detected = (list(detected_language) if detected_language is not None
+                    else detect_language(model, encoder_hidden, generation_config))
     prompts = [whisper_prompt(generation_config, lang, task, return_timestamps, prompt_ids, detected_language=found)
                for lang, found in zip(languages, detected)]
     prompt_length = len(prompts[0])

@@ -30,6 +30,7 @@ Batching never changes a result: each window's outputs are cut to its own length
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from itertools import groupby
 from pathlib import Path
@@ -376,85 +377,54 @@ class WhisperDecoding:
 
     # ------------------------------------------------------------------ stages
     def features(self, audio: np.ndarray, whole: bool = False) -> dict[str, torch.Tensor]:
-        """One window -> {"input_features" (n_mels, frames), "attention_mask" (frames,)}: the audio padded or cut
-        to the feature extractor's 30 s, as transformers' pipeline does for chunks. A whole (unchunked) input
-        longer than that is refused: lightpipe has no sequential long-form decoding yet."""
-        limit = self.feature_extractor.n_samples
-        if whole and limit is not None and len(audio) > limit:
-            rate = self.feature_extractor.sampling_rate
-            raise InvalidInput(
-                f"the audio is {len(audio) / rate:.1f} s long, longer than Whisper's {limit / rate:g} s window: pass "
-                f"chunk_length_s={limit / rate:g} to transcribe it in overlapping windows (with batch_size to run "
-                "several windows at once)."
-            )
-        return self.feature_extractor(audio, return_attention_mask=True)
+        """One item -> {"input_features" (frames, n_mels), "attention_mask" (frames,), "frames" ()}.
+
+        A chunk, or a whole input of up to 30 s, is padded to the feature extractor's 30 s (as transformers'
+        pipeline does); a whole input longer than that keeps all its frames for sequential decoding. Features are
+        stored frames first so that long items of different lengths pad along time when batched; "frames" is the
+        item's own width, which bounds its decoding loop whatever the batch is padded to."""
+        long_form = whole and self.feature_extractor.n_samples is not None and len(audio) > self.feature_extractor.n_samples
+        out = self.feature_extractor(audio, long_form=long_form, return_attention_mask=True)
+        features = out["input_features"]
+        return {"input_features": features.transpose(0, 1), "attention_mask": out["attention_mask"],
+                "frames": torch.tensor(features.shape[-1])}
 
     def forward(self, batch: dict[str, torch.Tensor], generate_kwargs=None, max_new_tokens=None,
                 return_timestamps=None, return_language=None) -> dict[str, torch.Tensor]:
-        from ..models.whisper import whisper_generate
+        from ..models.whisper_longform import transcribe
 
         return_timestamps = self._return_timestamps(return_timestamps)
         config, whisper = self.options(generate_kwargs, max_new_tokens, return_timestamps)
-        features = batch["input_features"]
-        encoder_hidden = self.model.encode(features.to(next(self.model.parameters()).dtype))  # (B, S, C)
-        out = whisper_generate(self.model, encoder_hidden, config, return_timestamps=bool(return_timestamps),
-                               **whisper)
-        tokens = out.generated  # (B, G)
-        result = {}
-        if return_timestamps == "word":
-            frames = batch["attention_mask"].sum(dim=-1) if "attention_mask" in batch else None
-            result["token_timestamps"] = self._token_times(out, config, frames)
+        features = batch["input_features"].transpose(1, 2)  # (B, n_mels, frames)
+        transcripts = transcribe(
+            self.model, features.to(next(self.model.parameters()).dtype), batch["frames"].tolist(), config,
+            timestamps=bool(return_timestamps), word_timestamps=return_timestamps == "word",
+            audio_frames=batch["attention_mask"].sum(dim=-1).tolist(), time_precision=self.time_precision, **whisper)
         if return_language:
-            tokens = self._with_language(out, tokens)
-            if "token_timestamps" in result:  # the language token is heard at the start
-                times = result["token_timestamps"]
-                result["token_timestamps"] = torch.cat([torch.zeros_like(times[:, :1]), times], dim=1)
-        result["tokens"] = tokens
+            transcripts = self._with_language(transcripts)
+        eos = config.eos_token_ids[0] if config.eos_token_ids else config.fill_token_id
+        width = max(len(t.tokens) for t in transcripts)
+        tokens = torch.full((len(transcripts), width), eos, dtype=torch.long)  # rows end-of-text padded
+        for row, t in enumerate(transcripts):
+            tokens[row, : len(t.tokens)] = torch.tensor(t.tokens, dtype=torch.long)
+        result = {"tokens": tokens}
+        if return_timestamps == "word":
+            times = torch.zeros((len(transcripts), width), dtype=torch.float32)
+            for row, t in enumerate(transcripts):
+                times[row, : len(t.token_times)] = t.token_times
+                times[row, len(t.token_times):] = t.token_times[-1] if len(t.token_times) else 0.0
+            result["token_timestamps"] = times
         return result
 
-    def _row_lengths(self, out, config) -> list[int]:
-        """Generated tokens of each row, its end token included (what transformers aligns for that row alone)."""
-        if out.beam_indices is not None:
-            return (out.beam_indices != -1).sum(dim=-1).tolist()
-        generated = out.generated
-        ends = torch.zeros_like(generated, dtype=torch.bool)
-        for eos in config.eos_token_ids:
-            ends |= generated == eos
-        lengths = []
-        for row in range(generated.shape[0]):
-            hits = ends[row].nonzero()
-            lengths.append(int(hits[0]) + 1 if len(hits) else generated.shape[1])
-        return lengths
-
-    def _token_times(self, out, config, frames: torch.Tensor | None) -> torch.Tensor:
-        """(B, G) start time of each generated token: cross-attention of the alignment heads through DTW, each
-        row cut to its own length and audio frames first, as transformers computes it for one audio."""
-        from ..processing.whisper_text import token_timestamps
-
-        prompt, width = out.prompt_length, out.generated.shape[1]
-        times = torch.zeros(out.generated.shape, dtype=torch.float32)
-        width_of = getattr(self.model.config, "median_filter_width", 7)
-        for row, generated in enumerate(self._row_lengths(out, config)):
-            weights = out.cross_attentions[row: row + 1, :, : prompt + generated - 1]  # (1, h, rows, S)
-            found = token_timestamps(weights.float().cpu(), num_input_ids=prompt, time_precision=self.time_precision,
-                                     num_frames=None if frames is None else int(frames[row]),
-                                     median_filter_width=width_of)[0, prompt:]
-            times[row, : len(found)] = found
-            if len(found) < width:  # past the end: the row's last time (never read: those are end tokens)
-                times[row, len(found):] = found[-1] if len(found) else 0.0
-        return times
-
-    def _with_language(self, out, tokens: torch.Tensor) -> torch.Tensor:
-        """The prompt's language token put in front of each row, so that `decode_asr` can name the language
-        (transformers re-adds it from the unstripped sequence the same way)."""
-        languages = set(self.generation_config.extra.get("lang_to_id", {}).values())
-        if not languages:
-            return tokens
-        prompts = out.sequences[:, : out.prompt_length].tolist()
-        found = [next((t for t in prompt if t in languages), None) for prompt in prompts]
-        if any(f is None for f in found):
-            return tokens
-        return torch.cat([torch.tensor(found, dtype=tokens.dtype)[:, None], tokens], dim=1)
+    def _with_language(self, transcripts: list) -> list:
+        """The prompt's language token put in front of each transcript, so that `decode_asr` can name the language
+        (transformers re-adds it from the unstripped sequence the same way); the token is heard at the start."""
+        if any(t.language is None for t in transcripts):
+            return transcripts
+        return [dataclasses.replace(t, tokens=[t.language] + t.tokens,
+                                    token_times=None if t.token_times is None else
+                                    torch.cat([torch.zeros(1), t.token_times]))
+                for t in transcripts]
 
     def postprocess(self, outputs: list[dict[str, torch.Tensor]], metas: list[WindowMeta],
                     return_timestamps=None, return_language=None, **params) -> dict[str, Any]:
