@@ -224,6 +224,89 @@ def test_long_and_short_audio_batched_change_nothing(pipes):
         assert ours(audios, batch_size=4, max_new_tokens=MAX_NEW, **params) == one
 
 
+START_OF_PREVIOUS = whisper_special_ids()["startofprev"]
+
+
+@pytest.mark.parametrize("options", [
+    {"condition_on_prev_tokens": True, "num_beams": 1},
+    {"condition_on_prev_tokens": True, "num_beams": 2},
+    {"prompt_ids": [START_OF_PREVIOUS, 5, 6, 7], "num_beams": 1},
+    {"condition_on_prev_tokens": True, "prompt_ids": [START_OF_PREVIOUS, 5, 6, 7], "num_beams": 1},
+    {"condition_on_prev_tokens": True, "prompt_ids": [START_OF_PREVIOUS, 5, 6, 7],
+     "prompt_condition_type": "all-segments", "num_beams": 1},
+    {"temperature": (0.0, 0.4), "compression_ratio_threshold": 2.4, "logprob_threshold": -9.0, "num_beams": 1},
+])
+@pytest.mark.parametrize("timestamps", [True, "word"])
+def test_long_form_options_match_transformers(pipes, options, timestamps):
+    """openai's long-form options: each window prompted with the text kept so far, prompt_ids on the first window
+    or on all, thresholds that the greedy windows pass."""
+    ours, ref = pipes()
+    audio = clip(3 * RATE + 1234, 9)
+    kwargs = dict(options)
+    if "prompt_ids" in kwargs:
+        kwargs["prompt_ids"] = torch.tensor(kwargs["prompt_ids"])
+    params = {"max_new_tokens": MAX_NEW, "return_timestamps": timestamps, "generate_kwargs": kwargs}
+    same(ours(audio, **params), ref(audio.copy(), **params))
+    assert ours([audio, clip(11000, 2)], batch_size=2, **params)[0] == ours(audio, **params)
+
+
+def test_temperature_fallback_decodes_failing_windows_again(pipes, monkeypatch):
+    """A window under logprob_threshold is decoded again at the next temperature (sampling); the last attempt is
+    kept, and a window decoded hot (>= 0.5) does not prompt the next one with its text."""
+    from lightpipe.models import whisper_longform
+
+    ours, _ = pipes()
+    attempts = []
+    generate = whisper_longform.whisper_generate
+    monkeypatch.setattr(whisper_longform, "whisper_generate", lambda *a, **k: (
+        attempts.append((k["temperature"], k["prompt_ids"])), generate(*a, **k))[1])
+    audio = clip(3 * RATE + 1234, 9)
+    params = {"max_new_tokens": MAX_NEW, "return_timestamps": True,
+              "generate_kwargs": {"temperature": (0.0, 0.6), "logprob_threshold": 0.0, "num_beams": 1,
+                                  "condition_on_prev_tokens": True}}
+    result = ours(audio, **params)
+    assert result["text"] and len(attempts) >= 4
+    assert [t for t, _ in attempts] == [0.0, 0.6] * (len(attempts) // 2)  # every window fails at 0.0
+    assert all(prompt is None for _, prompt in attempts)  # sampled hot: never conditioned
+
+
+def test_fallback_measures_equal_transformers():
+    from transformers.models.whisper.generation_whisper import WhisperGenerationMixin as Reference
+
+    from lightpipe.generation.generate import GenerationOutput
+    from lightpipe.models.whisper_longform import compression_ratio, mean_logprob
+
+    rng = np.random.default_rng(0)
+    tokens = [int(t) for t in rng.integers(0, 51864, 40)] + [50256] * 5
+    for vocab in (51864, 160):
+        ids = [t % vocab for t in tokens]
+        assert compression_ratio(ids, vocab) == Reference._retrieve_compression_ratio(torch.tensor(ids), vocab)
+    scores = torch.randn(6, 2, 50, generator=torch.Generator().manual_seed(0))
+    for temperature in (0.0, 0.6):
+        for length in (4, 6):  # fewer tokens than steps, and as many
+            ids = [int(t) for t in torch.randint(0, 50, (length,), generator=torch.Generator().manual_seed(length))]
+            out = GenerationOutput(sequences=torch.zeros(2, 1), prompt_length=1, scores=tuple(scores))
+            expected = Reference._retrieve_avg_logprobs(tuple(s[1] for s in scores), torch.tensor(ids), temperature)
+            assert mean_logprob(out, 1, ids, temperature) == pytest.approx(float(expected), abs=1e-6)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"no_speech_threshold": 0.6}, "no_speech_threshold"),
+    ({"temperature": (0.0, -0.2)}, "temperature"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"prompt_condition_type": "all-segments"}, "condition_on_prev_tokens"),
+    ({"prompt_condition_type": "every"}, "prompt_condition_type"),
+    ({"condition_on_prev_tokens": "yes"}, "condition_on_prev_tokens"),
+    ({"logprob_threshold": "low"}, "logprob_threshold"),
+])
+def test_bad_long_form_options_raise_invalid_input(pipes, options, message):
+    ours, _ = pipes()
+    audio = clip(2 * RATE + 777, 12)
+    with pytest.raises(InvalidInput, match=message):
+        ours(audio, max_new_tokens=MAX_NEW, generate_kwargs=options)
+    assert ours(audio, max_new_tokens=MAX_NEW)["text"] is not None
+
+
 @pytest.mark.parametrize("timestamps", [True, "word"])
 def test_chunked_timestamps_match_transformers(pipes, timestamps):
     ours, ref = pipes()

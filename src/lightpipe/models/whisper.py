@@ -526,7 +526,8 @@ def whisper_generate(model: WhisperForConditionalGeneration, encoder_hidden: tor
     with return_timestamps, and its length rule (max_length counted after the prompt, capped at the model's
     limit). `language` is one for all audio or a list with one per audio. `temperature` > 0 samples (one beam);
     None or 0 decodes greedily or with generation_config.num_beams. num_return_sequences decodes each audio that
-    many times (as the reference does). Returns full sequences (prompt included); prompt_length says where the
+    many times (as the reference does). prompt_ids is one list of previous-text tokens for all audio, or one list
+    per audio (prompts of one length). Returns full sequences (prompt included); prompt_length says where the
     text starts. `detected_language` (one token id per audio) stands in for language detection when the caller
     has already detected it (sequential decoding detects once per audio, on its first window).
     """
@@ -545,9 +546,15 @@ def whisper_generate(model: WhisperForConditionalGeneration, encoder_hidden: tor
             raise InvalidInput(f"detected_language must hold one token id per audio ({batch}).")
         detected = (list(detected_language) if detected_language is not None
                     else detect_language(model, encoder_hidden, generation_config))
-    prompts = [whisper_prompt(generation_config, lang, task, return_timestamps, prompt_ids, detected_language=found)
-               for lang, found in zip(languages, detected)]
+    per_audio = prompt_ids is not None and len(prompt_ids) > 0 and isinstance(prompt_ids[0], (list, tuple))
+    if per_audio and len(prompt_ids) != batch:
+        raise InvalidInput(f"prompt_ids given per audio must hold {batch} lists (one per audio).")
+    previous = list(prompt_ids) if per_audio else [prompt_ids] * batch
+    prompts = [whisper_prompt(generation_config, lang, task, return_timestamps, ids, detected_language=found)
+               for lang, found, ids in zip(languages, detected, previous)]
     prompt_length = len(prompts[0])
+    if any(len(p) != prompt_length for p in prompts):
+        raise InvalidInput("prompt_ids given per audio must give prompts of one length.")
     copies = generation_config.num_return_sequences
     if copies > 1:
         # As the reference: each audio is decoded `copies` times, one sequence each (distinct only when sampling).

@@ -276,7 +276,10 @@ PIPELINE_NUM_BEAMS = 5
 PIPELINE_MAX_NEW_TOKENS = 256
 REFERENCE_MAX_LENGTH = 20  # transformers' default max_length: a config that keeps it has "not set" it
 # generate_kwargs that are Whisper prompt options (passed to whisper_generate), not GenerationConfig fields.
-WHISPER_OPTIONS = ("language", "task", "prompt_ids", "temperature")
+WHISPER_OPTIONS = ("language", "task", "prompt_ids")
+# generate_kwargs of openai's long-form decoding (temperature fallback, conditioning on previous text).
+LONG_FORM_OPTIONS = ("temperature", "condition_on_prev_tokens", "compression_ratio_threshold", "logprob_threshold",
+                     "no_speech_threshold", "prompt_condition_type")
 # GenerationConfig fields a pipeline call may not change: they would change the shape of what forward returns.
 RESERVED_OPTIONS = ("num_return_sequences", "output_scores", "output_cross_attentions", "alignment_heads")
 
@@ -339,6 +342,7 @@ class WhisperDecoding:
         if max_new_tokens is not None:
             kwargs["max_new_tokens"] = max_new_tokens
         whisper = {k: kwargs.pop(k) for k in WHISPER_OPTIONS if k in kwargs}
+        long_form = {k: kwargs.pop(k) for k in LONG_FORM_OPTIONS if k in kwargs}
         reserved = sorted(set(kwargs) & set(RESERVED_OPTIONS))
         if reserved:
             raise InvalidInput(f"generate_kwargs {', '.join(reserved)} cannot be set in the speech-recognition "
@@ -369,6 +373,9 @@ class WhisperDecoding:
         from ..models.whisper import check_prompt_options
 
         check_prompt_options(config, whisper.get("language"), whisper.get("task"), bool(return_timestamps))
+        from ..models.whisper_longform import LongFormOptions
+
+        whisper["long_form"] = LongFormOptions.build(config, **long_form)
         return config, whisper
 
     def _return_timestamps(self, return_timestamps):
