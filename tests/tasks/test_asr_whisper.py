@@ -250,6 +250,25 @@ def test_long_form_options_match_transformers(pipes, options, timestamps):
     assert ours([audio, clip(11000, 2)], batch_size=2, **params)[0] == ours(audio, **params)
 
 
+@pytest.mark.parametrize("no_speech_threshold", [0.004, 0.012])
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_no_speech_detection_matches_transformers(pipes, no_speech_threshold, num_beams):
+    """Windows under logprob_threshold whose <|nospeech|> probability (~0.007 on this model) is above the threshold
+    are skipped as silence: with 0.004 they are, with 0.012 they are not."""
+    ours, ref = pipes()
+    params = {"max_new_tokens": MAX_NEW, "return_timestamps": True,
+              "generate_kwargs": {"logprob_threshold": -2.29, "no_speech_threshold": no_speech_threshold,
+                                  "num_beams": num_beams, "temperature": (0.0,)}}
+    texts = []
+    for audio in (clip(3 * RATE + 1234, 9), clip(11000, 2)):
+        got = ours(audio, **params)
+        same(got, ref(audio.copy(), **params))
+        texts.append(got["text"])
+    plain_texts = [ours(a, max_new_tokens=MAX_NEW, return_timestamps=True, generate_kwargs={"num_beams": num_beams})
+                   ["text"] for a in (clip(3 * RATE + 1234, 9), clip(11000, 2))]
+    assert (texts != plain_texts) == (no_speech_threshold < 0.007)
+
+
 def test_temperature_fallback_decodes_failing_windows_again(pipes, monkeypatch):
     """A window under logprob_threshold is decoded again at the next temperature (sampling); the last attempt is
     kept, and a window decoded hot (>= 0.5) does not prompt the next one with its text."""
@@ -291,7 +310,7 @@ def test_fallback_measures_equal_transformers():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"no_speech_threshold": 0.6}, "no_speech_threshold"),
+    ({"no_speech_threshold": 0.6}, "logprob_threshold"),
     ({"temperature": (0.0, -0.2)}, "temperature"),
     ({"temperature": "hot"}, "temperature"),
     ({"prompt_condition_type": "all-segments"}, "condition_on_prev_tokens"),

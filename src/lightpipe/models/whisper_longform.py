@@ -23,7 +23,10 @@ Options of openai's long-form decoding, as transformers names them (`LongFormOpt
 - condition_on_prev_tokens: each window's prompt holds the text kept so far (its last 223 tokens for a 448-token
   model) after <|startofprev|>, as long as the window before was decoded at a temperature below 0.5;
 - prompt_condition_type: "first-segment" (prompt_ids prompt the first window only, then the kept text) or
-  "all-segments" (prompt_ids stay in front of the kept text).
+  "all-segments" (prompt_ids stay in front of the kept text);
+- no_speech_threshold (with logprob_threshold): a window whose mean log-probability is under logprob_threshold
+  and whose probability of <|nospeech|> after <|startoftranscript|> is above no_speech_threshold is skipped as
+  silence (nothing kept, the next window starts after it).
 
 Each audio is decoded as transformers decodes it alone (batch_size=1): its own frame count bounds the loop and
 its windows are its own features, cut and zero-padded to 30 s. Audios decoded together only share the forward
@@ -70,6 +73,7 @@ class LongFormOptions:
     condition_on_prev_tokens: bool = False
     compression_ratio_threshold: float | None = None
     logprob_threshold: float | None = None
+    no_speech_threshold: float | None = None
     prompt_condition_type: str = "first-segment"
 
     @classmethod
@@ -82,8 +86,6 @@ class LongFormOptions:
         def pick(value, name):
             return value if value is not None else extra.get(name)
 
-        if pick(no_speech_threshold, "no_speech_threshold") is not None:
-            raise InvalidInput("no_speech_threshold is not supported by lightpipe's Whisper decoding; leave it unset.")
         temperatures = temperature if isinstance(temperature, (list, tuple)) else (temperature,)
         if not temperatures or not all(t is None or (isinstance(t, (int, float)) and not isinstance(t, bool)
                                                      and math.isfinite(t) and t >= 0) for t in temperatures):
@@ -94,7 +96,7 @@ class LongFormOptions:
             raise InvalidInput(f"condition_on_prev_tokens must be True or False, not {condition!r}.")
         thresholds = {}
         for name, value in (("compression_ratio_threshold", compression_ratio_threshold),
-                            ("logprob_threshold", logprob_threshold)):
+                            ("logprob_threshold", logprob_threshold), ("no_speech_threshold", no_speech_threshold)):
             value = pick(value, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                       or not math.isfinite(value)):
@@ -104,6 +106,9 @@ class LongFormOptions:
         if kind not in LANGUAGE_CONDITION_TYPES:
             raise InvalidInput(f"prompt_condition_type must be one of {', '.join(LANGUAGE_CONDITION_TYPES)}, "
                                f"not {kind!r}.")
+        if thresholds["no_speech_threshold"] is not None and thresholds["logprob_threshold"] is None:
+            raise InvalidInput("no_speech_threshold needs logprob_threshold: a window is skipped as silence when its "
+                               "no-speech probability is above the one and its mean log-probability below the other.")
         if kind == "all-segments" and condition is not True:
             raise InvalidInput("prompt_condition_type='all-segments' needs condition_on_prev_tokens=True.")
         return cls(tuple(None if t is None else float(t) for t in temperatures), bool(condition), **thresholds,
@@ -228,18 +233,29 @@ class _SeekLoop:
                 temperature=temperature,
                 detected_language=None if self.detected is None else [self.detected[r] for r in pending])
             last = attempt == len(temperatures) - 1
+            silence = self._no_speech_probs(out, hidden[picked])
             retry = []
             for i, r in enumerate(pending):
                 tokens = _without_padding(out.generated[i].tolist(), self.config)
-                if not last and self._needs_fallback(tokens, out, i, temperature):
+                verdict = self._verdict(tokens, out, i, temperature, None if silence is None else silence[i])
+                if verdict == "retry" and not last:
                     retry.append(r)
-                    continue
-                self._keep(r, out, i, tokens, lengths[r], temperature)
+                elif verdict == "silence":
+                    self._skip(r, out, i, lengths[r], temperature)
+                else:
+                    self._keep(r, out, i, tokens, lengths[r], temperature)
             if not retry:
                 break
             pending = retry
         for r in rows:
             self.max_length[r] = self._grown_max_length(self.max_length[r], out.prompt_length)
+
+    def _skip(self, r: int, out: GenerationOutput, i: int, length: int, temperature) -> None:
+        """A window judged silent: nothing kept, the next window starts after it."""
+        if self.seek[r] == 0:
+            self.languages[r] = _language_of(out.sequences[i, :out.prompt_length].tolist(), self.config)
+        self.condition[r] = self.long_form.condition_on_prev_tokens and (temperature is None or temperature < 0.5)
+        self.seek[r] += length
 
     def _keep(self, r: int, out: GenerationOutput, i: int, tokens: list[int], length: int, temperature) -> None:
         if self.seek[r] == 0:
@@ -276,17 +292,36 @@ class _SeekLoop:
                                "generation_config.json.")
         return [self.start_of_previous] + kept
 
-    def _needs_fallback(self, tokens: list[int], out: GenerationOutput, i: int, temperature) -> bool:
-        """transformers' test on one attempt (its tokens with the end-of-text token): too compressible, or a mean
-        log-probability under the threshold."""
+    def _verdict(self, tokens: list[int], out: GenerationOutput, i: int, temperature, no_speech: float | None) -> str:
+        """transformers' judgement of one attempt (its tokens with the end-of-text token): "retry" when too
+        compressible or under the mean log-probability threshold, "silence" when moreover (log-probability too low)
+        the no-speech probability is above its threshold, else "keep"."""
         options = self.long_form
+        retry = False
         if options.compression_ratio_threshold is not None:
-            if compression_ratio(tokens, self.model.config.vocab_size) > options.compression_ratio_threshold:
-                return True
+            retry = compression_ratio(tokens, self.model.config.vocab_size) > options.compression_ratio_threshold
         if options.logprob_threshold is not None:
-            if mean_logprob(out, i, tokens, temperature) < options.logprob_threshold:
-                return True
-        return False
+            low = mean_logprob(out, i, tokens, temperature) < options.logprob_threshold
+            retry = retry or low
+            if no_speech is not None and low and no_speech > options.no_speech_threshold:
+                return "silence"
+        return "retry" if retry else "keep"
+
+    def _no_speech_probs(self, out: GenerationOutput, hidden: torch.Tensor) -> list[float] | None:
+        """Per row, the probability of <|nospeech|> right after <|startoftranscript|> (what openai's and
+        transformers' no-speech detection reads), when no_speech_threshold is set."""
+        if self.long_form.no_speech_threshold is None:
+            return None
+        prompt = out.sequences[:, : out.prompt_length]
+        start = prompt[0].tolist().index(self.config.decoder_start_token_id) + 1
+        with torch.inference_mode():
+            cache = self.model.new_cache(prompt.shape[0], start, hidden)
+            logits = self.model.decode_step(prompt[:, :start], cache, last_only=True)[:, -1]
+        if "no_timestamps_token_id" not in self.config.extra:
+            raise InvalidInput("no_speech_threshold needs no_timestamps_token_id in the checkpoint's "
+                               "generation_config.json (<|nospeech|> is the token before it).")
+        no_speech = self.config.extra["no_timestamps_token_id"] - 1
+        return logits.float().softmax(dim=-1)[:, no_speech].tolist()
 
     def _window_config(self, max_length: int | None) -> GenerationConfig:
         changes = {}
