@@ -61,3 +61,20 @@ def test_bfloat16(tmp_path):
         low = half(PIXELS)["logits"]
         assert low.dtype == torch.bfloat16
         assert (low.float() - full(PIXELS)["logits"]).abs().max() < 0.3
+
+
+def test_fused_query_key_value_follow_weight_changes(tmp_path):
+    """Inference runs query, key and value as one concatenated layer; it is rebuilt when a weight changes, and
+    equals the three layers run one by one (the path taken when gradients are on)."""
+    folder = tiny_vision_checkpoint(tmp_path, "vit", "base")
+    model = load_model(folder, "base")
+    with torch.inference_mode():
+        before = model(PIXELS)["last_hidden_state"]
+    with torch.no_grad():
+        model.encoder.layer[0].attention.attention.key.weight.mul_(0.5)
+        model.encoder.layer[1].attention.attention.value.bias.add_(0.1)
+    with torch.inference_mode():
+        after = model(PIXELS)["last_hidden_state"]
+    one_by_one = model(PIXELS)["last_hidden_state"].detach()
+    assert (after - before).abs().max() > 1e-3
+    assert (after - one_by_one).abs().max() <= 1e-5

@@ -125,6 +125,36 @@ class TokenShape:
     length: int
 
 
+class FusedProjection:
+    """Query, key and value as one (3C, C) linear layer, built from the three checkpoint layers.
+
+    One matrix product reads the activations once and runs a 3x wider GEMM, which oneDNN does ~10% faster
+    per FLOP than three narrow ones. It quacks like nn.Linear (weight, bias) for layers.linear, which keeps
+    its packed copy on this object. It is not a submodule, so checkpoints keep their query/key/value keys;
+    the cost is one more copy of those weights (~85 MB for ViT-B). The copy follows the three layers: a
+    moved, cast or reloaded weight is concatenated again.
+    """
+
+    def __init__(self) -> None:
+        self.source: tuple | None = None
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+
+    def refresh(self, layers: tuple[nn.Linear, nn.Linear, nn.Linear]) -> "FusedProjection":
+        source = tuple((t.data_ptr(), t._version, t.dtype, t.device) for layer in layers
+                       for t in (layer.weight, layer.bias) if t is not None)
+        if source != self.source:
+            # Built outside inference mode: inference tensors have no version counter to cache on.
+            with torch.inference_mode(False), torch.no_grad():
+                self.weight = torch.cat([layer.weight for layer in layers])
+                biases = [layer.bias for layer in layers]
+                self.bias = None if all(b is None for b in biases) else torch.cat(
+                    [b if b is not None else layer.weight.new_zeros(layer.out_features)
+                     for b, layer in zip(biases, layers)])
+            self.source = source
+        return self
+
+
 class ViTSelfAttention(nn.Module):
     """Multi-head self-attention over all tokens. BEiT (no key bias) and Swin (per-stage widths) reuse it."""
 
@@ -134,20 +164,31 @@ class ViTSelfAttention(nn.Module):
         self.query = nn.Linear(dim, dim, bias=qkv_bias)
         self.key = nn.Linear(dim, dim, bias=qkv_bias if key_bias is None else key_bias)
         self.value = nn.Linear(dim, dim, bias=qkv_bias)
+        self._fused = FusedProjection()
 
     def forward(self, x: torch.Tensor, shape: TokenShape, bias: torch.Tensor | None = None,
                 keep: int | None = None) -> torch.Tensor:
         """x: (B*T, C) -> (B*T, C). bias: an additive attention bias broadcastable to (B, H, T, T), or None.
         keep: answer only for the first `keep` tokens of each image -> (B*keep, C); every token is still
         attended to (see ViTEncoder)."""
-        def heads(rows: torch.Tensor, layer, length: int) -> torch.Tensor:
-            return split_heads(linear(rows, layer).view(shape.batch, length, -1), self.num_heads)  # (B, H, T, D)
+        if keep is None and not torch.is_grad_enabled():  # with gradients, they must reach the three layers
+            q, k, v = self.fused_heads(x, shape)
+            length = shape.length
+        else:
+            def heads(rows: torch.Tensor, layer, length: int) -> torch.Tensor:
+                return split_heads(linear(rows, layer).view(shape.batch, length, -1), self.num_heads)  # (B, H, T, D)
 
-        queries = x if keep is None else first_tokens(x, shape, keep)
-        length = shape.length if keep is None else keep
-        out = attention(heads(queries, self.query, length), heads(x, self.key, shape.length),
-                        heads(x, self.value, shape.length), bias)
-        return merge_heads(out).view(shape.batch * length, -1)
+            queries = x if keep is None else first_tokens(x, shape, keep)
+            length = shape.length if keep is None else keep
+            q = heads(queries, self.query, length)
+            k, v = heads(x, self.key, shape.length), heads(x, self.value, shape.length)
+        return merge_heads(attention(q, k, v, bias)).view(shape.batch * length, -1)
+
+    def fused_heads(self, x: torch.Tensor, shape: TokenShape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (B*T, C) -> queries, keys, values, each (B, H, T, D), from one matrix product."""
+        qkv = linear(x, self._fused.refresh((self.query, self.key, self.value)))  # (B*T, 3C)
+        qkv = qkv.view(shape.batch, shape.length, 3, self.num_heads, -1)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # strided views: SDPA reads them in place
 
 
 def first_tokens(x: torch.Tensor, shape: TokenShape, keep: int) -> torch.Tensor:

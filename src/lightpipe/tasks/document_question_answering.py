@@ -9,8 +9,8 @@ LayoutLM (v1) as transformers' DocumentQuestionAnsweringPipeline runs it:
   window one model item of the same input, `doc_stride` tokens shared between neighbours;
 - every token gets its word's box; the question's tokens and [CLS] get (0, 0, 0, 0), [SEP] gets
   (1000, 1000, 1000, 1000);
-- start and end logits are scored as in extractive question answering (the span search of
-  tasks/question_answering.py): only the document's tokens (and CLS) may be in an answer, a span scores
+- start and end logits are scored as in extractive question answering (tasks/extractive.py, shared with
+  text question answering): only the document's tokens (and CLS) may be in an answer, a span scores
   p(start) * p(end), at most `max_answer_len` tokens long;
 - an answer is a run of whole words: `start` and `end` are WORD indices into the document's words, and
   `answer` is those words joined by spaces. Unlike text QA, equal answers are not merged.
@@ -31,13 +31,12 @@ from ..errors import InvalidInput, UnsupportedModel
 from ..processing.ocr import GRID, ocr_words
 from ..runtime import ModelItem, Padding
 from .base import TextPipeline
-from .question_answering import (DEFAULT_MAX_ANSWER_LEN, NO_NULL_SCORE, _softmax_allowed, best_spans,
-                                 check_span_params)
+from .extractive import (DEFAULT_MAX_ANSWER_LEN, NO_NULL_SCORE, check_span_params, encode_windows, pad_windows, pads,
+                         ranked, window_spans)
 
 MAX_DOC_STRIDE = 256  # the default overlap is half a window, at most this many tokens
 QUESTION_BOX = [0, 0, 0, 0]  # the box of the question's tokens, CLS and padding
 SEP_BOX = [GRID] * 4  # the box of separator tokens
-PADDING_STRATEGIES = ("longest", "max_length", "do_not_pad")
 INPUT_KEYS = ("image", "question", "word_boxes")
 _MISSING = object()
 
@@ -69,13 +68,6 @@ class DocumentQuestionAnsweringPipeline(TextPipeline):
     def check_params(self, params: dict[str, Any]) -> None:
         super().check_params(params)
         check_span_params(params)
-        impossible = params.get("handle_impossible_answer")
-        if impossible is not None and not isinstance(impossible, bool):
-            raise InvalidInput(f"handle_impossible_answer must be True or False, not {impossible!r}.")
-        padding = params.get("padding")
-        if not (padding is None or isinstance(padding, bool) or padding in PADDING_STRATEGIES):
-            raise InvalidInput(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', "
-                               f"not {padding!r}.")
         for name in ("lang", "tesseract_config"):
             if params.get(name) is not None and not isinstance(params[name], str):
                 raise InvalidInput(f"{name} must be a string, not {params[name]!r}.")
@@ -179,9 +171,11 @@ class DocumentQuestionAnsweringPipeline(TextPipeline):
         if doc_stride is None:
             doc_stride = min(max_seq_len // 2, MAX_DOC_STRIDE)
 
-        windows = self._windows(question.split(), words, max_seq_len, doc_stride)
-        if padding in (True, "longest", "max_length"):
-            self._pad(windows, max_seq_len if padding == "max_length" else max(len(w.ids) for w in windows))
+        windows = encode_windows(self.tokenizer, question.split(), words, 1, max_seq_len, doc_stride, what="document",
+                                 is_split_into_words=True)
+        if pads(padding):
+            length = max_seq_len if padding == "max_length" else max(len(w.ids) for w in windows)
+            pad_windows(self.tokenizer, windows, length, "right")
 
         cls_id, sep_id = self.tokenizer.special_id("cls_token"), self.tokenizer.special_id("sep_token")
         items = []
@@ -205,42 +199,6 @@ class DocumentQuestionAnsweringPipeline(TextPipeline):
             }))
         return items
 
-    def _windows(self, question_words: list[str], words: list[str], max_seq_len: int, doc_stride: int) -> list:
-        """(question words, document words) -> Encodings of at most max_seq_len tokens, the document cut into
-        windows that overlap by doc_stride tokens (a document that fits gives one window).
-
-        The tokenizer errors out (or panics) when the question leaves no room for the document, or the stride is
-        not smaller than that room; those become InvalidInput, checked before it runs.
-        """
-        tokenizer = self.tokenizer
-        kept = len(tokenizer.encode(question_words, is_split_into_words=True, add_special_tokens=False).ids)
-        room = max_seq_len - tokenizer.num_special_tokens_to_add(pair=True) - kept  # document tokens per window
-        if 0 <= doc_stride < room:
-            encoding = tokenizer.encode(question_words, words, is_split_into_words=True, truncation="only_second",
-                                        max_length=max_seq_len, stride=doc_stride)
-            return [encoding, *encoding.overflowing]
-        whole = tokenizer.encode(question_words, words, is_split_into_words=True)
-        if len(whole.ids) <= max_seq_len:  # nothing to cut: the tokenizer would not look at the stride
-            return [whole]
-        if room <= 0:
-            raise InvalidInput(
-                f"the question is {kept} tokens long, which leaves no room for the document in max_seq_len="
-                f"{max_seq_len} tokens; pass a larger max_seq_len or a shorter question."
-            )
-        raise InvalidInput(
-            f"doc_stride ({doc_stride}) must be smaller than the {room} document tokens each window holds "
-            f"(max_seq_len={max_seq_len} minus the question and special tokens); pass a smaller doc_stride "
-            "or a larger max_seq_len."
-        )
-
-    def _pad(self, windows: list, length: int) -> None:
-        """Pad every window to `length` tokens on the right, as the tokenizer pads when asked to."""
-        tokenizer = self.tokenizer
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        pad_token = tokenizer.special_tokens.get("pad_token", "[PAD]")
-        for window in windows:
-            window.pad(length, direction="right", pad_id=pad_id, pad_type_id=0, pad_token=pad_token)
-
     # ------------------------------------------------------------------ forward
     def forward(self, batch):
         out = self.model(**batch)
@@ -254,23 +212,18 @@ class DocumentQuestionAnsweringPipeline(TextPipeline):
         null_score = NO_NULL_SCORE
         answers: list[dict[str, Any]] = []
         for out, meta in zip(outputs, metas):
-            allowed = meta["allowed"]
-            start = _softmax_allowed(out["start_logits"].float().numpy(), allowed)
-            end = _softmax_allowed(out["end_logits"].float().numpy(), allowed)
-            if handle_impossible_answer:
-                null_score = min(null_score, (start[0] * end[0]).item())
-            start[0] = end[0] = 0.0  # token 0 (CLS) is not an answer span itself
-            starts, ends, scores = best_spans(start, end, allowed, top_k, max_answer_len)
+            spans = window_spans(out["start_logits"].float().numpy(), out["end_logits"].float().numpy(),
+                                 meta["allowed"], top_k, max_answer_len)
+            null_score = min(null_score, spans.null_score)
             word_ids, words = meta["word_ids"], meta["words"]
-            for s, e, score in zip(starts.tolist(), ends.tolist(), scores.tolist()):
+            for s, e, score in spans:
                 first, last = word_ids[s], word_ids[e]
                 if first is None or last is None:  # a span starting or ending on CLS: no words
                     continue
                 answers.append({"score": score, "answer": " ".join(words[first:last + 1]), "start": first,
                                 "end": last})
-        if handle_impossible_answer:
-            answers.append({"score": null_score, "answer": "", "start": 0, "end": 0})
-        return sorted(answers, key=lambda a: a["score"], reverse=True)[:top_k]
+        null_answer = {"score": null_score, "answer": "", "start": 0, "end": 0} if handle_impossible_answer else None
+        return ranked(answers, top_k, null_answer)
 
 
 def _checked_box(box: Any, limit: int, where: str) -> list[int]:

@@ -27,51 +27,12 @@ import torch
 from ..errors import InvalidInput
 from ..runtime import ModelItem
 from .base import TextPipeline
+from .extractive import (DEFAULT_MAX_ANSWER_LEN, NO_NULL_SCORE, check_flag, check_span_params, encode_windows,
+                         pad_windows, pads, ranked, window_spans)
 
 DEFAULT_MAX_SEQ_LEN = 384  # tokens per window, question and special tokens included
 MAX_DOC_STRIDE = 128  # the default overlap is half a window, at most this many tokens
-DEFAULT_MAX_ANSWER_LEN = 15  # tokens
-MASKED_LOGIT = -10000.0  # the logit a token that cannot be in an answer gets before the softmax
-NO_NULL_SCORE = 1000000.0  # "no impossible-answer score seen yet": larger than any probability
-PADDING_STRATEGIES = ("longest", "max_length", "do_not_pad")
 _MISSING = object()
-
-
-# ---------------------------------------------------------------------------------------- span search
-def _softmax_allowed(logits: np.ndarray, allowed: np.ndarray) -> np.ndarray:
-    """(T,) logits -> (T,) probabilities; disallowed tokens get MASKED_LOGIT first, so almost nothing."""
-    masked = np.where(allowed, logits, MASKED_LOGIT)
-    exp = np.exp(masked - masked.max())
-    return exp / exp.sum()
-
-
-def best_spans(start: np.ndarray, end: np.ndarray, allowed: np.ndarray, top_k: int,
-               max_answer_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The `top_k` best (start, end) token spans of one window, best first, with their scores.
-
-    `start`, `end`: (T,) probabilities. `allowed`: (T,) bool, tokens that may be in an answer.
-    A span's score is start[s] * end[e], kept only for s <= e < s + max_answer_len. Spans are ranked
-    first, then those starting or ending on a disallowed token are dropped, so fewer than `top_k` may
-    come back. Token 0 always counts as allowed when any token is (transformers' rule: its CLS token).
-    """
-    length = start.shape[0]
-    scores = start[:, None] * end[None, :]  # (T, T): row = start token, column = end token
-    scores = np.tril(np.triu(scores), max_answer_len - 1)
-    flat = scores.reshape(-1)
-    if top_k == 1:
-        order = np.array([np.argmax(flat)])
-    elif flat.shape[0] <= top_k:
-        order = np.argsort(-flat)
-    else:
-        picked = np.argpartition(-flat, top_k)[:top_k]
-        order = picked[np.argsort(-flat[picked])]
-    starts, ends = order // length, order % length
-    usable = np.flatnonzero(allowed)
-    if usable.size:
-        usable = np.union1d(usable, [0])
-    keep = np.isin(starts, usable) & np.isin(ends, usable)
-    starts, ends = starts[keep], ends[keep]
-    return starts, ends, scores[starts, ends]
 
 
 def _char_span(encoding, s: int, e: int, sequence_index: int, align_to_words: bool) -> tuple[int, int]:
@@ -94,17 +55,12 @@ def _char_span(encoding, s: int, e: int, sequence_index: int, align_to_words: bo
     return offsets[s][0], offsets[e][1]
 
 
+def _as_numpy(logits: torch.Tensor) -> np.ndarray:
+    """(T,) logits -> numpy, which has no bfloat16 (other dtypes are kept as they are)."""
+    return (logits.float() if logits.dtype == torch.bfloat16 else logits).numpy()
+
+
 # ---------------------------------------------------------------------------------------- the pipeline
-def check_span_params(params: dict[str, Any]) -> None:
-    """The integer parameters of extractive QA (text and document): top_k, lengths and the window stride."""
-    minimum = {"top_k": 1, "max_answer_len": 1, "max_seq_len": 1, "max_question_len": 1, "doc_stride": 0}
-    for name, low in minimum.items():
-        value = params.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-            kind = "a positive integer" if low else "a non-negative integer"
-            raise InvalidInput(f"{name} must be {kind}, not {value!r}.")
-
-
 class QuestionAnsweringPipeline(TextPipeline):
     """pipe(question=..., context=...) -> {"score", "start", "end", "answer"}; see the module docstring."""
 
@@ -117,14 +73,7 @@ class QuestionAnsweringPipeline(TextPipeline):
     def check_params(self, params: dict[str, Any]) -> None:
         super().check_params(params)
         check_span_params(params)
-        for name in ("handle_impossible_answer", "align_to_words"):
-            value = params.get(name)
-            if value is not None and not isinstance(value, bool):
-                raise InvalidInput(f"{name} must be True or False, not {value!r}.")
-        padding = params.get("padding")
-        if not (padding is None or isinstance(padding, bool) or padding in PADDING_STRATEGIES):
-            raise InvalidInput(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', "
-                               f"not {padding!r}.")
+        check_flag(params, "align_to_words")
         stride, window = params.get("doc_stride"), params.get("max_seq_len")
         if stride is not None and window is not None:
             self._check_stride(stride, window)
@@ -230,14 +179,10 @@ class QuestionAnsweringPipeline(TextPipeline):
         question_first = tokenizer.padding_side == "right"
         first, second = (question, context) if question_first else (context, question)
         context_index = 1 if question_first else 0
-        windows = self._windows(first, second, context_index, max_seq_len, doc_stride)
-        if padding in (True, "longest", "max_length"):
+        windows = encode_windows(tokenizer, first, second, context_index, max_seq_len, doc_stride)
+        if pads(padding):
             length = max_seq_len if padding == "max_length" else max(len(w.ids) for w in windows)
-            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-            pad_token = tokenizer.special_tokens.get("pad_token", "[PAD]")
-            for window in windows:
-                window.pad(length, direction=tokenizer.padding_side, pad_id=pad_id, pad_type_id=0,
-                           pad_token=pad_token)
+            pad_windows(tokenizer, windows, length, tokenizer.padding_side)
 
         cls_id = tokenizer.special_id("cls_token")
         items = []
@@ -261,34 +206,6 @@ class QuestionAnsweringPipeline(TextPipeline):
             }))
         return items
 
-    def _windows(self, first: str, second: str, context_index: int, max_seq_len: int, doc_stride: int) -> list:
-        """The pair (first, second) -> Encodings of at most max_seq_len tokens, the context cut into windows
-        that overlap by doc_stride tokens (a context that fits gives one window).
-
-        The tokenizer errors out (or panics) when the question leaves no room for the context, or the
-        stride is not smaller than that room; those become InvalidInput, checked before it runs.
-        """
-        tokenizer = self.tokenizer
-        kept = len(tokenizer.encode((first, second)[1 - context_index], add_special_tokens=False).ids)
-        room = max_seq_len - tokenizer.num_special_tokens_to_add(pair=True) - kept  # context tokens per window
-        if 0 <= doc_stride < room:
-            cut = "only_second" if context_index == 1 else "only_first"
-            encoding = tokenizer.encode(first, second, truncation=cut, max_length=max_seq_len, stride=doc_stride)
-            return [encoding, *encoding.overflowing]
-        whole = tokenizer.encode(first, second)
-        if len(whole.ids) <= max_seq_len:  # nothing to cut: the tokenizer would not look at the stride
-            return [whole]
-        if room <= 0:
-            raise InvalidInput(
-                f"the question is {kept} tokens long, which leaves no room for the context in max_seq_len="
-                f"{max_seq_len} tokens; pass a larger max_seq_len or a shorter question."
-            )
-        raise InvalidInput(
-            f"doc_stride ({doc_stride}) must be smaller than the {room} context tokens each window holds "
-            f"(max_seq_len={max_seq_len} minus the question and special tokens); pass a smaller doc_stride "
-            "or a larger max_seq_len."
-        )
-
     # ------------------------------------------------------------------ forward
     def forward(self, batch):
         out = self.model(**batch)
@@ -303,22 +220,16 @@ class QuestionAnsweringPipeline(TextPipeline):
         align_to_words = True if align_to_words is None else align_to_words
         null_score = NO_NULL_SCORE
         # Some of the best spans may map to the same words: rank more than asked for when aligning.
-        ranked = top_k * 2 + 10 if align_to_words else top_k
+        wanted = top_k * 2 + 10 if align_to_words else top_k
         answers: list[dict[str, Any]] = []
         for out, meta in zip(outputs, metas):
-            start_logits, end_logits = out["start_logits"], out["end_logits"]
-            if start_logits.dtype == torch.bfloat16:
-                start_logits, end_logits = start_logits.float(), end_logits.float()
             encoding = meta["encoding"]
             allowed = meta["allowed"] & (np.asarray(encoding.attention_mask) == 1)
-            start = _softmax_allowed(start_logits.numpy(), allowed)
-            end = _softmax_allowed(end_logits.numpy(), allowed)
-            if handle_impossible_answer:
-                null_score = min(null_score, (start[0] * end[0]).item())
-            start[0] = end[0] = 0.0  # token 0 (CLS) is not an answer span itself
-            starts, ends, scores = best_spans(start, end, allowed, ranked, max_answer_len)
+            spans = window_spans(_as_numpy(out["start_logits"]), _as_numpy(out["end_logits"]), allowed, wanted,
+                                 max_answer_len)
+            null_score = min(null_score, spans.null_score)
             context, shift = meta["context"], meta["pad_offset"]
-            for s, e, score in zip(starts.tolist(), ends.tolist(), scores.tolist()):
+            for s, e, score in spans:
                 begin, stop = _char_span(encoding, s - shift, e - shift, meta["context_index"], align_to_words)
                 text = context[begin:stop]
                 same = next((a for a in answers if a["answer"].lower() == text.lower()), None)
@@ -326,7 +237,6 @@ class QuestionAnsweringPipeline(TextPipeline):
                     same["score"] += score
                 else:
                     answers.append({"score": score, "start": begin, "end": stop, "answer": text})
-        if handle_impossible_answer:
-            answers.append({"score": null_score, "start": 0, "end": 0, "answer": ""})
-        answers = sorted(answers, key=lambda a: a["score"], reverse=True)[:top_k]
+        null_answer = {"score": null_score, "start": 0, "end": 0, "answer": ""} if handle_impossible_answer else None
+        answers = ranked(answers, top_k, null_answer)
         return answers[0] if len(answers) == 1 else answers
