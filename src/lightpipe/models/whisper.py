@@ -63,18 +63,6 @@ class WhisperConfig(BaseConfig):
 # ----------------------------------------------------------------------------------------------
 # Layers
 
-SMALL_INPUT_ROWS = 64
-
-
-def dense(x: torch.Tensor, layer: nn.Linear, act: str | None = None) -> torch.Tensor:
-    """layer(x) then the activation. oneDNN's fused path (layers.linear) repays its set-up cost only on many
-    rows (the encoder's frames); a decode step's few rows run faster through plain F.linear."""
-    if x.numel() // x.shape[-1] >= SMALL_INPUT_ROWS:
-        return linear(x, layer, act)
-    y = F.linear(x, layer.weight, layer.bias)
-    return y if act is None else activation(act)(y)
-
-
 class WhisperAttention(nn.Module):
     """Multi-head attention. Keys have no bias. Queries are scaled before the dot product (in Whisper's
     order, which matters at float32 precision), so SDPA runs with scale 1."""
@@ -90,15 +78,15 @@ class WhisperAttention(nn.Module):
 
     def queries(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, C) -> (B, H, T, D), pre-scaled."""
-        return split_heads(dense(x, self.q_proj) * self.scaling, self.num_heads)
+        return split_heads(linear(x, self.q_proj) * self.scaling, self.num_heads)
 
     def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, S, C) -> keys and values, each (B, H, S, D)."""
-        return split_heads(dense(x, self.k_proj), self.num_heads), split_heads(dense(x, self.v_proj), self.num_heads)
+        return split_heads(linear(x, self.k_proj), self.num_heads), split_heads(linear(x, self.v_proj), self.num_heads)
 
     def output(self, heads: torch.Tensor) -> torch.Tensor:
         """(B, H, T, D) -> (B, T, C)."""
-        return dense(merge_heads(heads), self.out_proj)
+        return linear(merge_heads(heads), self.out_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Bidirectional self-attention (the encoder's): (B, T, C) -> (B, T, C)."""
@@ -126,7 +114,7 @@ class WhisperEncoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.self_attn_layer_norm(x))
-        x = x + dense(dense(self.final_layer_norm(x), self.fc1, self.act), self.fc2)
+        x = x + linear(linear(self.final_layer_norm(x), self.fc1, self.act), self.fc2)
         return _clamp_half(x)
 
 
@@ -151,7 +139,7 @@ class WhisperDecoderLayer(nn.Module):
         h = self.encoder_attn_layer_norm(x)
         attended, weights = cross_attention(self.encoder_attn.queries(h), enc_k, enc_v, scale=1.0, heads=heads)
         x = x + self.encoder_attn.output(attended)
-        x = x + dense(dense(self.final_layer_norm(x), self.fc1, self.act), self.fc2)
+        x = x + linear(linear(self.final_layer_norm(x), self.fc1, self.act), self.fc2)
         return x, weights
 
 
@@ -306,7 +294,7 @@ class WhisperForConditionalGeneration(nn.Module):
         hidden, weights = self.model.decoder(tokens, cache, positions, alignment_heads)
         if last_only:
             hidden = hidden[:, -1:]
-        logits = vocab_logits(hidden, self.proj_out.weight)
+        logits = vocab_logits(hidden, self.proj_out)
         return logits if alignment_heads is None else (logits, weights)
 
     def forward(self, input_features: torch.Tensor, decoder_input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
