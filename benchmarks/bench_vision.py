@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from common import CACHE, table, timed
+from common import CACHE, table, timed_together
 
 
 def vit_base_checkpoint():
@@ -75,8 +75,9 @@ def main() -> None:
     ref = transformers.pipeline("image-classification", model=str(folder))
     rows = []
     for batch_size in (1, 16):
-        a = timed(lambda: ours(files, batch_size=batch_size), args.repeat)
-        b = timed(lambda: ref(files, batch_size=batch_size), args.repeat)
+        # Taking turns exposes both to the same load drift on a shared machine (see timed_together).
+        a, b = timed_together([lambda: ours(files, batch_size=batch_size),
+                               lambda: ref(files, batch_size=batch_size)], args.repeat)
         rows.append((f"ViT-B/16, {len(files)} JPEGs, batch {batch_size}", a / len(files) * 1000,
                      b / len(files) * 1000, "ms/image"))
     print(table(rows))

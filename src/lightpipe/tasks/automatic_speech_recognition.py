@@ -6,10 +6,12 @@ One pipeline, with the decoding picked by the loaded model's head:
   feature frame (one frame per `inputs_to_logits_ratio` samples: 320 = 20 ms at 16 kHz); decoding is
   greedy: the best id per frame, repeats collapsed, the blank (pad) token dropped, the word delimiter
   "|" read as a space. Character or word timestamps come from the frames each one spans.
-- "speech-seq2seq" (Whisper): `WhisperDecoding`. Each window (up to 30 s) is encoded once and decoded by
-  `whisper_generate` (beam search with 5 beams and at most 256 new tokens unless the checkpoint's generation
-  config or the call says otherwise, as transformers' pipeline); the windows' tokens are merged into one text,
-  and timestamps, by `decode_asr`. Word timestamps come from the alignment heads' cross-attention by DTW.
+- "speech-seq2seq" (Whisper): `WhisperDecoding`. Each item (a chunk, or a whole input of any length) is decoded
+  by Whisper's window loop (`models/whisper_longform.transcribe`: 30 s windows, each encoded once and decoded by
+  `whisper_generate`, the next starting where the text stopped; beam search with 5 beams and at most 256 new
+  tokens unless the checkpoint's generation config or the call says otherwise, as transformers' pipeline); the
+  items' tokens are merged into one text, and timestamps, by `decode_asr`. Word timestamps come from the
+  alignment heads' cross-attention by DTW.
 
 What every model shares, in this file and model-independent:
 
@@ -285,13 +287,14 @@ RESERVED_OPTIONS = ("num_return_sequences", "output_scores", "output_cross_atten
 
 
 class WhisperDecoding:
-    """Whisper (speech-seq2seq): one 30 s window per model item, decoded by `whisper_generate`, the windows of
-    one input merged by `decode_asr` (transformers' Whisper `_decode_asr`).
+    """Whisper (speech-seq2seq): each model item (a chunk, or a whole input) decoded window by window by
+    `transcribe` (models/whisper_longform.py), the items of one input merged by `decode_asr` (transformers'
+    Whisper `_decode_asr`).
 
-    forward returns, per window: "tokens" (B, G) the generated ids (the prompt left out, as transformers'
-    Whisper generate returns them; rows that ended early are filled with <|endoftext|>), with return_language
+    forward returns, per item: "tokens" (B, G) the kept tokens of its windows (prompts and end-of-text left out,
+    as transformers' Whisper generate returns them; shorter rows filled with <|endoftext|>), with return_language
     the prompt's language token in front; with return_timestamps="word" also "token_timestamps" (B, G), the
-    start of each token in seconds from the window's start, each row aligned alone (so that batching changes
+    start of each token in seconds from the item's start, each row aligned alone (so that batching changes
     nothing)."""
 
     name = "speech-seq2seq"
