@@ -14,10 +14,9 @@ speed-ups.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 
-from common import CACHE, table, timed
+from common import CACHE, both_pipelines, table, timed
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]  # 90 syllables -> pseudo-English words
@@ -108,20 +107,9 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes (default: 1,8)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-    import torch
-    import transformers
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    import lightpipe
-
     folder = layoutlm_base_checkpoint()
     inputs = questions(args.questions)
-    ours = lightpipe.pipeline("document-question-answering", model=str(folder))
-    ref = transformers.pipeline("document-question-answering", model=str(folder))
+    ours, ref = both_pipelines("document-question-answering", folder, args.threads)
     check_same_answers(ours(inputs), ref(inputs))
     rows = []
     ref_batch_1 = None

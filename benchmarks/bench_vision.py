@@ -10,11 +10,10 @@ table of median times and speed-ups.
 from __future__ import annotations
 
 import argparse
-import os
 
 import numpy as np
 
-from common import CACHE, table, timed_together
+from common import CACHE, both_pipelines, table, timed_together
 
 
 def vit_base_checkpoint():
@@ -59,20 +58,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-    import torch
-    import transformers
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    import lightpipe
-
     folder = vit_base_checkpoint()
     files = jpeg_files(args.images)
-    ours = lightpipe.pipeline("image-classification", model=str(folder))
-    ref = transformers.pipeline("image-classification", model=str(folder))
+    ours, ref = both_pipelines("image-classification", folder, args.threads)
     rows = []
     for batch_size in (1, 16):
         # Taking turns exposes both to the same load drift on a shared machine (see timed_together).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import statistics
@@ -96,3 +97,18 @@ def table(rows: list[tuple[str, float, float, str]]) -> str:
     for case, ours, ref, unit in rows:
         lines.append(f"| {case} | {ours:.3f} {unit} | {ref:.3f} {unit} | {ref / ours:.2f}× |")
     return "\n".join(lines)
+
+
+def both_pipelines(task: str, folder, threads: int | None = None):
+    """lightpipe's and transformers' pipelines for `task` on the same checkpoint folder, offline, with `threads`
+    torch threads for both when given."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    import transformers
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    import lightpipe
+
+    return lightpipe.pipeline(task, model=str(folder)), transformers.pipeline(task, model=str(folder))
