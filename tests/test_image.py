@@ -20,6 +20,7 @@ from transformers.image_utils import load_image as ref_load_image
 
 from lightpipe import InvalidInput, MissingDependency
 from lightpipe.processing.image import MAX_IMAGE_PIXELS, ImageProcessor, load_image
+from server_helpers import close_at_once, raw_server, stall, trickle
 from vision_helpers import exif_rotated_jpeg, image_bytes, sample_files, smooth_image
 
 SIZES = [(224, 224), (37, 53), (480, 640), (640, 480), (301, 199), (1, 5), (10, 300), (23, 23)]
@@ -283,58 +284,6 @@ def image_server():
     yield f"http://127.0.0.1:{server.server_address[1]}", body
     server.shutdown()
     server.server_close()
-
-
-def raw_server(behaviour):
-    """A TCP server on 127.0.0.1 whose connections are handled by behaviour(conn); returns (url, stop)."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    listener.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                continue
-            threading.Thread(target=behaviour, args=(conn, stop), daemon=True).start()
-        listener.close()
-
-    threading.Thread(target=serve, daemon=True).start()
-    return f"http://127.0.0.1:{listener.getsockname()[1]}/image.png", stop.set
-
-
-def close_at_once(conn, stop):
-    conn.recv(1024)
-    conn.close()
-
-
-def stall(conn, stop):
-    conn.recv(1024)
-    stop.wait(10)
-    conn.close()
-
-
-def trickle(conn, stop):
-    """Headers, then a byte every 0.1 s: every read succeeds, the whole never arrives in time."""
-    conn.recv(1024)
-    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n")
-    while not stop.wait(0.1):
-        try:
-            conn.sendall(b"x")
-        except OSError:
-            break
-    conn.close()
-
-
-def test_url(image_server):
-    base, body = image_server
-    loaded = load_image(base + "/image.png", timeout=5)
-    assert np.array_equal(np.array(loaded), np.array(Image.open(io.BytesIO(body)).convert("RGB")))
-    with pytest.raises(InvalidInput, match="404"):
-        load_image(base + "/missing.png", timeout=5)
 
 
 @pytest.mark.parametrize("behaviour, timeout", [(close_at_once, 2.0), (stall, 0.5), (trickle, 0.6)])

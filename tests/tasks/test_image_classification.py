@@ -1,8 +1,6 @@
 """image-classification parity with transformers on tiny random checkpoints, every input form, bad inputs."""
 
 import base64
-import socket
-import threading
 import time
 
 import numpy as np
@@ -12,6 +10,7 @@ import transformers
 from PIL import Image
 
 from lightpipe import InvalidInput, pipeline
+from server_helpers import close_at_once, raw_server, stall
 from vision_helpers import image_bytes, sample_files, smooth_image, tiny_vision_checkpoint
 
 ARCHS = ("vit", "deit", "convnext", "beit", "swin")
@@ -125,47 +124,18 @@ def png_bomb() -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
-def tcp_server(handle):
-    """http://127.0.0.1:port/cat.jpg served by handle(conn, stop); yields the URL, stops on exit."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    listener.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                continue
-            threading.Thread(target=handle, args=(conn, stop), daemon=True).start()
-        listener.close()
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}/cat.jpg"
-    stop.set()
-
-
-def close_at_once(conn, stop):
-    conn.recv(1024)
-    conn.close()
-
-
-def stall(conn, stop):
-    conn.recv(1024)
-    stop.wait(10)  # never answers
-    conn.close()
-
-
 @pytest.fixture(scope="module")
 def closing_url():
-    yield from tcp_server(close_at_once)
+    url, stop = raw_server(close_at_once, "/cat.jpg")
+    yield url
+    stop()
 
 
 @pytest.fixture(scope="module")
 def stalling_url():
-    yield from tcp_server(stall)
+    url, stop = raw_server(stall, "/cat.jpg")
+    yield url
+    stop()
 
 
 def test_bad_inputs_then_still_answers(pipes, files, tmp_path, closing_url, stalling_url):
