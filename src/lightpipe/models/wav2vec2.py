@@ -257,15 +257,12 @@ class Wav2Vec2EncoderLayer(nn.Module):
         return self.final_layer_norm(x + self.feed_forward(x))
 
 
-class Wav2Vec2EncoderLayerStableLayerNorm(nn.Module):
-    """Pre-norm layer of large models: x = x + attn(LN(x)); x = x + ff(LN(x)) (+ adapter(x) for MMS)."""
+class Wav2Vec2EncoderLayerStableLayerNorm(Wav2Vec2EncoderLayer):
+    """Pre-norm layer of large models: x = x + attn(LN(x)); x = x + ff(LN(x)) (+ adapter(x) for MMS). The same
+    parts as the post-norm layer, applied in the other order."""
 
     def __init__(self, config: Wav2Vec2Config):
-        super().__init__()
-        self.attention = Wav2Vec2Attention(config)
-        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.feed_forward = Wav2Vec2FeedForward(config)
-        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        super().__init__(config)
         self.adapter_layer = Wav2Vec2AttnAdapterLayer(config) if config.adapter_attn_dim else None
 
     def forward(self, x: torch.Tensor, batch: Unpadder) -> torch.Tensor:
