@@ -209,14 +209,15 @@ class _SeekLoop:
         if self.detected is None and self.language is None and needs_language_detection(self.config, None, self.task):
             # Every audio is active on the first window: detect each one's language from its first 30 s.
             self.detected = detect_language(self.model, hidden, self.config)
-        hidden_of = dict(zip(active, hidden))
+        position = {r: i for i, r in enumerate(active)}
         prompts = {r: self._previous_text(r) for r in active}
         groups: dict[tuple, list[int]] = {}
         for r in active:
             key = (None if prompts[r] is None else len(prompts[r]), self.max_length[r])
             groups.setdefault(key, []).append(r)
         for rows in groups.values():
-            self._decode_with_fallback(rows, torch.stack([hidden_of[r] for r in rows]), prompts, lengths)
+            group_hidden = hidden if len(rows) == len(active) else hidden[[position[r] for r in rows]]
+            self._decode_with_fallback(rows, group_hidden, prompts, lengths)
 
     def _decode_with_fallback(self, rows: list[int], hidden: torch.Tensor, prompts: dict, lengths: dict) -> None:
         """Decode the rows' windows at the first temperature; rows whose result fails the thresholds are decoded
