@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import random
 
-from common import CACHE, both_pipelines, table, timed
+from common import CACHE, both_pipelines, table, timed_together
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]  # 90 syllables -> pseudo-English words
@@ -111,18 +111,18 @@ def main() -> None:
     inputs = questions(args.questions)
     ours, ref = both_pipelines("document-question-answering", folder, args.threads)
     check_same_answers(ours(inputs), ref(inputs))
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    # transformers 5.24 cannot batch this task: its postprocess fails on padded windows (p_mask is not padded
+    # with the batch), so every lightpipe batch size is compared with its one-at-a-time run. All runs take turns
+    # (common.timed_together), so load drift on a shared machine hits each the same.
+    runs = [lambda b=b: ours(inputs, batch_size=b) for b in batch_sizes] + [lambda: ref(inputs, batch_size=1)]
+    *ours_times, ref_time = timed_together(runs, args.repeat)
     rows = []
-    ref_batch_1 = None
-    for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-        a = timed(lambda: ours(inputs, batch_size=batch_size), args.repeat)
-        # transformers 5.24 cannot batch this task: its postprocess fails on padded windows (p_mask is not padded
-        # with the batch), so lightpipe's batches are compared with its one-at-a-time run.
-        if ref_batch_1 is None:
-            ref_batch_1 = timed(lambda: ref(inputs, batch_size=1), args.repeat)
+    for batch_size, spent in zip(batch_sizes, ours_times):
         case = f"LayoutLM-base, {len(inputs)} questions on 150-400 words, batch {batch_size}"
         if batch_size > 1:
             case += " (transformers: batch 1)"
-        rows.append((case, a / len(inputs) * 1000, ref_batch_1 / len(inputs) * 1000, "ms/question"))
+        rows.append((case, spent / len(inputs) * 1000, ref_time / len(inputs) * 1000, "ms/question"))
     print(table(rows))
 
 

@@ -1,10 +1,11 @@
 """Image classification: lightpipe vs transformers on the same vit-base-sized weights, from JPEG files.
 
-    python benchmarks/bench_vision.py [--repeat 3] [--images 32] [--threads N]
+    python benchmarks/bench_vision.py [--repeat 3] [--images 32] [--threads N] [--no-cold]
 
 Cases: ViT-B/16 at 224 px (google/vit-base-patch16-224's shape, random weights) classifying JPEG photos
-of 640x480 from disk, decoding and preprocessing included, at batch 1 and batch 16. Prints a Markdown
-table of median times and speed-ups.
+of 640x480 from disk, decoding and preprocessing included, at batch 1 and batch 16; and cold start (a fresh
+process importing the library, loading the checkpoint and classifying one JPEG). Prints a Markdown table of
+median times and speed-ups.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import argparse
 
 import numpy as np
 
-from common import CACHE, both_pipelines, table, timed_together
+from common import CACHE, both_pipelines, cold_start, table, timed_together
 
 
 def vit_base_checkpoint():
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="torch threads for both (default: torch's)")
+    parser.add_argument("--no-cold", action="store_true", help="skip the cold-start row")
     args = parser.parse_args()
     folder = vit_base_checkpoint()
     files = jpeg_files(args.images)
@@ -68,6 +70,11 @@ def main() -> None:
                                lambda: ref(files, batch_size=batch_size)], args.repeat)
         rows.append((f"ViT-B/16, {len(files)} JPEGs, batch {batch_size}", a / len(files) * 1000,
                      b / len(files) * 1000, "ms/image"))
+    if not args.no_cold:
+        run = f"p = pipeline('image-classification', model={str(folder)!r}); p({files[0]!r})"
+        a = cold_start(f"from lightpipe import pipeline; {run}")
+        b = cold_start(f"from transformers import pipeline; {run}")
+        rows.append(("cold start: import + load + classify one JPEG", a, b, "s"))
     print(table(rows))
 
 
