@@ -118,3 +118,12 @@ def test_bad_arguments_are_invalid_input(page):
         ocr.ocr_words(page[0], tesseract_config=["--psm", "6"])
     with pytest.raises(InvalidInput):
         ocr.ocr_words(b"not an image at all")
+
+
+@pytest.mark.parametrize("with_pytesseract", [True, False])
+def test_bad_tesseract_flags_are_invalid_input_naming_them(page, monkeypatch, with_pytesseract):
+    # Tesseract exits with status 1 and no message on some bad flags (transformers raises TesseractError(1, '')).
+    if not with_pytesseract:
+        without_pytesseract(monkeypatch)
+    with pytest.raises(InvalidInput, match=r"tesseract_config='--psm 99'.*without a message"):
+        ocr.ocr_words(page[0], tesseract_config="--psm 99")

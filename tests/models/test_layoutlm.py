@@ -108,3 +108,14 @@ def test_registry_and_task_inference(folders):
     assert pipe.task == "document-question-answering"
     assert type(pipe.model) is layoutlm.LayoutLMForQuestionAnswering
     assert pipe.model.config.max_2d_position_embeddings == 1024
+
+
+@pytest.mark.parametrize("types", [[[0, 0, 1, 2]], [[0, -1, 0, 0]]])
+def test_token_types_outside_the_table_are_invalid_input(folders, types):
+    # transformers fails here with an opaque IndexError (a device-side assert on a GPU).
+    ours = loading.load_model(folders["qa"], "document-question-answering")
+    ids = torch.tensor([[2, 50, 60, 3]])
+    bbox = torch.tensor([[[0, 0, 0, 0], [1, 1, 2, 2], [1, 1, 2, 2], [1000] * 4]])
+    with pytest.raises(InvalidInput, match="type_vocab_size is 2"):
+        ours(ids, bbox, None, torch.tensor(types))
+    assert ours(ids, bbox, None, torch.tensor([[0, 0, 1, 1]]))["start_logits"].shape == (1, 4)

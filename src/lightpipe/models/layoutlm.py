@@ -45,6 +45,16 @@ def check_boxes(bbox: torch.Tensor, limit: int) -> None:
         )
 
 
+def check_token_types(token_type_ids: torch.Tensor | None, types: int) -> None:
+    """Raise InvalidInput unless every token type id lies in [0, types): as for boxes, an id outside the table
+    would fail with an opaque IndexError (or a device-side assert on a GPU)."""
+    if token_type_ids is not None and bool((token_type_ids < 0).any() | (token_type_ids >= types).any()):
+        raise InvalidInput(
+            f"token_type_ids must lie in 0..{types - 1} (this model's type_vocab_size is {types}); a tokenizer "
+            "that gives the second sequence of a pair type 1 does not belong to a model with one token type."
+        )
+
+
 class LayoutLMEmbeddings(BertEmbeddings):
     """BERT's embeddings plus four tables indexed by the token's box: x, y (edges), h, w (sizes)."""
 
@@ -93,6 +103,7 @@ class LayoutLMModel(nn.Module):
         if bbox is None:
             bbox = input_ids.new_zeros((*input_ids.shape, 4))
         check_boxes(bbox, self.config.max_2d_position_embeddings)
+        check_token_types(token_type_ids, self.config.type_vocab_size)
         hidden = self.encoder(self.embeddings(input_ids, bbox, token_type_ids), attention_mask)
         out = {"last_hidden_state": hidden}
         if self.pooler is not None:

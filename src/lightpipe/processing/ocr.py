@@ -87,18 +87,21 @@ def _run_tesseract(image, lang: str | None, config: str) -> dict[str, list]:
     except pytesseract.TesseractNotFoundError as e:
         raise MissingDependency(INSTALL_HINT) from e
     except pytesseract.TesseractError as e:
-        raise _tesseract_failure(str(e.message), lang) from e
+        raise _tesseract_failure(str(e.message), lang, config) from e
     except (TypeError, ValueError) as e:  # pytesseract's unsupported image types, shlex errors in config
         raise InvalidInput(f"Tesseract could not be run on this image: {e}") from e
 
 
-def _tesseract_failure(message: str, lang: str | None) -> InvalidInput:
+def _tesseract_failure(message: str, lang: str | None, config: str = "") -> InvalidInput:
+    message = message.strip()
     if lang is not None and "language" in message.lower():
         return InvalidInput(
-            f"Tesseract cannot read language {lang!r} ({message.strip()}). Install its data (Debian/Ubuntu: "
+            f"Tesseract cannot read language {lang!r} ({message}). Install its data (Debian/Ubuntu: "
             f"apt-get install tesseract-ocr-<code>) or pass a language listed by `tesseract --list-langs`."
         )
-    return InvalidInput(f"Tesseract failed on this image: {message.strip()}")
+    # Tesseract stops without a word on some bad flags (e.g. --psm 99): name the flags, the likely cause.
+    flags = f" with tesseract_config={config!r}" if config.strip() else ""
+    return InvalidInput(f"Tesseract failed on this image{flags}: {message or 'it exited without a message'}")
 
 
 # ---------------------------------------------------------------------------------------- without pytesseract
@@ -120,7 +123,7 @@ def _run_tesseract_program(image, lang: str | None, config: str) -> dict[str, li
         except OSError as e:
             raise MissingDependency(INSTALL_HINT) from e
         if done.returncode != 0:
-            raise _tesseract_failure(" ".join(done.stderr.decode("utf-8", "replace").splitlines()), lang)
+            raise _tesseract_failure(" ".join(done.stderr.decode("utf-8", "replace").splitlines()), lang, config)
         with open(target + ".tsv", encoding="utf-8") as f:
             return parse_tsv(f.read())
 

@@ -58,6 +58,40 @@ class DocumentQuestionAnsweringPipeline(TextPipeline):
                 f"pads on the {tokenizer.padding_side}; set \"padding_side\": \"right\" in its tokenizer_config.json."
             )
         super().__init__(model, tokenizer, **kwargs)
+        self.cls_id, self.sep_id = self._cls_and_sep_ids() if tokenizer is not None else (None, None)
+        if tokenizer is not None:
+            self._check_token_types()
+
+    def _cls_and_sep_ids(self) -> tuple[int | None, int | None]:
+        """The ids of the classifier token (which may answer "no answer") and of the separator (box 1000s).
+
+        They come from the checkpoint's special tokens. A checkpoint that names none (a tokenizer.json alone, or
+        a tokenizer_config.json without them) still has them in transformers, as its tokenizer class's defaults
+        ([CLS]/[SEP] for BERT-like, <s>/</s> for RoBERTa-like vocabularies); those are the tokens the
+        tokenizer's template puts first and last around a pair, so they are read from an encoded pair."""
+        cls_id, sep_id = self.tokenizer.special_id("cls_token"), self.tokenizer.special_id("sep_token")
+        if cls_id is not None and sep_id is not None:
+            return cls_id, sep_id
+        pair = self.tokenizer.encode(["a"], ["b"], is_split_into_words=True)
+        if cls_id is None and pair.sequence_ids[0] is None:
+            cls_id = pair.ids[0]
+        if sep_id is None and pair.sequence_ids[-1] is None:
+            sep_id = pair.ids[-1]
+        return cls_id, sep_id
+
+    def _check_token_types(self) -> None:
+        """UnsupportedModel when the tokenizer gives the document a token type the model has no embedding for
+        (e.g. a BERT vocabulary, whose second sequence is type 1, with type_vocab_size=1): every call would fail."""
+        types = getattr(self.model.config, "type_vocab_size", None)
+        if types is None:
+            return
+        pair = self.tokenizer.encode(["a"], ["b"], is_split_into_words=True)
+        if max(pair.type_ids, default=0) >= types:
+            raise UnsupportedModel(
+                f"the tokenizer of {self.tokenizer.name_or_path} gives token type ids up to {max(pair.type_ids)} to a "
+                f"(question, document) pair, but the model has type_vocab_size={types}: the tokenizer does not "
+                "belong to this model."
+            )
 
     def collate_padding(self) -> Padding:
         text = super().collate_padding()
@@ -81,15 +115,19 @@ class DocumentQuestionAnsweringPipeline(TextPipeline):
         "word_boxes"}), a list of such dicts (a list of results), or a generator / dataset of them (a stream).
 
         `image`: a path, URL, PIL image, bytes, base64 string or array (see processing.image.load_image), or
-        None when `word_boxes` are given. `word_boxes`: [(word, [x0, y0, x1, y1]), ...] with integer boxes on
-        the 0-1000 grid of the page; when given, no OCR runs and the image is not opened.
+        None (or left out) when `word_boxes` are given. `word_boxes`: [(word, [x0, y0, x1, y1]), ...] with
+        integer boxes on the 0-1000 grid of the page (items past the box are ignored, as transformers ignores
+        them); when given, no OCR runs and the image is not opened. Input dicts may carry other keys (a data
+        set's ids, answers ...): they are ignored, as in transformers.
         """
         return super().__call__(self._gather(image, question, word_boxes), **params)
 
     def _gather(self, image: Any, question: Any, word_boxes: Any):
         """The call's arguments -> one checked input dict, a list of them, or a stream left to preprocess."""
         if image is _MISSING:
-            raise InvalidInput("no input: call pipe(image=..., question=...).")
+            if question is None:
+                raise InvalidInput("no input: call pipe(image=..., question=...).")
+            image = None  # pipe(question=..., word_boxes=...): the words need no image
         if question is not None:
             if not isinstance(question, str):
                 raise InvalidInput(f"question must be a string, not {type(question).__name__}; to ask several "
@@ -119,32 +157,36 @@ class DocumentQuestionAnsweringPipeline(TextPipeline):
         if not isinstance(item, collections.abc.Mapping):
             raise InvalidInput('each input must be a dict {"image": ..., "question": ...} (word_boxes optional), '
                                f"not {type(item).__name__}.")
+        # Other keys are ignored, as transformers ignores them: rows of a data set carry ids, answers ...
         extra = sorted(map(str, set(item) - set(INPUT_KEYS)))
-        if "question" not in item or extra:
-            problem = f"unexpected keys {extra}" if extra else "no question"
+        if "question" not in item:
+            also = f" (it has {extra})" if extra else ""
             raise InvalidInput(f'an input must be a dict {{"image": ..., "question": ..., "word_boxes": ...}}: '
-                               f"{problem}.")
+                               f"no question{also}.")
         if item["question"] is None:
             raise InvalidInput("question is None: give some text.")
         question = self.check_text(item["question"], "question")
         image, word_boxes = item.get("image"), item.get("word_boxes")
         if image is None and word_boxes is None:
+            also = f" (the keys {extra} are not read)" if extra else ""
             raise InvalidInput("give an image (its words are read by OCR) or "
-                               "word_boxes=[(word, [x0, y0, x1, y1]), ...].")
+                               f"word_boxes=[(word, [x0, y0, x1, y1]), ...]{also}.")
         return image, question, word_boxes
 
     def _checked_word_boxes(self, word_boxes: Any) -> tuple[list[str], list[list[int]]]:
         """[(word, [x0, y0, x1, y1]), ...] -> (words, boxes); every box four integers inside the grid, x0 <= x1,
         y0 <= y1."""
-        if isinstance(word_boxes, (str, bytes)) or not isinstance(word_boxes, collections.abc.Sequence):
+        # Any sequence, array or iterator of pairs, as transformers iterates it; not a string or a dict.
+        if not _is_list_like(word_boxes) and not isinstance(word_boxes, collections.abc.Iterator):
             raise InvalidInput(f"word_boxes must be a list of (word, [x0, y0, x1, y1]) pairs, not "
                                f"{type(word_boxes).__name__}.")
         limit = getattr(self.model.config, "max_2d_position_embeddings", GRID + 1)
         words, boxes = [], []
         for i, pair in enumerate(word_boxes):
-            if isinstance(pair, (str, bytes)) or not isinstance(pair, collections.abc.Sequence) or len(pair) != 2:
+            # transformers reads pair[0] and pair[1]: more items (an OCR confidence ...) are ignored.
+            if not _is_list_like(pair) or len(pair) < 2:
                 raise InvalidInput(f"word_boxes[{i}] must be a pair (word, [x0, y0, x1, y1]), not {pair!r}.")
-            word, box = pair
+            word, box = pair[0], pair[1]
             if not isinstance(word, str):
                 raise InvalidInput(f"word_boxes[{i}]: the word must be a string, not {type(word).__name__}.")
             words.append(word)
@@ -177,7 +219,7 @@ class DocumentQuestionAnsweringPipeline(TextPipeline):
             length = max_seq_len if padding == "max_length" else max(len(w.ids) for w in windows)
             pad_windows(self.tokenizer, windows, length, "right")
 
-        cls_id, sep_id = self.tokenizer.special_id("cls_token"), self.tokenizer.special_id("sep_token")
+        cls_id, sep_id = self.cls_id, self.sep_id
         items = []
         for window in windows:
             if len(window.ids) > self.max_positions:
@@ -241,6 +283,13 @@ def _checked_box(box: Any, limit: int, where: str) -> list[int]:
             f"boxes are given on a {GRID}x{GRID} grid of the page: int({GRID} * x / width), int({GRID} * y / height)."
         )
     return [x0, y0, x1, y1]
+
+
+def _is_list_like(value: Any) -> bool:
+    """A list, tuple or array (numpy, torch), but not text or a dict."""
+    if isinstance(value, (str, bytes, collections.abc.Mapping)):
+        return False
+    return isinstance(value, collections.abc.Sequence) or (hasattr(value, "__len__") and hasattr(value, "tolist"))
 
 
 def _is_whole(value: Any) -> bool:
