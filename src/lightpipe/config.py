@@ -53,7 +53,8 @@ class BaseConfig:
 
     def _normalise_labels(self) -> None:
         if self.id2label:
-            self.id2label = {int(k): str(v) for k, v in self.id2label.items()}
+            # Values stay as config.json gives them (a number stays a number), as transformers returns them.
+            self.id2label = {int(k): v for k, v in self.id2label.items()}
         else:
             n = self.num_labels_hint or 2
             self.id2label = {i: f"LABEL_{i}" for i in range(n)}

@@ -4,8 +4,6 @@ shared), absolute positions, layer scale, mean or [CLS] pooling."""
 import pytest
 import torch
 
-from lightpipe import InvalidInput
-from lightpipe.loading import load_model
 from vision_helpers import assert_model_parity, tiny_vision_checkpoint
 
 PIXELS = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(3))
@@ -27,7 +25,11 @@ def test_parity(tmp_path, head, overrides):
         assert got["last_hidden_state"].shape == (3, 1 + 16, 32)
 
 
-def test_wrong_image_size_is_invalid_input(tmp_path):
-    model = load_model(tiny_vision_checkpoint(tmp_path, "beit", "base"), "base")
-    with pytest.raises(InvalidInput, match="patches"):
-        model(torch.randn(1, 3, 40, 40))
+@pytest.mark.parametrize("overrides", VARIANTS[:2])
+def test_other_image_sizes(tmp_path, overrides):
+    """Another patch grid than the trained one: the relative position bias table is resized bilinearly
+    (and absolute positions bicubically), as in the reference, which accepts any image size."""
+    folder = tiny_vision_checkpoint(tmp_path, "beit", "image-classification", **overrides)
+    for height, width in [(40, 40), (24, 48), (8, 8), (33, 47)]:
+        pixels = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(height))
+        assert_model_parity(folder, "beit", "image-classification", pixels)

@@ -13,9 +13,9 @@ import dataclasses
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..errors import InvalidInput
 from .vit import (TokenShape, ViTConfig, ViTIntermediate, ViTOutput, ViTPatchEmbeddings, ViTSelfAttention,
                   ViTSelfOutput, interpolated_positions, pair)
 
@@ -75,15 +75,27 @@ class BeitRelativePositionBias(nn.Module):
         entries = (2 * self.window[0] - 1) * (2 * self.window[1] - 1) + 3
         self.relative_position_bias_table = nn.Parameter(torch.empty(entries, config.num_attention_heads))
 
-    def forward(self, length: int) -> torch.Tensor:
-        """-> (1, heads, T, T) additive attention bias for T = length tokens."""
-        rows, cols = self.window
-        if length != rows * cols + 1:
-            raise InvalidInput(f"this BEiT model takes {rows}x{cols} patches; the image gives {length - 1}. "
-                               "Check the checkpoint's preprocessor_config.json.")
+    def forward(self, rows: int, cols: int) -> torch.Tensor:
+        """-> (1, heads, T, T) additive attention bias for a rows x cols grid of patches, T = 1 + rows * cols.
+
+        A grid other than the trained one (an image processor asked for another size) gets the table's
+        patch-offset part resized bilinearly to the new range of offsets, as the reference does (from MiDaS
+        v3.1); the three [CLS] entries are kept."""
         table = self.relative_position_bias_table
+        if (rows, cols) != self.window:
+            table = resized_bias_table(table, self.window, (rows, cols))
         index = relative_position_index(rows, cols).to(table.device)
+        length = rows * cols + 1
         return table[index.view(-1)].view(length, length, -1).permute(2, 0, 1).unsqueeze(0)
+
+
+def resized_bias_table(table: torch.Tensor, trained: tuple[int, int], wanted: tuple[int, int]) -> torch.Tensor:
+    """(entries, heads) bias table for a `trained` patch grid -> the table for a `wanted` grid."""
+    old_h, old_w = 2 * trained[0] - 1, 2 * trained[1] - 1  # the range of row and column offsets
+    new_h, new_w = 2 * wanted[0] - 1, 2 * wanted[1] - 1
+    offsets = table[: old_h * old_w].reshape(1, old_h, old_w, -1).permute(0, 3, 1, 2)  # (1, heads, old_h, old_w)
+    offsets = F.interpolate(offsets, size=(new_h, new_w), mode="bilinear", align_corners=False)
+    return torch.cat((offsets.permute(0, 2, 3, 1).reshape(new_h * new_w, -1), table[old_h * old_w:]))
 
 
 class BeitSelfAttention(ViTSelfAttention):
@@ -93,9 +105,11 @@ class BeitSelfAttention(ViTSelfAttention):
         super().__init__(config.hidden_size, config.num_attention_heads, qkv_bias=True, key_bias=False)
         self.relative_position_bias = BeitRelativePositionBias(config) if config.use_relative_position_bias else None
 
-    def forward(self, x: torch.Tensor, shape: TokenShape, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shape: TokenShape, grid: tuple[int, int],
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """grid: the (rows, cols) of patches behind the [CLS] token."""
         if self.relative_position_bias is not None:
-            own = self.relative_position_bias(shape.length)
+            own = self.relative_position_bias(*grid)
             bias = own if bias is None else own + bias
         return super().forward(x, shape, bias)
 
@@ -106,8 +120,9 @@ class BeitAttention(nn.Module):
         self.attention = BeitSelfAttention(config)
         self.output = ViTSelfOutput(config)
 
-    def forward(self, x: torch.Tensor, shape: TokenShape, bias: torch.Tensor | None) -> torch.Tensor:
-        return self.output(self.attention(x, shape, bias))
+    def forward(self, x: torch.Tensor, shape: TokenShape, grid: tuple[int, int],
+                bias: torch.Tensor | None) -> torch.Tensor:
+        return self.output(self.attention(x, shape, grid, bias))
 
 
 class BeitLayer(nn.Module):
@@ -124,9 +139,10 @@ class BeitLayer(nn.Module):
         self.lambda_1 = nn.Parameter(torch.empty(config.hidden_size)) if scaled else None
         self.lambda_2 = nn.Parameter(torch.empty(config.hidden_size)) if scaled else None
 
-    def forward(self, x: torch.Tensor, shape: TokenShape, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, shape: TokenShape, grid: tuple[int, int],
+                bias: torch.Tensor | None) -> torch.Tensor:
         """x: (B*T, C) -> (B*T, C)."""
-        h = self.attention(self.layernorm_before(x), shape, bias)
+        h = self.attention(self.layernorm_before(x), shape, grid, bias)
         x = x + (h if self.lambda_1 is None else self.lambda_1 * h)
         h = self.output(self.intermediate(self.layernorm_after(x)))
         return x + (h if self.lambda_2 is None else self.lambda_2 * h)
@@ -140,13 +156,14 @@ class BeitEncoder(nn.Module):
         self.relative_position_bias = (BeitRelativePositionBias(config)
                                        if config.use_shared_relative_position_bias else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, C) -> (B, T, C), on a (B*T, C) matrix: no token is padding."""
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C), on a (B*T, C) matrix: no token is padding. grid: the (rows, cols) of
+        patches, T = 1 + rows * cols."""
         shape = TokenShape(x.shape[0], x.shape[1])
-        shared = None if self.relative_position_bias is None else self.relative_position_bias(shape.length)
+        shared = None if self.relative_position_bias is None else self.relative_position_bias(*grid)
         h = x.reshape(shape.batch * shape.length, x.shape[2])
         for layer in self.layer:
-            h = layer(h, shape, shared)
+            h = layer(h, shape, grid, shared)
         return h.view(x.shape)
 
 
@@ -179,7 +196,9 @@ class BeitModel(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
-        hidden = self.encoder(self.embeddings(pixel_values))
+        patch = self.embeddings.patch_embeddings.patch_size
+        grid = (pixel_values.shape[-2] // patch[0], pixel_values.shape[-1] // patch[1])
+        hidden = self.encoder(self.embeddings(pixel_values), grid)
         if self.layernorm is not None:
             hidden = self.layernorm(hidden)
         out = {"last_hidden_state": hidden}

@@ -254,11 +254,14 @@ def _upright_rgb(image, owned: bool):
 
 def _channels_last(array: np.ndarray) -> np.ndarray:
     """(H, W), (H, W, C) or (C, H, W) -> (H, W, C); channels first wins when both ends could be channels,
-    as in transformers."""
+    as in transformers, except that 3 channels last beat 1 or 4 first: a (1, N, 3) array is a 1 x N RGB
+    image (transformers reads it as a 1-channel image and then fails on the 3-channel normalisation)."""
     if array.ndim == 2:
         return array[:, :, None]
     if array.ndim != 3:
         raise InvalidInput(f"an image array must have 2 or 3 dimensions (H, W[, C]), not shape {array.shape}.")
+    if array.shape[-1] == 3 and array.shape[0] != 3:
+        return array
     if array.shape[0] in (1, 3, 4):
         return np.moveaxis(array, 0, -1)
     if array.shape[-1] in (1, 3, 4):
@@ -270,7 +273,9 @@ def _channels_last(array: np.ndarray) -> np.ndarray:
 def _as_uint8(array: np.ndarray) -> np.ndarray:
     if array.dtype == np.uint8:
         return array
-    if array.dtype == np.bool_ or not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+    if array.dtype == np.bool_:  # 0 and 1, as transformers reads them (not 0 and 255)
+        return array.astype(np.uint8)
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
         raise InvalidInput(f"an image array must hold integers or floats, not {array.dtype}.")
     values = array.astype(np.float64)
     if not np.isfinite(values).all():
@@ -345,7 +350,8 @@ PROCESSOR_OF_MODEL_TYPE = {
     "clip": "CLIPImageProcessor", "dinov2": "BitImageProcessor",
 }
 CONFIG_FILES = ("preprocessor_config.json", "processor_config.json")
-SIZE_FORMS = ({"height", "width"}, {"shortest_edge"}, {"shortest_edge", "longest_edge"})
+SIZE_FORMS = ({"height", "width"}, {"shortest_edge"}, {"shortest_edge", "longest_edge"},
+              {"max_height", "max_width"})
 
 
 def _processor_kind(raw: dict, model_type: str | None) -> str | None:
@@ -369,8 +375,8 @@ def _size_dict(value: Any, default_to_square: bool, what: str) -> dict[str, int]
     if isinstance(value, dict) and set(value) in SIZE_FORMS and all(isinstance(v, int) and v > 0 for v in value.values()):
         return dict(value)
     raise UnsupportedModel(
-        f"{what}={value!r} is not supported; lightpipe resizes to {{'height', 'width'}}, {{'shortest_edge'}} "
-        "or {'shortest_edge', 'longest_edge'}."
+        f"{what}={value!r} is not supported; lightpipe resizes to {{'height', 'width'}}, {{'shortest_edge'}}, "
+        "{'shortest_edge', 'longest_edge'} or {'max_height', 'max_width'}."
     )
 
 
@@ -413,6 +419,13 @@ def bounded_size(height: int, width: int, shortest: int, longest: int) -> tuple[
     return shortest, (int(raw * width / height) if raw is not None else int(shortest * width / height))
 
 
+def fitted_size(height: int, width: int, max_height: int, max_width: int) -> tuple[int, int]:
+    """(height, width) scaled, aspect kept, until one side meets its bound and neither passes it (up or
+    down), truncated as transformers' get_image_size_for_max_height_width truncates."""
+    scale = min(max_height / height, max_width / width)
+    return int(height * scale), int(width * scale)
+
+
 def center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     """(H, W, C) -> (height, width, C) around the centre; zero padding where the image is smaller,
     placed as transformers places it."""
@@ -449,9 +462,10 @@ class ImageProcessor:
     image_mean: tuple[float, float, float] = IMAGENET_STANDARD_MEAN
     image_std: tuple[float, float, float] = IMAGENET_STANDARD_STD
     do_convert_rgb: bool = False
+    default_to_square: bool = True  # how a bare int `size` given later (with_options) reads
 
     OPTIONS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "crop_pct", "do_rescale",
-               "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+               "rescale_factor", "do_normalize", "image_mean", "image_std", "do_convert_rgb", "default_to_square")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -494,7 +508,8 @@ class ImageProcessor:
             logger.warning("%s is not an image processor lightpipe knows; keys its config leaves out take "
                            "ViTImageProcessor's defaults.", kind)
         defaults = PROCESSOR_DEFAULTS.get(kind, _VIT)
-        square = raw.get("default_to_square", defaults.default_to_square)
+        square = raw.get("default_to_square")
+        square = defaults.default_to_square if square is None else bool(square)
 
         def get(key, default):
             value = raw.get(key)
@@ -518,6 +533,7 @@ class ImageProcessor:
             image_mean=_triple(get("image_mean", defaults.image_mean), "image_mean"),
             image_std=_triple(get("image_std", defaults.image_std), "image_std"),
             do_convert_rgb=bool(get("do_convert_rgb", defaults.do_convert_rgb)),
+            default_to_square=square,
         )
         processor._check()
         return processor
@@ -540,7 +556,6 @@ class ImageProcessor:
         raw = {k: getattr(self, k) for k in self.OPTIONS}
         raw.update(options)
         raw["image_processor_type"] = self.kind
-        raw["default_to_square"] = PROCESSOR_DEFAULTS.get(self.kind, _VIT).default_to_square
         try:
             return self.from_dict(raw)
         except (UnsupportedModel, CheckpointError) as e:
@@ -557,18 +572,30 @@ class ImageProcessor:
             return PIL.Image.alpha_composite(white, rgba).convert("RGB")
         return image if image.mode == "RGB" else image.convert("RGB")
 
+    @property
+    def fixed_output_size(self) -> bool:
+        """Whether every image comes out at one size (a crop, a fixed resize or ConvNeXt's square), so
+        that images can share a batch; otherwise the size follows each image's aspect ratio."""
+        if self.do_center_crop:
+            return True
+        if not self.do_resize:
+            return False
+        return self.crop_pct is not None or "height" in self.size
+
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """The (height, width) the resize step produces for an image of (height, width)."""
         size = self.size
+        if self.crop_pct is not None:  # ConvNeXt reads shortest_edge alone (a longest_edge is ignored)
+            shortest = size["shortest_edge"]
+            if shortest >= 384:  # ConvNeXt warps to a square at 384 px and above
+                return shortest, shortest
+            return shortest_edge_size(height, width, int(shortest / self.crop_pct))
         if "shortest_edge" in size and "longest_edge" in size:
             return bounded_size(height, width, size["shortest_edge"], size["longest_edge"])
         if "shortest_edge" in size:
-            shortest = size["shortest_edge"]
-            if self.crop_pct is not None:
-                if shortest >= 384:  # ConvNeXt warps to a square at 384 px and above
-                    return shortest, shortest
-                shortest = int(shortest / self.crop_pct)
-            return shortest_edge_size(height, width, shortest)
+            return shortest_edge_size(height, width, size["shortest_edge"])
+        if "max_height" in size:
+            return fitted_size(height, width, size["max_height"], size["max_width"])
         return size["height"], size["width"]
 
     def prepare(self, image) -> np.ndarray:
@@ -579,6 +606,9 @@ class ImageProcessor:
         image = self.to_rgb(image)
         if self.do_resize:
             height, width = self.output_size(image.height, image.width)
+            if height < 1 or width < 1:
+                raise InvalidInput(f"a {image.width} x {image.height} image would be resized to {width} x {height} "
+                                   "pixels, which is nothing; the image is too narrow for this model's size settings.")
             image = image.resize((width, height), resample=self.resample)
         pixels = np.array(image)  # a writable copy, (H, W, 3) uint8
         if self.do_resize and self.crop_pct is not None and self.size["shortest_edge"] < 384:

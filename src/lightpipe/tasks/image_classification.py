@@ -13,6 +13,15 @@ from .text_classification import FUNCTIONS, apply_function, default_function
 DEFAULT_TOP_K = 5
 
 
+def one_image_batches_unless_fixed(processor, runtime: dict[str, Any]) -> dict[str, Any]:
+    """The runtime parameters with batch_size 1 when `processor` sizes each image after its own aspect
+    ratio (a shortest_edge resize and no crop): images of different sizes cannot be stacked, and padding
+    them would change their answers. (transformers fails on such batches.)"""
+    if processor.fixed_output_size:
+        return runtime
+    return {**runtime, "batch_size": 1}
+
+
 class ImagePipeline(Pipeline):
     """A pipeline over an image processor: each input is loaded (path, URL, base64, bytes, PIL image or
     array), preprocessed to pixel_values (3, H, W), and batches are stacked (all images share one size)."""
@@ -31,6 +40,14 @@ class ImagePipeline(Pipeline):
     def check_params(self, params: dict[str, Any]) -> None:
         super().check_params(params)
         check_timeout(params.get("timeout"))
+
+    def _route(self, call_params: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
+        runtime, pre, fwd, post = super()._route(call_params)
+        return one_image_batches_unless_fixed(self.processor_for(pre), runtime), pre, fwd, post
+
+    def processor_for(self, preprocess_params: dict[str, Any]):
+        """The image processor one call uses."""
+        return self.image_processor
 
     def image_item(self, image, timeout=None, processor=None) -> ModelItem:
         pixels = (processor or self.image_processor)(load_image(image, timeout=timeout))["pixel_values"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import InvalidInput
+from ..processing.image import check_timeout
 from .image_classification import ImagePipeline
 
 
@@ -19,6 +20,8 @@ class ImageFeatureExtractionPipeline(ImagePipeline):
         if options is not None:
             if not isinstance(options, dict):
                 raise InvalidInput("image_processor_kwargs must be a dict of image processor settings.")
+            options = dict(options)
+            check_timeout(options.pop("timeout", None))
             self.image_processor.with_options(**options)  # unknown keys or bad values fail before any work
         if params.get("pool") and getattr(self.model, "pooler", True) is None:
             raise InvalidInput(
@@ -26,8 +29,18 @@ class ImageFeatureExtractionPipeline(ImagePipeline):
                 "(the checkpoint has no pooler weights); use pool=False for the hidden states."
             )
 
+    def processor_for(self, preprocess_params: dict[str, Any]):
+        options = dict(preprocess_params.get("image_processor_kwargs") or {})
+        options.pop("timeout", None)
+        return self.image_processor.with_options(**options)
+
     def preprocess(self, inputs, timeout=None, image_processor_kwargs=None):
-        processor = self.image_processor.with_options(**(image_processor_kwargs or {}))
+        options = dict(image_processor_kwargs or {})
+        # transformers passes these options on as the preprocessing parameters, so a "timeout" among
+        # them is the URL timeout; a timeout given directly wins, as it does there.
+        timeout = options.pop("timeout", None) if timeout is None else timeout
+        options.pop("timeout", None)
+        processor = self.image_processor.with_options(**options)
         return [self.image_item(inputs, timeout, processor)]
 
     def forward(self, batch):

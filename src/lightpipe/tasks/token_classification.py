@@ -74,8 +74,10 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-def split_tag(label: str) -> tuple[str, str]:
-    """'B-PER' -> ('B', 'PER'); 'I-PER' -> ('I', 'PER'); a label without a prefix continues: ('I', label)."""
+def split_tag(label) -> tuple[str, str]:
+    """'B-PER' -> ('B', 'PER'); 'I-PER' -> ('I', 'PER'); a label without a prefix continues: ('I', label).
+    A label that is not text (config.json may name labels by numbers) is read as its text."""
+    label = str(label)
     if label.startswith("B-"):
         return "B", label[2:]
     if label.startswith("I-"):
@@ -345,7 +347,7 @@ class TokenClassificationPipeline(TextPipeline):
                     continue
             groups.append([entity])
         return [{
-            "entity_group": group[0]["entity"].split("-", 1)[-1],  # as transformers names it, whatever the prefix
+            "entity_group": str(group[0]["entity"]).split("-", 1)[-1],  # as transformers names it, whatever the prefix
             "score": np.nanmean([e["score"] for e in group]),
             "word": self.tokenizer.convert_tokens_to_string([e["word"] for e in group]),
             "start": group[0]["start"],

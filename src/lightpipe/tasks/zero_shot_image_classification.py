@@ -17,6 +17,7 @@ from ..errors import CheckpointError, InvalidInput
 from ..processing.image import load_image
 from ..runtime import ModelItem, Padding, collate
 from .base import Pipeline
+from .image_classification import one_image_batches_unless_fixed
 
 DEFAULT_TEMPLATE = "This is a photo of {}."
 
@@ -32,11 +33,9 @@ def parse_labels(value: Any) -> tuple[str, ...]:
         labels = [part.strip() for part in value.split(",") if part.strip()]
     elif isinstance(value, (list, tuple)):
         labels = list(value)
-        for label in labels:
+        for label in labels:  # an empty label is kept: its sentence is the template alone, as in transformers
             if not isinstance(label, str):
                 raise InvalidInput(f"each candidate label must be a string, not {type(label).__name__} ({label!r}).")
-            if not label.strip():
-                raise InvalidInput("a candidate label is empty; give every label some text.")
     else:
         raise InvalidInput(f"candidate_labels must be a list of strings (or one comma-separated string), "
                            f"not {type(value).__name__}.")
@@ -56,12 +55,40 @@ def check_template(template: Any) -> str:
     return template
 
 
+# tokenizer_kwargs keys that mean something for the label sentences. transformers accepts the parameter
+# but drops it; here truncation works (a too long sentence is then cut, not refused). Padding never
+# changes CLIP's scores (padded positions are masked and pooling reads the end-of-text token).
+TOKENIZER_KWARGS = ("truncation", "max_length", "padding")
+
+
+def check_tokenizer_kwargs(value: Any) -> tuple[tuple[str, Any], ...]:
+    """tokenizer_kwargs -> a hashable, sorted tuple of its items, or InvalidInput."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise InvalidInput(f"tokenizer_kwargs must be a dict such as {{'truncation': True}}, "
+                           f"not {type(value).__name__}.")
+    unknown = sorted(set(value) - set(TOKENIZER_KWARGS))
+    if unknown:
+        raise InvalidInput(f"unknown tokenizer_kwargs {unknown}; accepted: {', '.join(TOKENIZER_KWARGS)}.")
+    length = value.get("max_length")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 2):
+        raise InvalidInput(f"tokenizer_kwargs max_length must be an integer of at least 2, not {length!r}.")
+    if value.get("truncation") not in (None, True, False, "longest_first", "only_first", "do_not_truncate"):
+        raise InvalidInput(f"tokenizer_kwargs truncation must be True, False, 'longest_first', 'only_first' or "
+                           f"'do_not_truncate', not {value['truncation']!r}.")
+    if value.get("padding") not in (None, True, False, "longest", "max_length", "do_not_pad"):
+        raise InvalidInput(f"tokenizer_kwargs padding must be True, False, 'longest', 'max_length' or 'do_not_pad', "
+                           f"not {value['padding']!r}.")
+    return tuple(sorted(value.items()))
+
+
 class ZeroShotImageClassificationPipeline(Pipeline):
     task = "zero-shot-image-classification"
     components = ("tokenizer", "image_processor")
     preprocess_params = ("candidate_labels", "hypothesis_template", "timeout")
     # The labels and template also reach forward, which embeds their sentences (once per call).
-    forward_params = ("candidate_labels", "hypothesis_template")
+    forward_params = ("candidate_labels", "hypothesis_template", "tokenizer_kwargs")
 
     def __init__(self, model, tokenizer=None, **kwargs):
         super().__init__(model, tokenizer, **kwargs)
@@ -89,6 +116,7 @@ class ZeroShotImageClassificationPipeline(Pipeline):
             parse_labels(params["candidate_labels"])
         if "hypothesis_template" in params:
             check_template(params["hypothesis_template"])
+        check_tokenizer_kwargs(params.get("tokenizer_kwargs"))
         timeout = params.get("timeout")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
             raise InvalidInput(f"timeout must be a positive number of seconds or None, not {timeout!r}.")
@@ -108,6 +136,10 @@ class ZeroShotImageClassificationPipeline(Pipeline):
         parse_labels(params.get("candidate_labels", self._defaults.get("candidate_labels")))
         return super().__call__(image, **params)
 
+    def _route(self, call_params: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
+        runtime, pre, fwd, post = super()._route(call_params)
+        return one_image_batches_unless_fixed(self.image_processor, runtime), pre, fwd, post
+
     # ------------------------------------------------------------------ the three stages
     def preprocess(self, image, candidate_labels=None, hypothesis_template=DEFAULT_TEMPLATE, timeout=None):
         labels = parse_labels(candidate_labels)
@@ -118,24 +150,33 @@ class ZeroShotImageClassificationPipeline(Pipeline):
         # A fresh cache for each call: the label sentences are embedded by the first batch, reused by the rest.
         return super()._forward_fn({**fwd, "text_cache": {}})
 
-    def forward(self, batch, candidate_labels=None, hypothesis_template=DEFAULT_TEMPLATE, text_cache=None):
-        key = (parse_labels(candidate_labels), hypothesis_template)
+    def forward(self, batch, candidate_labels=None, hypothesis_template=DEFAULT_TEMPLATE, tokenizer_kwargs=None,
+                text_cache=None):
+        key = (parse_labels(candidate_labels), hypothesis_template, check_tokenizer_kwargs(tokenizer_kwargs))
         cache = {} if text_cache is None else text_cache
         if key not in cache:
             cache[key] = self.label_features(*key)
         image_embeds = self.model.get_image_features(batch["pixel_values"])  # (B, P)
         return {"logits": self.model.similarity(image_embeds, cache[key])}  # (B, labels)
 
-    def label_features(self, labels: tuple[str, ...], template: str) -> torch.Tensor:
+    def label_features(self, labels: tuple[str, ...], template: str,
+                       tokenizer_kwargs: tuple[tuple[str, Any], ...] = ()) -> torch.Tensor:
         """The labels' sentences -> (labels, P) text embeddings, padded together as transformers pads them."""
         sentences = [template.format(label) for label in labels]
         limit = self.model.config.text_config.max_position_embeddings
+        options = dict(tokenizer_kwargs)
+        truncation = options.get("truncation")
+        max_length = options.get("max_length") or min(limit, self.tokenizer.model_max_length)
         items = []
         for sentence in sentences:
-            encoding = self.tokenizer.encode(sentence)
+            if truncation not in (None, False, "do_not_truncate"):
+                encoding = self.tokenizer.encode(sentence, truncation=truncation, max_length=max_length)
+            else:
+                encoding = self.tokenizer.encode(sentence)
             if len(encoding.ids) > limit:
                 raise InvalidInput(f"the label sentence {sentence[:60]!r} is {len(encoding.ids)} tokens long, more "
-                                   f"than this model's {limit}; use a shorter label or hypothesis_template.")
+                                   f"than this model's {limit}; use a shorter label or hypothesis_template, or "
+                                   "tokenizer_kwargs={'truncation': True}.")
             items.append(ModelItem({"input_ids": torch.tensor(encoding.ids, dtype=torch.long),
                                     "attention_mask": torch.tensor(encoding.attention_mask, dtype=torch.long)}))
         pad_id = self.tokenizer.pad_token_id
