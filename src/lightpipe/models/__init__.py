@@ -23,6 +23,7 @@ MODEL_TYPES: dict[str, str] = {
     "hubert": "hubert",
     "layoutlm": "layoutlm",
     "clip": "clip",
+    "clip_vision_model": "clip_vision",
     "vit": "vit",
     "deit": "deit",
     "convnext": "convnext",

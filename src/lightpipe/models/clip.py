@@ -294,12 +294,70 @@ class CLIPModel(nn.Module):
                 "image_embeds": normalize(image_features), "text_embeds": normalize(text_features)}
 
 
+# ----------------------------------------------------------------------------------------------
+# The vision tower alone: image embeddings and image classification
+
+
+class CLIPVisionModel(nn.Module):
+    """The vision tower alone: what image-feature-extraction reads from CLIP checkpoints, as transformers
+    does (its AutoModel for "clip_vision_model" is CLIPVisionModel, also for a CLIPVisionModelWithProjection
+    checkpoint, whose projection it leaves unused): hidden states, and the [CLS] state after
+    post_layernorm as the pooled output.
+
+    transformers keeps the tower's keys at the top level since v5 and under `vision_model.` before; both
+    load (see loading._adapt_prefix)."""
+
+    config_class = CLIPVisionConfig
+    base_model_prefix = "vision_model"
+
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        self.config = config
+        self.vision_model = CLIPVisionTransformer(config)
+
+    def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """-> last_hidden_state (B, 1 + patches, C), pooler_output (B, C)."""
+        return self.vision_model(pixel_values)
+
+
+class CLIPVisionOfWholeModel(CLIPVisionModel):
+    """The vision tower of a whole CLIP checkpoint (transformers' image-feature-extraction pipeline fails on
+    those: its CLIPModel needs text too)."""
+
+    config_class = CLIPConfig
+
+    def __init__(self, config: CLIPConfig):
+        super().__init__(config.vision_config)
+        self.config = config
+
+
+class CLIPForImageClassification(nn.Module):
+    """A linear classifier on the mean of the vision tower's patch states (the [CLS] state is left out)."""
+
+    config_class = CLIPConfig
+    base_model_prefix = "vision_model"
+
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        self.config = config
+        self.vision_model = CLIPVisionTransformer(config.vision_config)
+        self.classifier = nn.Linear(config.vision_config.hidden_size, config.num_labels)
+
+    def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = self.vision_model(pixel_values)["last_hidden_state"]  # (B, 1 + patches, C), before post_layernorm
+        return {"logits": self.classifier(hidden[:, 1:].mean(dim=1))}
+
+
 def sanitize(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop the position-id buffers older checkpoints saved (positions are computed here)."""
     return {k: v for k, v in state_dict.items() if not k.endswith("embeddings.position_ids")}
 
 
-ARCHITECTURES = {"CLIPModel": CLIPModel}
-HEADS = {"contrastive": CLIPModel}
-TASK_OF_HEAD = {"contrastive": "zero-shot-image-classification"}
+ARCHITECTURES = {"CLIPModel": CLIPModel, "CLIPForImageClassification": CLIPForImageClassification}
+HEADS = {"contrastive": CLIPModel, "base": CLIPVisionOfWholeModel, "image-classification": CLIPForImageClassification}
+TASK_OF_HEAD = {"contrastive": "zero-shot-image-classification", "base": "image-feature-extraction",
+                "image-classification": "image-classification"}
+# Keys of a whole CLIP checkpoint (or of a classifier) that the vision tower alone does not use.
+IGNORED_KEYS = (r"^text_model\.", r"^text_projection\.", r"^visual_projection\.", r"^logit_scale$",
+                r"^classifier\.")
 Config = CLIPConfig

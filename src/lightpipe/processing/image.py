@@ -347,7 +347,7 @@ PROCESSOR_OF_MODEL_TYPE = {
     "vit": "ViTImageProcessor", "swin": "ViTImageProcessor", "swinv2": "ViTImageProcessor",
     "deit": "DeiTImageProcessor", "beit": "BeitImageProcessor", "data2vec-vision": "BeitImageProcessor",
     "convnext": "ConvNextImageProcessor", "convnextv2": "ConvNextImageProcessor",
-    "clip": "CLIPImageProcessor", "dinov2": "BitImageProcessor",
+    "clip": "CLIPImageProcessor", "clip_vision_model": "CLIPImageProcessor", "dinov2": "BitImageProcessor",
 }
 CONFIG_FILES = ("preprocessor_config.json", "processor_config.json")
 SIZE_FORMS = ({"height", "width"}, {"shortest_edge"}, {"shortest_edge", "longest_edge"},
