@@ -26,9 +26,10 @@ def bpe_prefix_space_folder(folder: Path) -> Path:
     return folder
 
 
-def layoutlm_checkpoint(folder: Path, vocab: str = "bert", head: str = "qa", seed: int = 0) -> Path:
+def layoutlm_checkpoint(folder: Path, vocab: str = "bert", head: str = "qa", seed: int = 0, **overrides) -> Path:
     """Save a tiny random LayoutLM (`head` "qa": LayoutLMForQuestionAnswering, "base": LayoutLMModel) and its
-    tokenizer ("bert": WordPiece, lower case; "bpe": RoBERTa-style byte-level BPE) into `folder`."""
+    tokenizer ("bert": WordPiece, lower case; "bpe": RoBERTa-style byte-level BPE) into `folder`; `overrides`
+    change the config's sizes and settings."""
     import transformers
 
     if vocab == "bert":
@@ -38,7 +39,7 @@ def layoutlm_checkpoint(folder: Path, vocab: str = "bert", head: str = "qa", see
         bpe_prefix_space_folder(folder)
         extra = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2)
     vocab_size = len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]) + 8
-    config = transformers.LayoutLMConfig(vocab_size=vocab_size, **SIZES, **extra)
+    config = transformers.LayoutLMConfig(vocab_size=vocab_size, **{**SIZES, **extra, **overrides})
     torch.manual_seed(seed)
     cls = transformers.LayoutLMForQuestionAnswering if head == "qa" else transformers.LayoutLMModel
     model = randomize(cls(config), seed)
@@ -106,3 +107,21 @@ def render_page(lines=INVOICE_LINES, size=(900, 560)):
             boxes.append(draw.textbbox((x, y), word, font=font))
             x += draw.textlength(word, font=font) + space
     return image, words, boxes
+
+
+SCORE_ATOL = 1e-4
+
+
+def assert_same(got, expected, atol=SCORE_ATOL):
+    """Document-QA answers: answers, word indices and order equal; scores within atol."""
+    import pytest
+
+    if isinstance(expected, list):
+        assert isinstance(got, list) and len(got) == len(expected), (got, expected)
+        for g, e in zip(got, expected):
+            assert_same(g, e, atol)
+        return
+    assert list(got) == list(expected), (got, expected)  # same keys, in the reference's order
+    assert (got["answer"], got["start"], got["end"]) == (expected["answer"], expected["start"], expected["end"]), \
+        (got, expected)
+    assert type(got["score"]) is float and got["score"] == pytest.approx(expected["score"], abs=atol), (got, expected)

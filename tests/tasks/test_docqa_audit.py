@@ -15,10 +15,9 @@ import shutil
 import pytest
 import torch
 
-from layoutlm_helpers import DOCUMENT, SIZES, layoutlm_checkpoint, render_page, word_boxes
+from layoutlm_helpers import DOCUMENT, SIZES, assert_same, layoutlm_checkpoint, render_page, word_boxes
 from lightpipe import InvalidInput, UnsupportedModel, pipeline
 
-SCORE_ATOL = 1e-4
 QUESTION = "What is the invoice number?"
 SHORT = word_boxes(DOCUMENT[:20])
 LONG = word_boxes()
@@ -99,19 +98,6 @@ LAYOUTS = {
 }
 
 
-def assert_same(got, expected, atol=SCORE_ATOL):
-    """Answers, word indices and order equal; scores within atol."""
-    if isinstance(expected, list):
-        assert isinstance(got, list) and len(got) == len(expected), (got, expected)
-        for g, e in zip(got, expected):
-            assert_same(g, e, atol)
-        return
-    assert list(got) == list(expected), (got, expected)
-    assert (got["answer"], got["start"], got["end"]) == (expected["answer"], expected["start"], expected["end"]), \
-        (got, expected)
-    assert type(got["score"]) is float and got["score"] == pytest.approx(expected["score"], abs=atol), (got, expected)
-
-
 def assert_parity(folder, calls):
     """Every (args, kwargs) call gives transformers' answers."""
     pipe, ref = ours(folder), reference(folder)
@@ -185,22 +171,7 @@ def test_pytorch_model_bin_with_position_ids_equals_transformers(base, tmp_path)
 # ---------------------------------------------------------------------------------------- model configs
 def config_checkpoint(folder, vocab, **overrides):
     """A tiny LayoutLMForQuestionAnswering with config `overrides`, and the `vocab` tokenizer."""
-    import transformers
-
-    from helpers import bert_vocab_folder, randomize
-    from layoutlm_helpers import bpe_prefix_space_folder
-
-    if vocab == "bert":
-        bert_vocab_folder(folder)
-        special = {}
-    else:
-        bpe_prefix_space_folder(folder)
-        special = dict(pad_token_id=1, bos_token_id=0, eos_token_id=2)
-    vocab_size = len(json.loads((folder / "tokenizer.json").read_text())["model"]["vocab"]) + 8
-    config = transformers.LayoutLMConfig(vocab_size=vocab_size, **{**SIZES, **special, **overrides})
-    torch.manual_seed(0)
-    randomize(transformers.LayoutLMForQuestionAnswering(config), 0).save_pretrained(str(folder))
-    return folder
+    return layoutlm_checkpoint(folder, vocab, **overrides)
 
 
 CONFIGS = {

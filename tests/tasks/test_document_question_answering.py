@@ -10,10 +10,9 @@ import io
 
 import pytest
 
-from layoutlm_helpers import DOCUMENT, layoutlm_checkpoint, render_page, word_boxes
+from layoutlm_helpers import DOCUMENT, assert_same, layoutlm_checkpoint, render_page, word_boxes
 from lightpipe import InvalidInput, MissingDependency, UnsupportedModel, pipeline
 
-SCORE_ATOL = 1e-4
 VOCABS = ("bert", "bpe")  # WordPiece (microsoft/layoutlm-base style), RoBERTa BPE (impira/layoutlm-document-qa style)
 QUESTIONS = ["what is the invoice number?", "Where does John work?", "What is the total due?"]
 SHORT = word_boxes(DOCUMENT[:20])  # fits one window of the tiny models' 128 positions
@@ -55,19 +54,6 @@ def references(folders):
     transformers.logging.set_verbosity_error()
     return {vocab: transformers.pipeline("document-question-answering", model=str(folder))
             for vocab, folder in folders.items()}
-
-
-def assert_same(got, expected, atol=SCORE_ATOL):
-    """Answers, word indices and order equal; scores within atol."""
-    if isinstance(expected, list):
-        assert isinstance(got, list) and len(got) == len(expected), (got, expected)
-        for g, e in zip(got, expected):
-            assert_same(g, e, atol)
-        return
-    assert list(got) == list(expected), (got, expected)  # same keys, in the reference's order
-    assert (got["answer"], got["start"], got["end"]) == (expected["answer"], expected["start"], expected["end"]), \
-        (got, expected)
-    assert type(got["score"]) is float and got["score"] == pytest.approx(expected["score"], abs=atol), (got, expected)
 
 
 # ---------------------------------------------------------------------------------------- parity, word_boxes
