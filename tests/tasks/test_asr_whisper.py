@@ -216,6 +216,32 @@ def test_long_audio_without_timestamps_gives_the_text_of_the_timestamped_decodin
     assert got == {"text": ref(audio.copy(), max_new_tokens=MAX_NEW, return_timestamps=True)["text"]}
 
 
+def test_progress_follows_the_window_loop_of_long_audio(pipes, capsys, monkeypatch):
+    """progress=True adds a bar in seconds of audio while long audio (one item of the pipeline's own bar) is
+    decoded window by window; it changes no result."""
+    from lightpipe.models import whisper_longform
+
+    ours, _ = pipes()
+    audios = [clip(3 * RATE + 1234, 9), clip(2 * RATE + 777, 12)]
+    advanced = []
+    original = whisper_longform.transcribe
+
+    def spying(*args, on_window=None, **kwargs):
+        def record(frames):
+            advanced.append(frames)
+            on_window(frames)
+        return original(*args, on_window=None if on_window is None else record, **kwargs)
+
+    monkeypatch.setattr(whisper_longform, "transcribe", spying)
+    quiet = ours(audios, batch_size=2, max_new_tokens=MAX_NEW, return_timestamps=True)
+    assert advanced == []  # no bar, no hook
+    shown = ours(audios, batch_size=2, max_new_tokens=MAX_NEW, return_timestamps=True, progress=True)
+    assert shown == quiet
+    hop = ours.feature_extractor.hop_length
+    assert sum(advanced) == sum(len(a) // hop for a in audios) and len(advanced) >= 3  # one report a window
+    assert "audio decoded" in capsys.readouterr().err
+
+
 def test_long_and_short_audio_batched_change_nothing(pipes):
     ours, _ = pipes()
     audios = [clip(3 * RATE + 1234, 9), clip(11000, 2), clip(2 * RATE + 777, 12), clip(4000, 1)]

@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +119,8 @@ def transcribe(model: WhisperForConditionalGeneration, features: torch.Tensor, f
                generation_config: GenerationConfig, *, timestamps: bool = False, word_timestamps: bool = False,
                audio_frames: Sequence[int] | None = None, time_precision: float = 0.02, language=None,
                task: str | None = None, prompt_ids: Sequence[int] | None = None,
-               long_form: LongFormOptions | None = None) -> list[Transcript]:
+               long_form: LongFormOptions | None = None,
+               on_window: Callable[[int], None] | None = None) -> list[Transcript]:
     """Decode each audio of `features` (B, n_mels, width) window by window.
 
     frames: each audio's own feature frames (at most `width`): the loop ends when its windows cover them.
@@ -131,6 +132,8 @@ def transcribe(model: WhisperForConditionalGeneration, features: torch.Tensor, f
     language, task, prompt_ids: as `whisper_generate`; a language that must be detected is detected once per audio,
         on its first window, and kept for the others.
     long_form: temperature fallback and conditioning on previous text (`LongFormOptions`).
+    on_window: called after each window with the number of mel frames the audios advanced by (their sum over a
+        call is sum(frames)): a progress bar for long audio, which is one pipeline item however long it is.
     """
     batch = features.shape[0]
     if len(frames) != batch or (audio_frames is not None and len(audio_frames) != batch):
@@ -138,7 +141,7 @@ def transcribe(model: WhisperForConditionalGeneration, features: torch.Tensor, f
     window = model.config.frames
     with_timestamps = [bool(timestamps) or int(f) > window for f in frames]
     options = dict(word_timestamps=word_timestamps, time_precision=time_precision, language=language, task=task,
-                   prompt_ids=prompt_ids, long_form=long_form)
+                   prompt_ids=prompt_ids, long_form=long_form, on_window=on_window)
     if len(set(with_timestamps)) > 1:  # different prompts and rules: decode the two kinds apart
         results: list[Transcript | None] = [None] * batch
         for kind in (False, True):
@@ -159,8 +162,9 @@ class _SeekLoop:
     limits agree; otherwise in groups, so that each one decodes exactly as it would alone."""
 
     def __init__(self, model, features, frames, config, timestamps, audio_frames, *, word_timestamps,
-                 time_precision, language, task, prompt_ids, long_form):
+                 time_precision, language, task, prompt_ids, long_form, on_window=None):
         self.model, self.features, self.config = model, features, config
+        self.on_window = on_window
         self.frames = [int(f) for f in frames]
         self.timestamps, self.word_timestamps = timestamps, word_timestamps
         self.audio_frames = None if audio_frames is None else [int(f) for f in audio_frames]
@@ -192,7 +196,10 @@ class _SeekLoop:
             active = [r for r, seek in enumerate(self.seek) if seek < self.frames[r]]
             if not active:
                 break
+            done = self._frames_done()
             self._decode_window(active)
+            if self.on_window is not None:
+                self.on_window(self._frames_done() - done)
         transcripts = []
         for r in range(len(self.seek)):
             tokens = [t for segment in self.segments[r][self.first_kept[r]:] for t in segment]
@@ -201,6 +208,9 @@ class _SeekLoop:
                 times = torch.cat(self.times[r]) if self.times[r] else torch.zeros(0)
             transcripts.append(Transcript(tokens, times, self.languages[r]))
         return transcripts
+
+    def _frames_done(self) -> int:
+        return sum(min(seek, frames) for seek, frames in zip(self.seek, self.frames))
 
     # ------------------------------------------------------------------ one window of each active audio
     def _decode_window(self, active: list[int]) -> None:

@@ -400,16 +400,24 @@ class WhisperDecoding:
                 "frames": torch.tensor(features.shape[-1])}
 
     def forward(self, batch: dict[str, torch.Tensor], generate_kwargs=None, max_new_tokens=None,
-                return_timestamps=None, return_language=None) -> dict[str, torch.Tensor]:
+                return_timestamps=None, return_language=None, progress=False) -> dict[str, torch.Tensor]:
         from ..models.whisper_longform import transcribe
 
         return_timestamps = self._return_timestamps(return_timestamps)
         config, whisper = self.options(generate_kwargs, max_new_tokens, return_timestamps)
         features = batch["input_features"].transpose(1, 2)  # (B, n_mels, frames)
-        transcripts = transcribe(
-            self.model, features.to(next(self.model.parameters()).dtype), batch["frames"].tolist(), config,
-            timestamps=bool(return_timestamps), word_timestamps=return_timestamps == "word",
-            audio_frames=batch["attention_mask"].sum(dim=-1).tolist(), time_precision=self.time_precision, **whisper)
+        frames = batch["frames"].tolist()
+        bar = self._audio_progress_bar(frames) if progress else None
+        try:
+            transcripts = transcribe(
+                self.model, features.to(next(self.model.parameters()).dtype), frames, config,
+                timestamps=bool(return_timestamps), word_timestamps=return_timestamps == "word",
+                audio_frames=batch["attention_mask"].sum(dim=-1).tolist(), time_precision=self.time_precision,
+                on_window=None if bar is None else lambda advanced: bar.update(advanced * self.seconds_per_frame),
+                **whisper)
+        finally:
+            if bar is not None:
+                bar.close()
         if return_language:
             transcripts = self._with_language(transcripts)
         eos = config.eos_token_ids[0] if config.eos_token_ids else config.fill_token_id
@@ -425,6 +433,20 @@ class WhisperDecoding:
                 times[row, len(t.token_times):] = t.token_times[-1] if len(t.token_times) else 0.0
             result["token_timestamps"] = times
         return result
+
+    @property
+    def seconds_per_frame(self) -> float:
+        return self.feature_extractor.hop_length / self.feature_extractor.sampling_rate
+
+    def _audio_progress_bar(self, frames: list[int]):
+        """With progress=True, a second bar in seconds of audio for batches holding audio longer than one
+        window: an hour-long file is one item of the pipeline's own bar, decoded over minutes window by window."""
+        if max(frames, default=0) <= self.model.config.frames:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=round(sum(frames) * self.seconds_per_frame, 2), desc="audio decoded", unit="s",
+                    leave=False, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]")
 
     def _with_language(self, transcripts: list) -> list:
         """The prompt's language token put in front of each transcript, so that `decode_asr` can name the language
@@ -579,6 +601,12 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
             start, end, (samples, left, _) = windows[-1]
             windows[-1] = (start, end, (samples, left, 0))
         return windows
+
+    def _route(self, call_params: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
+        runtime, pre, fwd, post = super()._route(call_params)
+        if runtime.get("progress"):  # forward shows how far the window loop has come in long audio
+            fwd = {**fwd, "progress": True}
+        return runtime, pre, fwd, post
 
     def forward(self, batch: dict[str, torch.Tensor], **params) -> dict[str, torch.Tensor]:
         return self.decoding.forward(batch, **params)
