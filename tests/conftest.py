@@ -7,6 +7,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Each xdist worker gets its share of the cores: torch's default of one thread per core in every worker
+    # oversubscribes the machine, and spinning OpenMP threads then nearly double the suite's time.
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
 from helpers import tiny_checkpoint  # noqa: E402
 
