@@ -157,8 +157,6 @@ def test_truncation_to_model_max_length(pair_of_tokenizers):
 
 def test_split_into_words(pair_of_tokenizers):
     ours, ref = pair_of_tokenizers
-    if type(ours.backend.model).__name__ == "BPE":
-        pytest.skip("transformers needs add_prefix_space=True for pre-split words with byte-level BPE")
     words = ["John", "Smith", "lives", "in", "Zürich,", "Switzerland"]
     encoding = ours.encode(words, is_split_into_words=True)
     ref_out = ref(words, is_split_into_words=True, return_offsets_mapping=True)

@@ -373,8 +373,8 @@ def _truncated_flac() -> bytes:
 
 @pytest.mark.parametrize("bad, params, message", [
     (b"", {}, "empty|no audio|could not"),
-    (bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8)), {}, ""),
-    ("truncated", {}, ""),
+    (bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8)), {}, "could not be decoded"),
+    ("truncated", {}, "could not be decoded"),
     (np.zeros(0, dtype=np.float32), {}, "empty|0 samples"),
     (np.full(1000, np.nan, dtype=np.float32), {}, "NaN"),
     ({"raw": np.zeros(1000, dtype=np.float32), "sampling_rate": "16k"}, {}, "sampling_rate"),
