@@ -8,7 +8,8 @@ OCR runs), through each library's document-question-answering pipeline, at batch
 runs batch 1 only: its pipeline fails on batches of padded windows). The tokenizer is an uncased WordPiece one
 built here from a generated vocab.txt; nothing comes from the Hub. Documents hold 150 to 400 words (about 220 to
 560 tokens), so the longest are cut into two windows of 512 tokens. Prints a Markdown table of median times and
-speed-ups.
+speed-ups, then the arithmetic bound: how much faster than transformers any float32 library doing the same
+matrix products could be on this machine (common.arithmetic_bound).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import argparse
 import random
 
-from common import CACHE, both_pipelines, table, timed_together
+from common import CACHE, arithmetic_bound, both_pipelines, matmul_flops, table, timed_together
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 SYLLABLES = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]  # 90 syllables -> pseudo-English words
@@ -124,6 +125,8 @@ def main() -> None:
             case += " (transformers: batch 1)"
         rows.append((case, spent / len(inputs) * 1000, ref_time / len(inputs) * 1000, "ms/question"))
     print(table(rows))
+    flops = matmul_flops(lambda: ref(inputs, batch_size=1)) / len(inputs)
+    print("\n" + arithmetic_bound(flops, ours_times[0] / len(inputs), ref_time / len(inputs), "question"))
 
 
 def check_same_answers(ours: list, ref: list) -> None:

@@ -5,7 +5,8 @@
 Cases: ViT-B/16 at 224 px (google/vit-base-patch16-224's shape, random weights) classifying JPEG photos
 of 640x480 from disk, decoding and preprocessing included, at batch 1 and batch 16; and cold start (a fresh
 process importing the library, loading the checkpoint and classifying one JPEG). Prints a Markdown table of
-median times and speed-ups.
+median times and speed-ups, then for each batch size the arithmetic bound: how much faster than transformers
+any float32 library doing the same matrix products could be on this machine (common.arithmetic_bound).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 
 import numpy as np
 
-from common import CACHE, both_pipelines, cold_start, table, timed_together
+from common import CACHE, arithmetic_bound, both_pipelines, cold_start, matmul_flops, table, timed_together
 
 
 def vit_base_checkpoint():
@@ -63,19 +64,22 @@ def main() -> None:
     folder = vit_base_checkpoint()
     files = jpeg_files(args.images)
     ours, ref = both_pipelines("image-classification", folder, args.threads)
-    rows = []
+    rows, bounds = [], []
+    flops = matmul_flops(lambda: ref(files[:2])) / 2  # per image
     for batch_size in (1, 16):
         # Taking turns exposes both to the same load drift on a shared machine (see timed_together).
         a, b = timed_together([lambda: ours(files, batch_size=batch_size),
                                lambda: ref(files, batch_size=batch_size)], args.repeat)
         rows.append((f"ViT-B/16, {len(files)} JPEGs, batch {batch_size}", a / len(files) * 1000,
                      b / len(files) * 1000, "ms/image"))
+        bounds.append(f"batch {batch_size}: " + arithmetic_bound(flops, a / len(files), b / len(files), "image"))
     if not args.no_cold:
         run = f"p = pipeline('image-classification', model={str(folder)!r}); p({files[0]!r})"
         a = cold_start(f"from lightpipe import pipeline; {run}")
         b = cold_start(f"from transformers import pipeline; {run}")
         rows.append(("cold start: import + load + classify one JPEG", a, b, "s"))
     print(table(rows))
+    print("\n" + "\n".join(bounds))
 
 
 if __name__ == "__main__":

@@ -112,3 +112,52 @@ def both_pipelines(task: str, folder, threads: int | None = None):
     import lightpipe
 
     return lightpipe.pipeline(task, model=str(folder)), transformers.pipeline(task, model=str(folder))
+
+
+def float32_matmul_peak() -> float:
+    """This machine's float32 matrix-product rate in FLOP/s with torch's threads: the best of several runs of a
+    ViT-B-sized product (3152 x 768 times 768 x 3072) through oneDNN with the weight packed (lightpipe's path) and
+    through BLAS (transformers' path). Both libraries' products are bounded by it."""
+    import torch
+    import torch.nn.functional as F
+
+    rows, inner, cols = 3152, 768, 3072
+    x, w, b = torch.randn(rows, inner), torch.randn(cols, inner), torch.randn(cols)
+    runs = [lambda: F.linear(x, w, b)]
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 128)
+        runs.append(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], ""))
+    except Exception:  # no oneDNN in this build
+        pass
+    best = float("inf")
+    with torch.inference_mode():
+        for run in runs:
+            run()
+            for _ in range(5):
+                start = time.perf_counter()
+                run()
+                best = min(best, time.perf_counter() - start)
+    return 2 * rows * inner * cols / best
+
+
+def matmul_flops(fn) -> int:
+    """The FLOPs of the matrix products and convolutions that fn() runs (torch's FLOP counter; attention on the
+    CPU is not counted, so the figure is a lower bound of the arithmetic)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def arithmetic_bound(flops: float, ours: float, ref: float, unit: str) -> str:
+    """A note on how far any float32 implementation could get: `flops` of the reference's matrix products per
+    unit of work, `ours` / `ref` the measured seconds per unit. At this machine's measured peak those products
+    alone take flops / peak seconds, so transformers' time divided by that is the most any library doing the
+    same arithmetic in float32 can gain over it."""
+    peak = float32_matmul_peak()
+    floor = flops / peak
+    return (f"Arithmetic bound: transformers' matrix products are {flops / 1e9:.1f} GFLOP per {unit}; at this "
+            f"machine's measured float32 peak of {peak / 1e9:.0f} GFLOP/s they alone take {floor * 1000:.0f} ms, so "
+            f"no float32 library doing that arithmetic can be more than {ref / floor:.2f}× faster than transformers' "
+            f"{ref * 1000:.0f} ms (lightpipe: {ours * 1000:.0f} ms, {ref / ours:.2f}×).")
