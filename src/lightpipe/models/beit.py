@@ -80,9 +80,11 @@ class BeitRelativePositionBias(nn.Module):
 
         A grid other than the trained one (an image processor asked for another size) gets the table's
         patch-offset part resized bilinearly to the new range of offsets, as the reference does (from MiDaS
-        v3.1); the three [CLS] entries are kept."""
+        v3.1); the three [CLS] entries are kept. A table trained on a grid that is not square is always
+        resized, even for its own grid: the reference reads its offsets with rows and columns swapped
+        (see resized_bias_table), and checkpoints trained with the reference learned that layout."""
         table = self.relative_position_bias_table
-        if (rows, cols) != self.window:
+        if (rows, cols) != self.window or self.window[0] != self.window[1]:
             table = resized_bias_table(table, self.window, (rows, cols))
         index = relative_position_index(rows, cols).to(table.device)
         length = rows * cols + 1
@@ -90,10 +92,14 @@ class BeitRelativePositionBias(nn.Module):
 
 
 def resized_bias_table(table: torch.Tensor, trained: tuple[int, int], wanted: tuple[int, int]) -> torch.Tensor:
-    """(entries, heads) bias table for a `trained` patch grid -> the table for a `wanted` grid."""
+    """(entries, heads) bias table for a `trained` patch grid -> the table for a `wanted` grid.
+
+    The offsets are stored row-major by (row offset, column offset), but transformers reshapes them as
+    (column offsets, row offsets) before resizing; for a square grid the two agree, for another the
+    reference's reading is the one its checkpoints match, so it is copied here."""
     old_h, old_w = 2 * trained[0] - 1, 2 * trained[1] - 1  # the range of row and column offsets
     new_h, new_w = 2 * wanted[0] - 1, 2 * wanted[1] - 1
-    offsets = table[: old_h * old_w].reshape(1, old_h, old_w, -1).permute(0, 3, 1, 2)  # (1, heads, old_h, old_w)
+    offsets = table[: old_h * old_w].reshape(1, old_w, old_h, -1).permute(0, 3, 1, 2)  # (1, heads, old_w, old_h)
     offsets = F.interpolate(offsets, size=(new_h, new_w), mode="bilinear", align_corners=False)
     return torch.cat((offsets.permute(0, 2, 3, 1).reshape(new_h * new_w, -1), table[old_h * old_w:]))
 

@@ -51,11 +51,17 @@ class ConvNextEmbeddings(nn.Module):
         self.patch_embeddings = nn.Conv2d(config.num_channels, config.hidden_sizes[0], kernel_size=config.patch_size,
                                           stride=config.patch_size)
         self.layernorm = ChannelsFirstLayerNorm(config.hidden_sizes[0], eps=BLOCK_EPS)
+        # The smallest side that survives the patch stem and the 2x2 downsampling of every later stage.
+        self.min_side = config.patch_size * 2 ** (config.num_stages - 1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if pixel_values.shape[1] != self.patch_embeddings.in_channels:
             raise InvalidInput(f"the model takes {self.patch_embeddings.in_channels}-channel images, "
                                f"not {pixel_values.shape[1]}-channel ones.")
+        height, width = pixel_values.shape[-2:]
+        if min(height, width) < self.min_side:  # (reached with do_resize off) a convolution would fail
+            raise InvalidInput(f"the image is {height}x{width} pixels after preprocessing; this ConvNeXt needs "
+                               f"at least {self.min_side} pixels on each side.")
         return self.layernorm(self.patch_embeddings(pixel_values))  # (B, C, H/4, W/4)
 
 

@@ -140,8 +140,10 @@ class SwinSelfAttention(ViTSelfAttention):
     def position_bias(self, window: int) -> torch.Tensor:
         """-> (1, heads, w*w, w*w)."""
         if window != self.window:
-            raise InvalidInput(f"the feature map is smaller than this Swin model's {self.window}x{self.window} "
-                               "windows; give images of the size in its preprocessor_config.json.")
+            # The reference shrinks the window to the map and then fails on its bias table. Said in terms
+            # of the image: the map shrinks stage by stage, so even the checkpoint's own size can be too small.
+            raise InvalidInput(f"the image is too small for this Swin model: a stage's feature map is smaller "
+                               f"than its {self.window}x{self.window} windows; give larger images.")
         table = self.relative_position_bias_table
         index = relative_position_index(window).to(table.device)
         t = window * window

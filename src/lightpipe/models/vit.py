@@ -65,6 +65,12 @@ class ViTPatchEmbeddings(nn.Module):
         if pixel_values.shape[1] != self.projection.in_channels:
             raise InvalidInput(f"the model takes {self.projection.in_channels}-channel images, "
                                f"not {pixel_values.shape[1]}-channel ones.")
+        height, width = pixel_values.shape[-2:]
+        if height < self.patch_size[0] or width < self.patch_size[1]:
+            # Reached with do_resize off: the convolution would fail with a bare RuntimeError (as
+            # transformers' does).
+            raise InvalidInput(f"the image is {height}x{width} pixels after preprocessing, smaller than one "
+                               f"{self.patch_size[0]}x{self.patch_size[1]} patch of this model.")
         return self.projection(pixel_values).flatten(2).transpose(1, 2)
 
 

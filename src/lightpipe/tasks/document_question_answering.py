@@ -213,8 +213,11 @@ class DocumentQuestionAnsweringPipeline(TextPipeline):
         if doc_stride is None:
             doc_stride = min(max_seq_len // 2, MAX_DOC_STRIDE)
 
-        windows = encode_windows(self.tokenizer, question.split(), words, 1, max_seq_len, doc_stride, what="document",
-                                 is_split_into_words=True)
+        if words:
+            windows = encode_windows(self.tokenizer, question.split(), words, 1, max_seq_len, doc_stride,
+                                     what="document", is_split_into_words=True)
+        else:
+            windows = [self._question_alone(question, max_seq_len)]
         if pads(padding):
             length = max_seq_len if padding == "max_length" else max(len(w.ids) for w in windows)
             pad_windows(self.tokenizer, windows, length, "right")
@@ -240,6 +243,17 @@ class DocumentQuestionAnsweringPipeline(TextPipeline):
                 "words": words,
             }))
         return items
+
+    def _question_alone(self, question: str, max_seq_len: int):
+        """The window of a document without words. transformers' tokenizer reads an empty list of words as no
+        second sequence, so the question is encoded alone, with a single text's special tokens ([CLS] q [SEP],
+        not [CLS] q [SEP] [SEP]). That changes the logits, and so the score of a question's own literal "[CLS]"
+        or "<s>", which may answer (with no words); plain questions give only the "no answer" score, 1."""
+        encoding = self.tokenizer.encode(question.split(), is_split_into_words=True)
+        if len(encoding.ids) > max_seq_len:  # transformers fails in the tokenizer ("Second sequence not provided")
+            raise InvalidInput(f"the question is {len(encoding.ids)} tokens long, more than max_seq_len={max_seq_len} "
+                               "(and the document has no words); pass a larger max_seq_len or a shorter question.")
+        return encoding
 
     # ------------------------------------------------------------------ forward
     def forward(self, batch):
