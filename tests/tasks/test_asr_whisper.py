@@ -522,3 +522,26 @@ def test_shared_tiny_en_sequential_decoding_equals_transformers():
     got = ours(audio, **params)
     same(got, ref(audio.copy(), **params))
     assert len(got["chunks"]) >= 6 and got["chunks"][-1]["timestamp"][0] > 30
+
+
+def test_open_audio_files_are_one_input(pipes, tmp_path):
+    """An open binary file (open(path, "rb"), io.BytesIO) is one audio file, transcribed as its path would be;
+    file objects are iterators of lines, and were taken for a stream of inputs. A text-mode or exhausted file
+    is an InvalidInput, and the pipeline keeps answering."""
+    import io
+
+    import soundfile
+
+    ours, _ = pipes()
+    path = tmp_path / "clip.flac"
+    soundfile.write(str(path), clip(9000, 5), RATE, format="FLAC")
+    expected = ours(str(path), max_new_tokens=MAX_NEW)
+    with open(path, "rb") as f:
+        assert ours(f, max_new_tokens=MAX_NEW) == expected
+    buffer = io.BytesIO(path.read_bytes())
+    assert ours(buffer, max_new_tokens=MAX_NEW) == expected
+    with pytest.raises(InvalidInput, match="nothing left to read"):
+        ours(buffer, max_new_tokens=MAX_NEW)  # already read to its end
+    with open(path, "r", encoding="latin-1") as f, pytest.raises(InvalidInput, match="text mode"):
+        ours(f, max_new_tokens=MAX_NEW)
+    assert ours([io.BytesIO(path.read_bytes())], max_new_tokens=MAX_NEW) == [expected]

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, InvalidInput, MissingDependency, UnsupportedModel
+from .sources import is_file_object, read_file_object
 
 # Whisper's fixed front end (openai/whisper audio.py; transformers' WhisperFeatureExtractor defaults).
 SAMPLE_RATE = 16000  # Hz
@@ -116,6 +117,7 @@ def load_audio(inputs: Any, sampling_rate: int, *, timeout: float | None = None)
 
     inputs: a local path (str or pathlib.Path); an "http://" or "https://" URL (fetched with
         `timeout` seconds per network wait, DEFAULT_TIMEOUT_S when None); the bytes of an audio file;
+        an open binary file of them (open(path, "rb"), io.BytesIO);
         a numpy array or torch tensor of samples already at `sampling_rate` ((samples,), or
         (channels, samples) with at most 2 channels, averaged); or a dict {"raw" or "array": array,
         "sampling_rate": its rate}, resampled. Integer samples are taken as values, not rescaled
@@ -136,10 +138,12 @@ def load_audio_item(inputs: Any, sampling_rate: int, *, timeout: float | None = 
         return AudioItem(_from_path(Path(os.fspath(inputs)).expanduser(), target))
     if isinstance(inputs, (bytes, bytearray, memoryview)):
         return AudioItem(decode_audio(bytes(inputs), target))
+    if is_file_object(inputs):  # open(path, "rb"), io.BytesIO: the bytes of an audio file
+        return AudioItem(decode_audio(read_file_object(inputs), target))
     if isinstance(inputs, (np.ndarray, torch.Tensor)):
         return AudioItem(waveform_from_array(inputs, target, target))
     raise InvalidInput(
-        f"audio input must be a file path, an http(s) URL, the bytes of an audio file, a numpy array or torch "
+        f"audio input must be a file path, an http(s) URL, the bytes of an audio file (or an open binary file), a numpy array or torch "
         f"tensor of samples, or a dict {{'raw': array, 'sampling_rate': int}}; got {type(inputs).__name__}."
     )
 

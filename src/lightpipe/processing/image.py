@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, InvalidInput, MissingDependency, UnsupportedModel
+from .sources import is_file_object, read_file_object
 
 logger = logging.getLogger(__name__)
 _WARNED: set[str] = set()  # unknown processor kinds already warned about
@@ -80,14 +81,19 @@ def _pil():
 def load_image(image: Any, timeout: float | None = None):
     """An image in any accepted form -> an upright RGB `PIL.Image.Image`.
 
-    Accepts a local path (str or os.PathLike), an http(s) URL (fetched within `timeout` seconds,
-    DEFAULT_URL_TIMEOUT when None), a base64 string or a `data:image/...;base64,` URI, raw bytes,
-    a PIL image, or an array (numpy or torch): (H, W) grayscale, (H, W, C) or (C, H, W) with C in
-    1, 3, 4; uint8, or floats holding 0..255 integers or 0..1 intensities. The EXIF orientation is
-    applied, as transformers' load_image does. Anything unreadable raises InvalidInput saying why.
+    Accepts a local path (str, os.PathLike or a file:// URI), an http(s) URL (fetched within `timeout`
+    seconds, DEFAULT_URL_TIMEOUT when None), a base64 string or a `data:image/...;base64,` URI, raw
+    bytes, an open binary file (io.BytesIO, open(path, "rb")), a PIL image, or an array (numpy or
+    torch): (H, W) grayscale, (H, W, C) or (C, H, W) with C in 1, 3, 4; uint8, or floats holding
+    0..255 integers or 0..1 intensities. Whitespace around a string is ignored when no file has the
+    name as given. The EXIF orientation is applied, as transformers' load_image does. Anything
+    unreadable raises InvalidInput saying why.
     """
     PIL = _pil()
     if isinstance(image, PIL.Image.Image):
+        width, height = image.size
+        if width == 0 or height == 0:  # Pillow makes these; resizing them divides by zero
+            raise InvalidInput(f"the PIL image has no pixels ({width} x {height}).")
         return _upright_rgb(image, owned=False)
     if isinstance(image, os.PathLike):
         image = os.fspath(image)
@@ -95,24 +101,38 @@ def load_image(image: Any, timeout: float | None = None):
         return _load_string(image, timeout)
     if isinstance(image, (bytes, bytearray, memoryview)):
         return _decode(bytes(image), "the bytes given")
+    if is_file_object(image):
+        return _decode(read_file_object(image), "the file object given")
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu().numpy()
     if isinstance(image, np.ndarray):
         return _from_array(image)
     raise InvalidInput(
-        f"an image must be a path, an http(s) URL, a base64 string, bytes, a PIL image or an array, "
-        f"not {type(image).__name__}."
+        f"an image must be a path, an http(s) URL, a base64 string, bytes, a binary file object, a PIL image "
+        f"or an array, not {type(image).__name__}."
     )
 
 
 def _load_string(text: str, timeout: float | None):
-    if text.startswith(("http://", "https://")):
+    if not os.path.exists(text) and text.strip() != text:
+        # A path or URL read from a line of a file often keeps its newline, and transformers then fails
+        # ("Incorrect image source"). A file whose name really has the whitespace is still found above.
+        text = text.strip()
+    if text[:8].lower().startswith(("http://", "https://")):  # URI schemes are case-insensitive
         return _decode(_download(text, timeout), text)
-    if text.startswith("data:"):
-        head, _, payload = text.partition(",")
-        if ";base64" not in head:
-            raise InvalidInput("a data: URI image must be base64-encoded (data:image/png;base64,...).")
-        return _decode(_base64(payload, "the data: URI"), "the data: URI")
+    if text[:5].lower() == "data:":  # URI schemes are case-insensitive
+        return _decode(_data_uri(text), "the data: URI")
+    if text.startswith("file://"):
+        import urllib.parse
+        import urllib.request
+
+        # file:///abs/path (and file://localhost/...): transformers fails on these; they name a local file.
+        parts = urllib.parse.urlsplit(text)
+        if parts.netloc not in ("", "localhost"):
+            raise InvalidInput(f"{text!r} names a file on another host ({parts.netloc}); give a local path.")
+        text = urllib.request.url2pathname(parts.path)
+        if not os.path.isfile(text):
+            raise InvalidInput(f"the file URI names {text}, which is not an existing file.")
     if os.path.isfile(text):
         try:
             with open(text, "rb") as f:
@@ -130,8 +150,32 @@ def _load_string(text: str, timeout: float | None):
         ) from None
 
 
+def _data_uri(text: str) -> bytes:
+    """The bytes of a data: URI (RFC 2397): data:[<media type>][;base64],<data>."""
+    head, comma, payload = text.partition(",")
+    if not comma:
+        raise InvalidInput("a data: URI needs a comma before its data (data:image/png;base64,...).")
+    if ";base64" in head.lower():
+        return _base64(payload, "the data: URI")
+    # Without ";base64" the data is percent-encoded bytes. transformers decodes the part after the comma as
+    # base64 anyway, and data:image/png,<base64> is a common slip, so base64 that decodes is taken first;
+    # anything else is read as percent-encoded bytes, as RFC 2397 says.
+    try:
+        return _base64(payload, "the data: URI")
+    except InvalidInput:
+        import urllib.parse
+
+        return urllib.parse.unquote_to_bytes(payload)
+
+
 def _base64(text: str, what: str) -> bytes:
     compact = "".join(text.split())  # base64 text is often wrapped over several lines
+    # Padding as it should be, whatever was given: transformers' decoder ignores excess "=", and a
+    # missing one is a common slip of encoders that strip it (JWT-style); the data is the same.
+    core = compact.rstrip("=")
+    compact = core + "=" * (-len(core) % 4)
+    if "-" in compact or "_" in compact:  # the URL-safe alphabet (base64.urlsafe_b64encode): "-_" for "+/"
+        compact = compact.replace("-", "+").replace("_", "/")
     try:
         return base64.b64decode(compact, validate=True)
     except (binascii.Error, ValueError) as e:
@@ -149,12 +193,17 @@ def check_timeout(timeout: Any) -> float:
 
 def _download(url: str, timeout: float | None) -> bytes:
     """The body of `url`, read within `timeout` seconds in all (each socket wait is bounded by it too)."""
+    import http.client
     import urllib.error
+    import urllib.parse
     import urllib.request
 
     timeout = check_timeout(timeout)
     deadline = time.monotonic() + timeout
-    request = urllib.request.Request(url, headers={"User-Agent": "lightpipe"})
+    # Spaces and non-ASCII characters percent-encoded, as browsers and transformers' httpx send them (http.client
+    # refuses them raw); what is already escaped, and the URL's delimiters, stay as they are.
+    quoted = urllib.parse.quote(url, safe=":/?#[]@!$&'()*+,;=%~")
+    request = urllib.request.Request(quoted, headers={"User-Agent": "lightpipe"})
     chunks, size = [], 0
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -170,7 +219,8 @@ def _download(url: str, timeout: float | None) -> bytes:
                 chunks.append(chunk)
     except urllib.error.HTTPError as e:
         raise InvalidInput(f"fetching {url} failed: HTTP {e.code} {e.reason}.") from e
-    except (urllib.error.URLError, OSError, ValueError) as e:  # refused, reset, timed out, bad URL, cut short
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
+        # refused, reset, timed out, bad URL, cut short (IncompleteRead), a malformed response
         reason = getattr(e, "reason", e)
         raise InvalidInput(f"fetching {url} failed ({type(e).__name__}: {reason}); check the URL and network, "
                            "or pass a larger timeout=.") from e
@@ -247,7 +297,10 @@ def _upright_rgb(image, owned: bool):
             else:
                 image = PIL.ImageOps.exif_transpose(image)
                 owned = True
-        return image if image.mode == "RGB" else image.convert("RGB")
+        if image.mode == "RGB":
+            image.load()  # a closed or lazily opened image fails here, not later in a resize
+            return image
+        return image.convert("RGB")
     except Exception as e:  # a lazily opened PIL image may still fail to decode here
         raise InvalidInput(f"the image could not be decoded ({type(e).__name__}: {e}).") from e
 
@@ -388,6 +441,16 @@ def _triple(value: Any, what: str) -> tuple[float, float, float]:
     raise UnsupportedModel(f"{what}={value!r} is not supported; give one value or three (one per RGB channel).")
 
 
+def _positive(value: Any, what: str) -> float | None:
+    """A positive finite number (None stays None): crop_pct divides a size, rescale_factor scales bytes; anything
+    else would fail later, inside preprocessing, with a bare TypeError or ZeroDivisionError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise UnsupportedModel(f"{what}={value!r} is not supported; give a positive number.")
+    return float(value)
+
+
 def _resample(value: Any) -> int:
     if isinstance(value, str) and value.lower() in RESAMPLE_NAMES:
         return RESAMPLE_NAMES[value.lower()]
@@ -526,9 +589,10 @@ class ImageProcessor:
             resample=_resample(get("resample", defaults.resample)),
             do_center_crop=bool(get("do_center_crop", defaults.do_center_crop)),
             crop_size=None if crop_size is None else _size_dict(crop_size, True, "crop_size"),
-            crop_pct=get("crop_pct", defaults.crop_pct) if kind == "ConvNextImageProcessor" else None,
+            crop_pct=(_positive(get("crop_pct", defaults.crop_pct), "crop_pct")
+                      if kind == "ConvNextImageProcessor" else None),
             do_rescale=bool(get("do_rescale", True)),
-            rescale_factor=float(get("rescale_factor", 1 / 255)),
+            rescale_factor=_positive(get("rescale_factor", 1 / 255), "rescale_factor"),
             do_normalize=bool(get("do_normalize", True)),
             image_mean=_triple(get("image_mean", defaults.image_mean), "image_mean"),
             image_std=_triple(get("image_std", defaults.image_std), "image_std"),

@@ -52,7 +52,7 @@ def ocr_words(image: Any, lang: str | None = None, tesseract_config: str = "") -
     from .image import load_image
 
     image = load_image(image)
-    if lang is not None and not isinstance(lang, str):
+    if lang is not None and (not isinstance(lang, str) or not lang.strip()):  # Tesseract crashes on an empty -l
         raise InvalidInput(f"lang must be a Tesseract language code such as 'eng', not {lang!r}.")
     if not isinstance(tesseract_config, str):
         raise InvalidInput(f"tesseract_config must be a string of Tesseract flags, not {tesseract_config!r}.")

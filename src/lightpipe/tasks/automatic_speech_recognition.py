@@ -529,6 +529,7 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
 
     task = "automatic-speech-recognition"
     components: ClassVar[tuple[str, ...]] = ("tokenizer", "feature_extractor")
+    file_is_one_input = True  # pipe(open("speech.flac", "rb")) is one audio file, not a stream of its lines
     preprocess_params = ("chunk_length_s", "stride_length_s", "ignore_warning")
     forward_params = ("generate_kwargs", "max_new_tokens", "return_timestamps", "return_language")
     postprocess_params = ("return_timestamps", "return_language")

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..errors import InvalidInput
+from ..processing.sources import is_file_object
 from ..runtime import ModelItem, Padding, Runner, check_batch_size, prefetch
 
 RUNTIME_PARAMS = ("batch_size", "num_workers", "progress")
@@ -134,8 +135,13 @@ class Pipeline:
         """Whether `inputs` is one input (rather than a list or a stream of inputs)."""
         return not isinstance(inputs, (list, tuple)) and not self._is_stream(inputs)
 
-    @staticmethod
-    def _is_stream(inputs: Any) -> bool:
+    # Whether an open file (io.BytesIO, open(path, "rb")) is one input, as for images, rather than a
+    # stream of its lines: file objects are iterators too.
+    file_is_one_input: ClassVar[bool] = False
+
+    def _is_stream(self, inputs: Any) -> bool:
+        if self.file_is_one_input and is_file_object(inputs):
+            return False
         return isinstance(inputs, (collections.abc.Iterator, collections.abc.Generator)) or _is_dataset(inputs)
 
     def __call__(self, inputs, **params):

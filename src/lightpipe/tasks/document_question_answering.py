@@ -46,6 +46,7 @@ class DocumentQuestionAnsweringPipeline(TextPipeline):
 
     task = "document-question-answering"
     components = ("tokenizer",)  # LayoutLM v1 reads no pixels: the image only goes through OCR
+    file_is_one_input = True  # an open page file is one image, not a stream of inputs
     preprocess_params = ("padding", "doc_stride", "max_question_len", "max_seq_len", "lang", "tesseract_config",
                          "timeout")
     postprocess_params = ("top_k", "max_answer_len", "handle_impossible_answer")
@@ -105,6 +106,9 @@ class DocumentQuestionAnsweringPipeline(TextPipeline):
         for name in ("lang", "tesseract_config"):
             if params.get(name) is not None and not isinstance(params[name], str):
                 raise InvalidInput(f"{name} must be a string, not {params[name]!r}.")
+        if isinstance(params.get("lang"), str) and not params["lang"].strip():
+            # Tesseract crashes on an empty -l (transformers raises its TesseractError(-11, ...)).
+            raise InvalidInput("lang is empty: give a Tesseract language code such as 'eng', or leave it out.")
         timeout = params.get("timeout")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
             raise InvalidInput(f"timeout must be a positive number of seconds, not {timeout!r}.")

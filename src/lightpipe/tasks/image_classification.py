@@ -27,6 +27,7 @@ class ImagePipeline(Pipeline):
     array), preprocessed to pixel_values (3, H, W), and batches are stacked (all images share one size)."""
 
     components = ("image_processor",)
+    file_is_one_input = True  # pipe(open("cat.png", "rb")) is one image
 
     def __call__(self, inputs=None, **params):
         if "images" in params:  # transformers' keyword for the inputs

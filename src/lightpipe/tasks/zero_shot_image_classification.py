@@ -86,6 +86,7 @@ def check_tokenizer_kwargs(value: Any) -> tuple[tuple[str, Any], ...]:
 class ZeroShotImageClassificationPipeline(Pipeline):
     task = "zero-shot-image-classification"
     components = ("tokenizer", "image_processor")
+    file_is_one_input = True  # pipe(open("cat.png", "rb"), ...) is one image
     preprocess_params = ("candidate_labels", "hypothesis_template", "timeout")
     # The labels and template also reach forward, which embeds their sentences (once per call).
     forward_params = ("candidate_labels", "hypothesis_template", "tokenizer_kwargs")
