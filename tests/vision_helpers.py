@@ -154,3 +154,22 @@ def assert_model_parity(folder: Path, arch: str, head: str, pixel_values: torch.
                 if name in got:
                     assert (single[name][0] - got[name][i]).abs().max().item() <= 1e-5, name
     return got
+
+
+def assert_same_labels(ours, ref, tol=1e-4):
+    """Classification results (a list of {"label", "score"}, or a list of such lists) equal: labels in the same
+    order, scores within tol."""
+    if ref and isinstance(ref[0], list):
+        assert len(ours) == len(ref)
+        for o, r in zip(ours, ref):
+            assert_same_labels(o, r, tol)
+        return
+    assert [d["label"] for d in ours] == [d["label"] for d in ref]
+    assert max(abs(o["score"] - r["score"]) for o, r in zip(ours, ref)) <= tol
+
+
+def assert_close(ours, ref, tol=1e-4):
+    """Nested lists or arrays of the same shape, equal within tol."""
+    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    assert ours.shape == ref.shape
+    assert np.abs(ours - ref).max() <= tol

@@ -2,26 +2,14 @@
 audit found beyond the other parity tests. Each test says what transformers does; where it fails (or is
 clearly wrong), what lightpipe gives instead."""
 
-import numpy as np
 import pytest
 import transformers
 
 from layoutlm_helpers import layoutlm_checkpoint, word_boxes
 from lightpipe import InvalidInput, pipeline
-from vision_helpers import smooth_image, tiny_vision_checkpoint
+from vision_helpers import assert_close, assert_same_labels, smooth_image, tiny_vision_checkpoint
 
 LABELS = ["cat", "dog", "bird", "fish"]
-
-
-def assert_same_labels(ours, ref, tol=1e-4):
-    assert [d["label"] for d in ours] == [d["label"] for d in ref]
-    assert max(abs(o["score"] - r["score"]) for o, r in zip(ours, ref)) <= tol
-
-
-def assert_close(ours, ref, tol=1e-4):
-    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    assert ours.shape == ref.shape
-    assert np.abs(ours - ref).max() <= tol
 
 
 @pytest.fixture(scope="module")

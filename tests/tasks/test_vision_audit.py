@@ -14,25 +14,9 @@ from transformers.image_utils import load_image as ref_load_image
 from clip_helpers import sample_images, tiny_clip_checkpoint
 from lightpipe import InvalidInput, pipeline
 from lightpipe.processing.image import ImageProcessor, load_image
-from vision_helpers import smooth_image, tiny_vision_checkpoint
+from vision_helpers import assert_close, assert_same_labels, smooth_image, tiny_vision_checkpoint
 
 LABELS = ["cat", "dog", "bird", "fish"]
-
-
-def assert_same_labels(ours, ref, tol=1e-4):
-    if ref and isinstance(ref[0], list):
-        assert len(ours) == len(ref)
-        for o, r in zip(ours, ref):
-            assert_same_labels(o, r, tol)
-        return
-    assert [d["label"] for d in ours] == [d["label"] for d in ref]
-    assert max(abs(o["score"] - r["score"]) for o, r in zip(ours, ref)) <= tol
-
-
-def assert_close(ours, ref, tol=1e-4):
-    ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    assert ours.shape == ref.shape
-    assert np.abs(ours - ref).max() <= tol
 
 
 @pytest.fixture(scope="module")
