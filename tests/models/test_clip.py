@@ -157,7 +157,7 @@ def test_too_long_text_and_wrong_image_size(models):
     ours, _ = models
     with pytest.raises(InvalidInput, match="77"):
         ours.get_text_features(torch.zeros(1, 80, dtype=torch.long))
-    with pytest.raises(CheckpointError, match="crop_size"):
+    with pytest.raises(InvalidInput, match="crop_size"):
         ours.get_image_features(torch.zeros(1, 3, 48, 48))
 
 

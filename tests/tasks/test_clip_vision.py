@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from clip_helpers import IMAGE_SIZE, randomize_clip, sample_images, tiny_clip_checkpoint
-from lightpipe import pipeline
+from lightpipe import InvalidInput, pipeline
 
 ATOL = 1e-4
 VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
@@ -141,3 +141,14 @@ def test_clip_image_classification_equals_transformers(tmp_path, images):
     features = pipeline("image-feature-extraction", model=str(folder))  # the classifier's tower alone
     assert np.asarray(features(images[0])).shape == (1, 1 + (IMAGE_SIZE // 8) ** 2, 32)
     assert json.loads((folder / "config.json").read_text())["architectures"] == ["CLIPForImageClassification"]
+
+
+def test_processor_options_that_misfit_the_tower_are_invalid_input(vision_folder, images):
+    """A call's image_processor_kwargs that make images of another size than the tower takes are the caller's
+    error (InvalidInput naming crop_size), not the checkpoint's; the pipeline keeps answering."""
+    ours = pipeline("image-feature-extraction", model=str(vision_folder))
+    expected = ours(images[0])
+    with pytest.raises(InvalidInput, match="crop_size"):
+        ours(images[0], image_processor_kwargs={"crop_size": {"height": IMAGE_SIZE + 8, "width": IMAGE_SIZE + 8},
+                                                "size": {"shortest_edge": IMAGE_SIZE + 8}})
+    assert ours(images[0]) == expected

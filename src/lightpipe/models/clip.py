@@ -224,9 +224,12 @@ class CLIPVisionEmbeddings(nn.Module):
         """(B, 3, H, W) -> (B, 1 + patches, C): the class token, then the patches row by row."""
         b, _, h, w = pixel_values.shape
         if h != self.image_size or w != self.image_size:
-            raise CheckpointError(
-                f"the image processor made {h}x{w} images, but this CLIP model takes {self.image_size}x"
-                f"{self.image_size}; check crop_size in the checkpoint's preprocessor_config.json."
+            # An input error, as in ViT: the size comes from the processor settings, which a call's
+            # image_processor_kwargs may have changed as well as the checkpoint's preprocessor_config.json.
+            raise InvalidInput(
+                f"the image is {h}x{w} pixels after preprocessing, but this CLIP model takes {self.image_size}x"
+                f"{self.image_size}; check crop_size in image_processor_kwargs or in the checkpoint's "
+                "preprocessor_config.json."
             )
         patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, C, H/p, W/p)
         patches = patches.flatten(2).transpose(1, 2)  # (B, patches, C)
