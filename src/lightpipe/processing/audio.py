@@ -143,8 +143,9 @@ def load_audio_item(inputs: Any, sampling_rate: int, *, timeout: float | None = 
     if isinstance(inputs, (np.ndarray, torch.Tensor)):
         return AudioItem(waveform_from_array(inputs, target, target))
     raise InvalidInput(
-        f"audio input must be a file path, an http(s) URL, the bytes of an audio file (or an open binary file), a numpy array or torch "
-        f"tensor of samples, or a dict {{'raw': array, 'sampling_rate': int}}; got {type(inputs).__name__}."
+        f"audio input must be a file path, an http(s) URL, the bytes of an audio file (or an open binary file), a "
+        f"numpy array or torch tensor of samples, or a dict {{'raw': array, 'sampling_rate': int}}; got "
+        f"{type(inputs).__name__}."
     )
 
 

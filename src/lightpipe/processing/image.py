@@ -114,7 +114,7 @@ def load_image(image: Any, timeout: float | None = None):
 
 
 def _load_string(text: str, timeout: float | None):
-    if not os.path.exists(text) and text.strip() != text:
+    if text.strip() != text and not os.path.exists(text):
         # A path or URL read from a line of a file often keeps its newline, and transformers then fails
         # ("Incorrect image source"). A file whose name really has the whitespace is still found above.
         text = text.strip()

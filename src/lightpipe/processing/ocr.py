@@ -51,13 +51,19 @@ def ocr_words(image: Any, lang: str | None = None, tesseract_config: str = "") -
     """
     from .image import load_image
 
+    check_ocr_options(lang, tesseract_config)
     image = load_image(image)
-    if lang is not None and (not isinstance(lang, str) or not lang.strip()):  # Tesseract crashes on an empty -l
-        raise InvalidInput(f"lang must be a Tesseract language code such as 'eng', not {lang!r}.")
-    if not isinstance(tesseract_config, str):
-        raise InvalidInput(f"tesseract_config must be a string of Tesseract flags, not {tesseract_config!r}.")
     table = _run_tesseract(image, lang, tesseract_config or "")
     return _words_and_boxes(table, image.size)
+
+
+def check_ocr_options(lang: Any, tesseract_config: Any) -> None:
+    """InvalidInput unless `lang` is None or a language code and `tesseract_config` None or a string of flags; checked
+    before any work (Tesseract crashes on an empty -l: transformers raises its TesseractError(-11, ...))."""
+    if lang is not None and (not isinstance(lang, str) or not lang.strip()):
+        raise InvalidInput(f"lang must be a Tesseract language code such as 'eng', not {lang!r}.")
+    if tesseract_config is not None and not isinstance(tesseract_config, str):
+        raise InvalidInput(f"tesseract_config must be a string of Tesseract flags, not {tesseract_config!r}.")
 
 
 def _words_and_boxes(table: dict[str, list], size: tuple[int, int]) -> tuple[list[str], list[list[int]]]:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInput, UnsupportedModel
-from ..processing.ocr import GRID, ocr_words
+from ..processing.ocr import GRID, check_ocr_options, ocr_words
 from ..runtime import ModelItem, Padding
 from .base import TextPipeline
 from .extractive import (DEFAULT_MAX_ANSWER_LEN, NO_NULL_SCORE, check_span_params, encode_windows, pad_windows, pads,
@@ -103,12 +103,7 @@ class DocumentQuestionAnsweringPipeline(TextPipeline):
     def check_params(self, params: dict[str, Any]) -> None:
         super().check_params(params)
         check_span_params(params)
-        for name in ("lang", "tesseract_config"):
-            if params.get(name) is not None and not isinstance(params[name], str):
-                raise InvalidInput(f"{name} must be a string, not {params[name]!r}.")
-        if isinstance(params.get("lang"), str) and not params["lang"].strip():
-            # Tesseract crashes on an empty -l (transformers raises its TesseractError(-11, ...)).
-            raise InvalidInput("lang is empty: give a Tesseract language code such as 'eng', or leave it out.")
+        check_ocr_options(params.get("lang"), params.get("tesseract_config"))
         timeout = params.get("timeout")
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
             raise InvalidInput(f"timeout must be a positive number of seconds, not {timeout!r}.")
