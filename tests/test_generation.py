@@ -16,7 +16,7 @@ from lightpipe import loading
 from lightpipe.errors import CheckpointError, InvalidInput
 from lightpipe.generation import GenerationConfig, KVCache, generate
 from lightpipe.generation import processors as P
-from lightpipe.generation.cache import self_attention
+from lightpipe.models.layers import cached_attention as self_attention
 from whisper_helpers import tiny_whisper, whisper_special_ids
 
 transformers = pytest.importorskip("transformers")

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import UnsupportedModel
+from ..errors import InvalidInput, UnsupportedModel
+from ..generation.cache import KVCache
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -139,6 +140,74 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+# ----------------------------------------------------------------------------------------------
+# Attention of a decoder over its cache (see lightpipe.generation.cache.KVCache)
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tuple[torch.Tensor | None, bool],
+                     scale: float | None = None) -> torch.Tensor:
+    """(B, Hq, t, D) queries over (B, Hkv, S, D) cached keys/values -> (B, Hq, t, D).
+
+    `mask` is the cache's `attention_mask(t)`: (boolean mask or None, is_causal). Hq may be a multiple of Hkv
+    (grouped-query attention): each key/value head serves Hq // Hkv consecutive query heads, without copying.
+    """
+    attn_mask, is_causal = mask
+    if attn_mask is None and not is_causal and q.shape[2] == 1:
+        return one_query_attention(q, k, v, scale)
+    grouped = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=grouped)
+
+
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+    """Unmasked attention of one query per (row, head): (B, Hq, 1, D) over (B, Hkv, S, D) -> (B, Hq, 1, D).
+
+    A greedy decode step has one query per row. SDPA's CPU kernel tiles for blocks of queries and takes about
+    twice as long here as two matrix-vector products, which only stream the keys and values once (the cost
+    that bounds this step). With grouped-query attention the query heads of one key/value head are stacked as
+    that head's rows. Same math, to float rounding.
+    """
+    if q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    b, hq, _, d = q.shape
+    hkv = k.shape[1]
+    grouped = q.reshape(b, hkv, hq // hkv, d)  # (B, Hkv, G, D)
+    scores = torch.matmul(grouped, k.transpose(-1, -2))  # (B, Hkv, G, S)
+    if scale != 1.0:
+        scores = scores * (d ** -0.5 if scale is None else scale)
+    return torch.matmul(scores.softmax(dim=-1), v).reshape(b, hq, 1, d)
+
+
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                    heads: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B*G, H, t, D) queries over (B, H, S, D) encoder keys/values, G rows (beams) per input -> (B*G, H, t, D).
+
+    The G rows of one input are folded into its query axis, so the keys/values are never repeated. With
+    `heads`, also returns those heads' attention probabilities, (B*G, len(heads), t, S), computed apart
+    (SDPA does not expose them).
+    """
+    rows, num_heads, t, dim = q.shape
+    batch = k.shape[0]
+    groups = rows // batch
+    folded = q if groups == 1 else q.view(batch, groups, num_heads, t, dim).transpose(1, 2).reshape(
+        batch, num_heads, groups * t, dim)  # (B, H, G*t, D)
+    if folded.shape[2] == 1:
+        out = one_query_attention(folded, k, v, scale)
+    else:
+        out = F.scaled_dot_product_attention(folded, k, v, scale=scale)
+    if groups > 1:
+        out = out.view(batch, num_heads, groups, t, dim).transpose(1, 2).reshape(rows, num_heads, t, dim)
+    weights = None
+    if heads:
+        index = torch.tensor(heads, device=q.device)
+        scores = folded.index_select(1, index) @ k.index_select(1, index).transpose(-1, -2)  # (B, h, G*t, S)
+        scores = scores * (dim ** -0.5 if scale is None else scale)
+        weights = scores.softmax(dim=-1)
+        if groups > 1:
+            weights = weights.view(batch, len(heads), groups, t, -1).transpose(1, 2).reshape(rows, len(heads), t, -1)
+    return out, weights
+
+
 class Unpadder:
     """Moves a padded batch's real tokens into one (N, C) matrix and back.
 
@@ -192,3 +261,20 @@ def vocab_logits(hidden: torch.Tensor, layer) -> torch.Tensor:
     paired = rows.repeat(2, 1) if n == 1 else rows
     logits = (weight @ paired.t()).t()[:n]  # (n, V)
     return logits.contiguous().view(*shape[:-1], weight.shape[0])
+
+
+class EncoderDecoderCache(KVCache):
+    """A decoder's self-attention cache plus its cross-attention keys/values, computed once from the encoder output.
+
+    `cross[layer]` is (k, v), each (batch, H, S, D) with batch dividing the cache's rows (beams or samples of one
+    input share their input's entries, which therefore never move when beams are reordered).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.keys)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        if index.numel() != self.batch_size:
+            raise InvalidInput("an encoder-decoder cache keeps its rows: beams are reordered, never dropped.")
+        super().reorder(index)

@@ -17,10 +17,10 @@ from torch import nn
 
 from ..config import BaseConfig
 from ..errors import InvalidInput, UnsupportedModel
-from ..generation.cache import KVCache, cross_attention, self_attention
 from ..generation.generate import GenerationConfig, GenerationOutput, generate
 from ..generation.processors import WhisperTimestamps
-from .layers import Embedding, activation, linear, merge_heads, split_heads, vocab_logits
+from .layers import (EncoderDecoderCache, Embedding, activation, cached_attention, cross_attention, linear, merge_heads,
+                     split_heads, vocab_logits)
 
 
 @dataclasses.dataclass
@@ -130,11 +130,11 @@ class WhisperDecoderLayer(nn.Module):
         self.fc2 = nn.Linear(config.decoder_ffn_dim, config.d_model)
         self.final_layer_norm = nn.LayerNorm(config.d_model)
 
-    def forward(self, x: torch.Tensor, cache: KVCache, index: int, mask, heads: list[int] | None):
+    def forward(self, x: torch.Tensor, cache: EncoderDecoderCache, index: int, mask, heads: list[int] | None):
         """x: (B, t, C) the new positions -> (B, t, C), and the chosen heads' cross-attention weights or None."""
         h = self.self_attn_layer_norm(x)
         k, v = cache.update(index, *self.self_attn.keys_values(h))  # (B, H, length + t, D)
-        x = x + self.self_attn.output(self_attention(self.self_attn.queries(h), k, v, mask, scale=1.0))
+        x = x + self.self_attn.output(cached_attention(self.self_attn.queries(h), k, v, mask, scale=1.0))
         enc_k, enc_v = cache.cross[index]
         h = self.encoder_attn_layer_norm(x)
         attended, weights = cross_attention(self.encoder_attn.queries(h), enc_k, enc_v, scale=1.0, heads=heads)
@@ -187,7 +187,7 @@ class WhisperDecoder(nn.Module):
         self.layers = nn.ModuleList(WhisperDecoderLayer(config) for _ in range(config.decoder_layers))
         self.layer_norm = nn.LayerNorm(config.d_model)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor | None = None,
+    def forward(self, tokens: torch.Tensor, cache: EncoderDecoderCache, positions: torch.Tensor | None = None,
                 alignment_heads: Sequence[tuple[int, int]] | None = None):
         """tokens (B, t) -> hidden states (B, t, C), and (B, len(alignment_heads), t, S) cross-attention
         probabilities of the (layer, head) pairs asked for (None without)."""
@@ -237,7 +237,7 @@ class WhisperModel(nn.Module):
 
 
 def _new_cache(config: WhisperConfig, decoder: WhisperDecoder, rows: int, max_length: int,
-               encoder_hidden: torch.Tensor) -> KVCache:
+               encoder_hidden: torch.Tensor) -> EncoderDecoderCache:
     if encoder_hidden is None or encoder_hidden.dim() != 3:
         raise InvalidInput("Whisper's decoder needs encoder_hidden (batch, frames, d_model) from model.encode().")
     batch = encoder_hidden.shape[0]
@@ -247,7 +247,7 @@ def _new_cache(config: WhisperConfig, decoder: WhisperDecoder, rows: int, max_le
         raise InvalidInput(f"Whisper decodes at most {config.max_target_positions} tokens, not {max_length}.")
     weight = decoder.embed_tokens.weight
     heads = config.decoder_attention_heads
-    cache = KVCache(config.decoder_layers, rows, heads, config.d_model // heads, max_length,
+    cache = EncoderDecoderCache(config.decoder_layers, rows, heads, config.d_model // heads, max_length,
                     dtype=weight.dtype, device=weight.device)
     encoder_hidden = encoder_hidden.to(weight.dtype)
     for index, layer in enumerate(decoder.layers):
@@ -281,12 +281,12 @@ class WhisperForConditionalGeneration(nn.Module):
         """(B, num_mel_bins, frames) log-mel features -> (B, max_source_positions, C) encoder states."""
         return self.model.encoder(input_features)
 
-    def new_cache(self, rows: int, max_length: int, encoder_hidden: torch.Tensor | None = None) -> KVCache:
+    def new_cache(self, rows: int, max_length: int, encoder_hidden: torch.Tensor | None = None) -> EncoderDecoderCache:
         """An empty decoder cache for `rows` sequences (a multiple of the encoder batch: beams or samples of one
         audio are adjacent rows) of up to `max_length` tokens; cross-attention keys/values computed here, once."""
         return _new_cache(self.config, self.model.decoder, rows, max_length, encoder_hidden)
 
-    def decode_step(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor | None = None, *,
+    def decode_step(self, tokens: torch.Tensor, cache: EncoderDecoderCache, positions: torch.Tensor | None = None, *,
                     alignment_heads: Sequence[tuple[int, int]] | None = None, last_only: bool = False):
         """tokens (B, t) appended to the cache -> logits (B, t, V) (only the last position's, (B, 1, V), with
         last_only). With alignment_heads, returns (logits, (B, len(alignment_heads), t, S) cross-attention
