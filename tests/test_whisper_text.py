@@ -26,7 +26,7 @@ from lightpipe.processing.whisper_text import (
     language_code, median_filter, merge_overlaps, split_into_words, stride_in_seconds, token_timestamps,
 )
 
-transformers = pytest.importorskip("transformers")
+import transformers
 from transformers import WhisperTokenizer  # noqa: E402
 from transformers.models.whisper import tokenization_whisper as hf_tok  # noqa: E402
 from transformers.models.whisper.generation_whisper import (  # noqa: E402

@@ -6,14 +6,13 @@ import json
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from helpers import randomize
 from lightpipe import loading
 from lightpipe.errors import CheckpointError, UnsupportedModel
 from lightpipe.models import hubert, wav2vec2
-
-transformers = pytest.importorskip("transformers")
 
 TINY = dict(vocab_size=32, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
             conv_dim=(16, 16, 16), conv_stride=(5, 2, 2), conv_kernel=(10, 3, 3), num_conv_pos_embeddings=16,

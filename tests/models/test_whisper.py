@@ -19,7 +19,7 @@ from lightpipe.models import whisper
 from lightpipe.models.whisper import detect_language, whisper_generate, whisper_prompt
 from whisper_helpers import tiny_whisper, whisper_special_ids
 
-transformers = pytest.importorskip("transformers")
+import transformers
 
 SHARED_WHISPER = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "whisper-tiny.en"
 IDS = whisper_special_ids()
@@ -294,8 +294,8 @@ def speech():
         pytest.skip("../shared/models/whisper-tiny.en is not present")
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed to synthesise speech")
-    soundfile = pytest.importorskip("soundfile")
-    soxr = pytest.importorskip("soxr")
+    import soundfile
+    import soxr
     return soundfile, soxr
 
 

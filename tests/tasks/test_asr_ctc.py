@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import lightpipe
 from helpers import randomize
@@ -19,8 +20,6 @@ from lightpipe.tasks.automatic_speech_recognition import (
     rescale_stride,
     window_sizes,
 )
-
-transformers = pytest.importorskip("transformers")
 
 RATE = 16000
 CHARS = "ETAONIHSRDLUMWCFGYPBVKXJQZ'"

@@ -6,12 +6,11 @@ import json
 import shutil
 
 import pytest
+import transformers
 
 import lightpipe
 from lightpipe.errors import InvalidInput
 from lightpipe.tasks.token_classification import AggregationStrategy
-
-transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.filterwarnings("ignore:Tokenizer does not support real words")
 
