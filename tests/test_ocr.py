@@ -76,16 +76,30 @@ def test_normalize_box_equals_reference():
         assert ocr.normalize_box(box, *size) == normalize_box(list(box), *size)
 
 
+TSV = ("level\tpage_num\tleft\ttop\twidth\theight\tconf\ttext\n"
+       "1\t1\t0\t0\t100\t50\t-1\t\n"
+       "5\t1\t10\t20\t30\t30\t96.5\tHello\n"
+       "5\t1\t50\t20\t30\t40\t91\t")  # the last row's empty text cell is missing
+
+
 def test_parse_tsv_reads_tesseract_rows():
-    tsv = ("level\tpage_num\tleft\ttop\twidth\theight\tconf\ttext\n"
-           "1\t1\t0\t0\t100\t50\t-1\t\n"
-           "5\t1\t10\t20\t30\t30\t96.5\tHello\n"
-           "5\t1\t50\t20\t30\t40\t91\t")  # the last row's empty text cell is missing
-    table = ocr.parse_tsv(tsv)
+    table = ocr.parse_tsv(TSV)
     assert table["text"] == ["", "Hello", ""]
     assert table["conf"] == [-1, 96, 91]
-    assert ocr._words_and_boxes(table, (100, 50)) == (["Hello"], [[100, 400, 400, 1000]])
     assert ocr.parse_tsv("level\ttext\n") == {}
+
+
+def test_tesseract_rows_become_words_and_grid_boxes(monkeypatch, tmp_path):
+    """A stand-in `tesseract` program on PATH writes TSV rows; ocr_words keeps the non-empty words, with boxes
+    scaled to the 0-1000 grid of the (100 x 50) page."""
+    from PIL import Image
+
+    program = tmp_path / "tesseract"
+    program.write_text(f"#!{sys.executable}\nimport sys\nopen(sys.argv[2] + '.tsv', 'w').write({TSV!r})\n")
+    program.chmod(0o755)
+    without_pytesseract(monkeypatch)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert ocr.ocr_words(Image.new("RGB", (100, 50), "white")) == (["Hello"], [[100, 400, 400, 1000]])
 
 
 def test_missing_tesseract_program_with_pytesseract(page, monkeypatch, tmp_path):
@@ -95,9 +109,9 @@ def test_missing_tesseract_program_with_pytesseract(page, monkeypatch, tmp_path)
     assert "lightpipe[ocr]" in str(info.value) and "word_boxes" in str(info.value)
 
 
-def test_missing_tesseract_without_pytesseract(page, monkeypatch):
+def test_missing_tesseract_without_pytesseract(page, monkeypatch, tmp_path):
     without_pytesseract(monkeypatch)
-    monkeypatch.setattr(ocr.shutil, "which", lambda name: None)
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no tesseract to run
     with pytest.raises(MissingDependency, match="apt-get install tesseract-ocr") as info:
         ocr.ocr_words(page[0])
     assert "lightpipe[ocr]" in str(info.value) and "word_boxes" in str(info.value)
