@@ -113,6 +113,37 @@ def linear(x: torch.Tensor, layer, act: str | None = None) -> torch.Tensor:
     return y if act is None else activation(act)(y)
 
 
+class FusedProjection:
+    """Several linear layers that read the same input as one wider layer, built from the checkpoint's layers:
+    query/key/value (ViT, Llama), gate/up (Llama's MLP).
+
+    One matrix product reads the activations once and runs a wider GEMM, which oneDNN does ~10% faster per FLOP
+    than several narrow ones; in a decode step it also saves a call per layer. It quacks like nn.Linear (weight,
+    bias) for layers.linear, which keeps its packed copy on this object. It is not a submodule, so checkpoints keep
+    their own keys; the cost is one more copy of those weights (~85 MB for ViT-B). The copy follows the source
+    layers: a moved, cast or reloaded weight is concatenated again.
+    """
+
+    def __init__(self) -> None:
+        self.source: tuple | None = None
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+
+    def refresh(self, layers: tuple[nn.Linear, ...]) -> "FusedProjection":
+        source = tuple((t.data_ptr(), t._version, t.dtype, t.device) for layer in layers
+                       for t in (layer.weight, layer.bias) if t is not None)
+        if source != self.source:
+            # Built outside inference mode: inference tensors have no version counter to cache on.
+            with torch.inference_mode(False), torch.no_grad():
+                self.weight = torch.cat([layer.weight for layer in layers])
+                biases = [layer.bias for layer in layers]
+                self.bias = None if all(b is None for b in biases) else torch.cat(
+                    [b if b is not None else layer.weight.new_zeros(layer.out_features)
+                     for b, layer in zip(biases, layers)])
+            self.source = source
+        return self
+
+
 def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """(B, T) 1/0 mask -> (B, 1, 1, T) boolean mask for scaled_dot_product_attention.
 
