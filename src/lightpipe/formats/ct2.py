@@ -24,10 +24,15 @@ length counting a final NUL, the UTF-8 bytes, then the NUL):
 
 Quantised weights are stored as int8 (one float32 scale per output row) or int16 (one global
 scale) beside a `<name>_scale` variable holding `quantised / float`; they are dequantised here.
+
+One pipeline() call asks for the config, the weights and the generation config in turn; within
+`parse_once()` (which loading.one_load enters) model.bin's header is parsed once for all three.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import itertools
 import json
@@ -41,7 +46,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CheckpointError, UnsupportedModel
+from ..config import read_json_object
+from ..errors import CheckpointError, UnsupportedModel
+from ..processing.audio import CHUNK_LENGTH, HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE
 
 MODEL_BIN = "model.bin"
 CONFIG_JSON = "config.json"
@@ -60,14 +67,6 @@ LEGACY_ITEM_SIZES = {4: 0, 2: 2, 1: 1}
 # CTranslate2's Activation enum -> transformers' activation_function name.
 ACTIVATIONS = {0: "relu", 1: "gelu_new", 2: "silu", 3: "gelu", 4: "quick_gelu", 5: "tanh", 6: "sigmoid"}
 
-# Whisper's fixed audio front end (openai/whisper audio.py): 16 kHz, 25 ms windows every 10 ms,
-# 30 s windows of 3000 frames. CTranslate2 folders often come without preprocessor_config.json.
-SAMPLING_RATE = 16_000
-N_FFT = 400
-HOP_LENGTH = 160
-CHUNK_LENGTH = 30  # seconds
-N_SAMPLES = CHUNK_LENGTH * SAMPLING_RATE  # 480000 samples
-N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 frames
 MAX_INITIAL_TIMESTAMP_INDEX = 50  # the first timestamp may be at most 1.0 s (50 x 20 ms), as in Whisper
 ENGLISH_ONLY_MAX_VOCAB = 51864  # CTranslate2 and faster-whisper call a vocabulary of 51865+ multilingual
 
@@ -95,10 +94,10 @@ def is_ct2_folder(folder: str | Path, *, need_weights: bool = True) -> bool:
     if not any((folder / name).is_file() for name in VOCABULARY_FILES):
         return False
     try:
-        raw = json.loads((folder / CONFIG_JSON).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+        raw = read_json_object(folder / CONFIG_JSON)
+    except CheckpointError:
         return False
-    return isinstance(raw, dict) and "model_type" not in raw
+    return raw is not None and "model_type" not in raw
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,10 +170,40 @@ class _Cursor:
         return start
 
 
+# The headers parsed in the current parse_once() block: (path, size, mtime) -> checkpoint; None outside one.
+_PARSED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("ct2_parsed_headers", default=None)
+
+
+@contextlib.contextmanager
+def parse_once():
+    """Within this block each model.bin is parsed once, however many times it is read (config, weights,
+    generation config of one load); the parsed headers, and their memory maps, are let go at its end."""
+    token = _PARSED.set({})
+    try:
+        yield
+    finally:
+        _PARSED.reset(token)
+
+
 def read_model_bin(path: str | Path) -> Ct2Checkpoint:
     """model.bin -> its variables as torch tensors over a copy-on-write memory map (nothing is read
-    until used). Raises CheckpointError for unsupported versions and corrupt or truncated files."""
+    until used). Raises CheckpointError for unsupported versions and corrupt or truncated files.
+    Inside `parse_once()` a file already parsed there (and not changed since) is not parsed again."""
     path = Path(path)
+    parsed = _PARSED.get()
+    if parsed is None:
+        return _parse_model_bin(path)
+    try:
+        stat = path.stat()
+        key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        return _parse_model_bin(path)  # reports the unreadable file
+    if key not in parsed:
+        parsed[key] = _parse_model_bin(path)
+    return parsed[key]
+
+
+def _parse_model_bin(path: Path) -> Ct2Checkpoint:
     try:
         with open(path, "rb") as f:
             # Copy-on-write: tensors are writable (torch wants that) without touching the file.
@@ -453,7 +482,11 @@ def read_vocabulary(folder: str | Path) -> list[str]:
 
 def read_ct2_config(folder: str | Path) -> dict[str, Any]:
     """CTranslate2's config.json: suppress_ids, suppress_ids_begin, lang_ids, alignment_heads."""
-    return _read_json_object(Path(folder) / CONFIG_JSON)
+    path = Path(folder) / CONFIG_JSON
+    raw = read_json_object(path)
+    if raw is None:
+        raise CheckpointError(f"{path} is missing; a CTranslate2 model folder needs its config.json.")
+    return raw
 
 
 @dataclasses.dataclass(frozen=True)
@@ -593,9 +626,9 @@ def preprocessor_config(folder: str | Path, num_mel_bins: int | None = None) -> 
     """The folder's preprocessor_config.json, or the one transformers has for Whisper: 16 kHz, 30 s
     windows, 80 (or, for large-v3, 128) mel bins as the model's first convolution takes."""
     folder = Path(folder)
-    own = folder / "preprocessor_config.json"
-    if own.is_file():
-        return _read_json_object(own)
+    own = read_json_object(folder / "preprocessor_config.json")
+    if own is not None:
+        return own
     if num_mel_bins is None:
         num_mel_bins = load_ct2_config(folder)["num_mel_bins"]
     return {
@@ -611,7 +644,7 @@ def preprocessor_config(folder: str | Path, num_mel_bins: int | None = None) -> 
         "padding_value": 0.0,
         "processor_class": "WhisperProcessor",
         "return_attention_mask": False,
-        "sampling_rate": SAMPLING_RATE,
+        "sampling_rate": SAMPLE_RATE,
     }
 
 
@@ -619,9 +652,9 @@ def tokenizer_config(folder: str | Path) -> dict[str, Any]:
     """The folder's tokenizer_config.json, or the one transformers has for Whisper's tokenizer: every
     special role is <|endoftext|>; no BOS is added (tokenizer.json's template adds the prompt)."""
     folder = Path(folder)
-    own = folder / "tokenizer_config.json"
-    if own.is_file():
-        return _read_json_object(own)
+    own = read_json_object(folder / "tokenizer_config.json")
+    if own is not None:
+        return own
     return {
         "add_bos_token": False,
         "add_prefix_space": False,
@@ -636,16 +669,6 @@ def tokenizer_config(folder: str | Path) -> dict[str, Any]:
         "tokenizer_class": "WhisperTokenizer",
         "unk_token": END_OF_TEXT,
     }
-
-
-def _read_json_object(path: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(f"{path} could not be read: {e}") from e
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{path} must hold a JSON object.")
-    return raw
 
 
 # ----------------------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ class Tokenizer:
     def from_folder(cls, folder: str | Path) -> "Tokenizer":
         folder = Path(folder)
         config = _read_json(folder / "tokenizer_config.json")
-        from .. import ct2  # imports torch: only here
+        from ..formats import ct2  # imports torch: only here
 
         if not config and ct2.is_ct2_folder(folder, need_weights=False):
             # A CTranslate2 (faster-whisper) folder has tokenizer.json alone: the special tokens are Whisper's.
