@@ -51,9 +51,14 @@ def _scores(rows=4, vocab=VOCAB, seed=0):
     lambda: (P.NoRepeatNGram(3), hf.NoRepeatNGramLogitsProcessor(3)),
     lambda: (P.ForcedLastToken(8, [3, 4]), hf.ForcedEOSTokenLogitsProcessor(8, [3, 4])),
     lambda: (P.ForcedLastToken(9, [3]), hf.ForcedEOSTokenLogitsProcessor(9, [3])),
+    lambda: (P.MinP(0.1), hf.MinPLogitsWarper(0.1)),
+    lambda: (P.MinP(0.9, min_tokens_to_keep=3), hf.MinPLogitsWarper(0.9, min_tokens_to_keep=3)),
+    lambda: (P.TypicalP(0.5), hf.TypicalLogitsWarper(0.5)),
+    lambda: (P.TypicalP(0.05, min_tokens_to_keep=2), hf.TypicalLogitsWarper(0.05, min_tokens_to_keep=2)),
+    lambda: (P.BadWords([[4], [1, 2], [5, 5, 3], [2]], [2]), hf.NoBadWordsLogitsProcessor([[4], [1, 2], [5, 5, 3], [2]], 2)),
 ], ids=["temperature", "top-k", "top-k-keep", "top-p", "top-p-keep", "repetition", "suppress",
         "begin-suppress", "begin-suppress-later", "min-length", "min-length-reached", "no-repeat-2", "no-repeat-3",
-        "forced-eos", "forced-eos-not-yet"])
+        "forced-eos", "forced-eos-not-yet", "min-p", "min-p-keep", "typical", "typical-keep", "bad-words"])
 def test_processor_equals_transformers(make):
     ours, theirs = make()
     scores, input_ids = _scores()
@@ -157,8 +162,8 @@ def test_config_names_active_options_it_cannot_honour(caplog):
     with caplog.at_level("WARNING", logger="lightpipe.generation.generate"):
         GenerationConfig.from_dict({"typical_p": 1.0, "num_beam_groups": 1})  # inactive values: silent
         assert not caplog.records
-        GenerationConfig.from_dict({"typical_p": 0.5, "bad_words_ids": [[3]]})
-    assert "bad_words_ids, typical_p" in caplog.text
+        GenerationConfig.from_dict({"epsilon_cutoff": 0.5, "num_beam_groups": 2})
+    assert "epsilon_cutoff, num_beam_groups" in caplog.text
 
 
 def test_config_from_folder_falls_back_to_config_json(tmp_path):
@@ -241,30 +246,31 @@ def test_cache_without_padding_uses_the_fast_paths():
 class ToyLM(nn.Module):
     """One causal attention layer over token + position embeddings, with a tied output projection."""
 
-    def __init__(self, vocab=VOCAB, dim=16, heads=2, positions=64, seed=0):
+    def __init__(self, vocab=VOCAB, dim=16, heads=2, positions=64, seed=0, kv_heads=None):
         super().__init__()
         torch.manual_seed(seed)
         self.config = type("Config", (), {"vocab_size": vocab})()
-        self.heads = heads
+        self.heads, self.kv_heads = heads, kv_heads or heads
         self.embed = nn.Embedding(vocab, dim)
         self.pos = nn.Embedding(positions, dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, dim + 2 * dim * self.kv_heads // heads)  # grouped-query: fewer key/value heads
         self.out = nn.Linear(dim, dim)
         self.max_positions = positions
         self.eval().requires_grad_(False)
 
-    def new_cache(self, rows, max_length, encoder_hidden=None):
-        return KVCache(1, rows, self.heads, self.embed.embedding_dim // self.heads, max_length,
-                       dtype=torch.float32, device="cpu")
+    def new_cache(self, rows, max_length, encoder_hidden=None, static=False):
+        return KVCache(1, rows, self.kv_heads, self.embed.embedding_dim // self.heads, max_length,
+                       dtype=torch.float32, device="cpu", static=static)
 
     def _heads(self, x):
-        return x.view(x.shape[0], x.shape[1], self.heads, -1).transpose(1, 2)
+        return x.view(x.shape[0], x.shape[1], -1, self.embed.embedding_dim // self.heads).transpose(1, 2)
 
     def decode_step(self, tokens, cache, positions=None, *, alignment_heads=None, last_only=False):
         t = tokens.shape[1]
         positions = cache.positions(t) if positions is None else positions
         x = self.embed(tokens) + self.pos(positions)
-        q, k, v = (self._heads(y) for y in self.qkv(x).chunk(3, dim=-1))
+        dim, kv_dim = x.shape[-1], x.shape[-1] * self.kv_heads // self.heads
+        q, k, v = (self._heads(y) for y in self.qkv(x).split([dim, kv_dim, kv_dim], dim=-1))
         mask = cache.attention_mask(t)
         k, v = cache.update(0, k, v)
         x = x + self.out(self_attention(q, k, v, mask).transpose(1, 2).reshape(x.shape))
@@ -318,6 +324,95 @@ def test_end_of_sequence_stops_rows_and_pads_them():
         expected = _rollout(model, prompt, 10, eos=eos)
         assert row[:len(expected)] == expected and set(row[len(expected):]) <= {39}
     assert out.sequences.shape[1] <= 12
+
+
+@pytest.mark.parametrize("options", [dict(), dict(num_beams=3), dict(do_sample=True, top_k=4)],
+                         ids=["greedy", "beam3", "sample"])
+def test_static_cache_equals_dynamic_with_grouped_query_attention_and_left_padding(options):
+    model = ToyLM(seed=6, heads=4, kv_heads=2)
+    prompts = [[5, 6, 7, 8, 9], [12], [30, 2, 2]]
+    config = GenerationConfig(max_new_tokens=9, pad_token_id=0, **options)
+    dynamic = generate(model, prompts, config, generator=torch.Generator().manual_seed(3))
+    static = generate(model, prompts, config.replace(cache_implementation="static"),
+                      generator=torch.Generator().manual_seed(3))
+    assert static.sequences.tolist() == dynamic.sequences.tolist()
+    if not options:  # and each left-padded row equals its prompt decoded alone, uncached
+        for row, prompt in zip(dynamic.sequences.tolist(), prompts):
+            assert row[5 - len(prompt):] == _rollout(model, prompt, 9)
+
+
+def test_static_cache_reads_all_slots_with_a_full_length_mask():
+    cache = KVCache(2, 2, 1, 4, 8, dtype=torch.float32, device="cpu", static=True)
+    cache.set_left_padding(torch.tensor([0, 2]))
+    k = torch.ones(2, 1, 3, 4)
+    full_k, _ = cache.update(0, k, k)
+    mask, causal = cache.attention_mask(3)
+    assert full_k.shape == (2, 1, 8, 4) and not causal and mask.shape == (2, 1, 3, 8)
+    assert not mask[..., 3:].any()  # empty slots are never attended
+    assert mask[1, 0, 2].tolist() == [False, False, True] + [False] * 5  # row 1's padding is hidden
+    assert bool(torch.isfinite(full_k).all())
+
+
+def test_finished_rows_leave_the_batch_without_changing_results():
+    model = ToyLM(seed=2)
+    prompts = [[1, 2], [3, 4], [9, 9, 9]]
+    free = generate(model, prompts, GenerationConfig(max_new_tokens=10)).generated
+    eos = int(free[0, 1])  # row 0 ends at its second step, the others later or never
+    calls = []
+    original = model.decode_step
+
+    def counting(tokens, cache, **kwargs):
+        calls.append(tokens.shape[0])
+        return original(tokens, cache, **kwargs)
+
+    model.decode_step = counting
+    out = generate(model, prompts, GenerationConfig(max_new_tokens=10, eos_token_id=eos, pad_token_id=39))
+    del model.decode_step
+    for row, prompt in zip(out.sequences.tolist(), prompts):
+        pad = 3 - len(prompt)
+        expected = _rollout(model, prompt, 10, eos=eos)
+        assert row[pad:pad + len(expected)] == expected and set(row[pad + len(expected):]) <= {39}
+    assert calls[0] == 3 and min(calls) < 3  # the ended row was dropped from later steps
+
+
+class _CharTokenizer:
+    """Token i decodes to a fixed piece of text; stop strings must be found across these pieces."""
+
+    pieces = ["ab", "c", "d", "Stop", "!", "x", " ", "S", "to", "p"] + ["z"] * (VOCAB - 10)
+
+    def decode(self, ids, **kwargs):
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_stop_strings_match_across_token_boundaries():
+    tokenizer = _CharTokenizer()
+    model = ToyLM(seed=7)
+    # Whatever the model generates, forcing tokens makes the text "S" "to" "p" = "Stop" over three tokens.
+    forced = P.ForcedTokens({3: 7, 4: 8, 5: 9, 6: 4})
+    config = GenerationConfig(max_new_tokens=10, stop_strings=["top"], pad_token_id=0)
+    out = generate(model, [[1, 2, 3]], config, processors=[forced], tokenizer=tokenizer)
+    assert tokenizer.decode(out.generated[0].tolist()) == "Stop"  # stopped on the token that completed "top"
+    out = generate(model, [[1, 2, 3]], config.replace(stop_strings=["nothing", "Sto"]), processors=[forced],
+                   tokenizer=tokenizer)
+    assert out.generated.shape[1] == 2
+    with pytest.raises(InvalidInput, match="tokenizer"):
+        generate(model, [[1, 2, 3]], config)
+    with pytest.raises(InvalidInput, match="stop_strings"):
+        GenerationConfig(stop_strings=[""])
+
+
+def test_max_time_stops_every_row():
+    model = ToyLM(seed=8)
+    out = generate(model, [[1, 2]], GenerationConfig(max_new_tokens=50, max_time=1e-9))
+    assert out.generated.shape[1] == 1
+
+
+def test_user_stopping_criteria_stop_their_rows():
+    model = ToyLM(seed=9)
+    free = generate(model, [[1, 2], [4, 5]], GenerationConfig(max_new_tokens=8)).generated
+    stop_after_three = lambda tokens, new: torch.full_like(new, tokens.shape[1] >= 5, dtype=torch.bool)  # noqa: E731
+    out = generate(model, [[1, 2], [4, 5]], GenerationConfig(max_new_tokens=8), stopping_criteria=[stop_after_three])
+    assert out.generated.tolist() == free[:, :3].tolist()
 
 
 def test_streaming_callback_sees_every_token_as_it_comes():

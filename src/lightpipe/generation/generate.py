@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -27,18 +28,20 @@ import torch
 
 from ..errors import CheckpointError, InvalidInput
 from . import processors as P
+from . import stopping as S
 from .search import BeamSearch, Greedy, Sample
 
 DEFAULT_NEW_TOKENS = 20  # transformers' default when neither max_new_tokens nor max_length is given
 
 # transformers' generation options lightpipe does not implement, with the value at which they do nothing.
 UNSUPPORTED = {
-    "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "min_p": None, "top_h": None,
-    "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
+    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None,
+    "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0,
     "sequence_bias": None, "renormalize_logits": False, "exponential_decay_length_penalty": None,
     "guidance_scale": 1.0, "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": None,
-    "constraints": None, "force_words_ids": None, "watermarking_config": None, "stop_strings": None, "max_time": None,
+    "constraints": None, "force_words_ids": None, "watermarking_config": None,
 }
+CACHE_IMPLEMENTATIONS = ("dynamic", "static")
 _warned: set = set()
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,8 @@ class GenerationConfig:
     temperature: float = 1.0
     top_k: int | None = 50
     top_p: float = 1.0
+    min_p: float | None = None
+    typical_p: float = 1.0
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     length_penalty: float = 1.0
@@ -83,6 +88,10 @@ class GenerationConfig:
     decoder_start_token_id: int | None = None
     forced_bos_token_id: int | None = None
     forced_eos_token_id: int | tuple[int, ...] | None = None
+    bad_words_ids: tuple[tuple[int, ...], ...] | None = None
+    stop_strings: str | tuple[str, ...] | None = None  # matched on the decoded text (generate needs a tokenizer)
+    max_time: float | None = None  # seconds; every row stops once they have passed
+    cache_implementation: str = "dynamic"  # "static": full-length cache reads, fixed shapes per step
     suppress_tokens: tuple[int, ...] | None = None
     begin_suppress_tokens: tuple[int, ...] | None = None
     forced_tokens: tuple[tuple[int, int], ...] | None = None  # (position in the sequence, token) pairs
@@ -92,7 +101,8 @@ class GenerationConfig:
     extra: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
 
     def __post_init__(self) -> None:
-        for name in ("suppress_tokens", "begin_suppress_tokens", "forced_tokens", "alignment_heads", "extra"):
+        for name in ("suppress_tokens", "begin_suppress_tokens", "forced_tokens", "alignment_heads", "extra",
+                     "bad_words_ids", "stop_strings"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
         for name in ("eos_token_id", "forced_eos_token_id"):
             if isinstance(getattr(self, name), (list, tuple)):
@@ -194,6 +204,26 @@ class GenerationConfig:
                                "use do_sample=False for greedy decoding.")
         if not 0 < self.top_p <= 1:
             raise InvalidInput(f"top_p must be in (0, 1], not {self.top_p}.")
+        if not 0 < self.typical_p <= 1:
+            raise InvalidInput(f"typical_p must be in (0, 1], not {self.typical_p}.")
+        if self.min_p is not None and (isinstance(self.min_p, bool) or not isinstance(self.min_p, (int, float))
+                                       or not 0 <= self.min_p <= 1):
+            raise InvalidInput(f"min_p must be a number in [0, 1], not {self.min_p!r}.")
+        if self.max_time is not None and (isinstance(self.max_time, bool) or not isinstance(self.max_time, (int, float))
+                                          or not self.max_time > 0):
+            raise InvalidInput(f"max_time must be a positive number of seconds, not {self.max_time!r}.")
+        if self.cache_implementation not in CACHE_IMPLEMENTATIONS:
+            raise InvalidInput(f"cache_implementation must be one of {', '.join(CACHE_IMPLEMENTATIONS)}, "
+                               f"not {self.cache_implementation!r}.")
+        stops = (self.stop_strings,) if isinstance(self.stop_strings, str) else self.stop_strings
+        if stops is not None and (not stops or not all(isinstance(x, str) and x for x in stops)):
+            raise InvalidInput(f"stop_strings must be a non-empty string or a list of them, not {self.stop_strings!r}.")
+        if self.bad_words_ids is not None and not (
+                self.bad_words_ids and all(isinstance(seq, tuple) and seq and all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in seq)
+                    for seq in self.bad_words_ids)):
+            raise InvalidInput(f"bad_words_ids must be a non-empty list of non-empty token-id lists, "
+                               f"not {self.bad_words_ids!r}.")
         if not self.repetition_penalty > 0:
             raise InvalidInput(f"repetition_penalty must be > 0, not {self.repetition_penalty}.")
         if self.early_stopping not in (True, False, "never"):
@@ -264,21 +294,25 @@ class _Plan:
     padding: torch.Tensor | None  # (B,) left padding per row
     max_length: int
     processors: list
+    criteria: list  # stopping criteria besides max length and end of sequence
 
 
 def generate(model, input_ids, config: GenerationConfig, *, encoder_hidden: torch.Tensor | None = None,
              attention_mask: torch.Tensor | None = None, processors: Sequence[P.Processor] = (),
+             stopping_criteria: Sequence[S.Criterion] = (), tokenizer=None,
              on_token: TokenCallback | None = None, generator: torch.Generator | None = None) -> GenerationOutput:
     """Generate continuations of `input_ids` (B, P) - for encoder-decoder models the decoder prompt (e.g. the
     start token), with `encoder_hidden` (B, S, C) from `model.encode`.
 
     input_ids may also be a list of token-id lists; lists of different lengths are left-padded. attention_mask
     (B, P) marks real tokens with 1 and left padding with 0. `processors` are applied after the configured token
-    rules and before the sampling warpers; `on_token` streams tokens (not with beam search); `generator` seeds
-    sampling.
+    rules and before the sampling warpers; `stopping_criteria` are added to the configured ones (max length, end of
+    sequence, config.max_time, config.stop_strings - which needs `tokenizer`, anything with decode(ids));
+    `on_token` streams tokens (not with beam search); `generator` seeds sampling.
     """
     device = next(model.parameters()).device
-    plan = _plan(model, input_ids, attention_mask, config, encoder_hidden, processors, on_token, device)
+    plan = _plan(model, input_ids, attention_mask, config, encoder_hidden, processors, stopping_criteria, tokenizer,
+                 on_token, device)
     with torch.inference_mode():
         if config.num_beams > 1:
             return _beam_search(model, plan, config, encoder_hidden, generator)
@@ -289,7 +323,8 @@ def generate(model, input_ids, config: GenerationConfig, *, encoder_hidden: torc
 # Validation before compute
 
 
-def _plan(model, input_ids, attention_mask, config, encoder_hidden, processors, on_token, device) -> _Plan:
+def _plan(model, input_ids, attention_mask, config, encoder_hidden, processors, stopping_criteria, tokenizer,
+          on_token, device) -> _Plan:
     if not isinstance(config, GenerationConfig):
         raise InvalidInput(f"config must be a lightpipe GenerationConfig, not {type(config).__name__}.")
     input_ids, attention_mask = _as_prompt(input_ids, attention_mask, config, device)
@@ -311,7 +346,8 @@ def _plan(model, input_ids, attention_mask, config, encoder_hidden, processors, 
         if encoder_hidden.dim() != 3 or encoder_hidden.shape[0] != batch:
             raise InvalidInput(f"encoder_hidden must be (batch={batch}, S, C), not {tuple(encoder_hidden.shape)}.")
     if config.num_beams > 1 and on_token is not None:
-        raise InvalidInput("token streaming (on_token) works with greedy decoding and sampling, not beam search.")
+        raise InvalidInput("token streaming (on_token) works with greedy decoding and sampling, not beam search: "
+                           "use num_beams=1, or take the finished result.")
     P.check_processors(processors)
     if config.output_cross_attentions:
         num_layers = getattr(getattr(model, "config", None), "decoder_layers", None)
@@ -322,7 +358,27 @@ def _plan(model, input_ids, attention_mask, config, encoder_hidden, processors, 
                                    f"layers with {heads} heads.")
     max_length = _max_length(model, config, prompt_length)
     return _Plan(input_ids, padding, max_length,
-                 P.build_processors(config, prompt_length, max_length, processors, beams=config.num_beams > 1))
+                 P.build_processors(config, prompt_length, max_length, processors, beams=config.num_beams > 1),
+                 _criteria(config, stopping_criteria, tokenizer, prompt_length))
+
+
+def _criteria(config: GenerationConfig, extra: Sequence[S.Criterion], tokenizer, prompt_length: int) -> list:
+    """The stopping criteria besides max length and end of sequence, which the loops check themselves."""
+    criteria = []
+    if config.max_time is not None:
+        criteria.append(S.MaxTime(config.max_time))
+    if config.stop_strings is not None:
+        if config.num_beams > 1:
+            raise InvalidInput("stop_strings work with greedy decoding and sampling, not beam search (num_beams=1).")
+        if tokenizer is None or not callable(getattr(tokenizer, "decode", None)):
+            raise InvalidInput("stop_strings are matched on decoded text: pass the tokenizer to generate().")
+        criteria.append(S.StopStrings(config.stop_strings, tokenizer.decode, prompt_length))
+    for criterion in extra:
+        if not callable(criterion):
+            raise InvalidInput(f"a stopping criterion must be callable as criterion(tokens, new_tokens), "
+                               f"not {criterion!r}.")
+        criteria.append(criterion)
+    return criteria
 
 
 def _as_prompt(input_ids, attention_mask, config, device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -369,8 +425,9 @@ def _max_length(model, config: GenerationConfig, prompt_length: int) -> int:
 # Greedy decoding and sampling
 
 
-def _new_cache(model, rows: int, plan: _Plan, encoder_hidden, repeat: int):
-    cache = model.new_cache(rows, plan.max_length, encoder_hidden=encoder_hidden)
+def _new_cache(model, rows: int, plan: _Plan, config: GenerationConfig, encoder_hidden, repeat: int):
+    static = {"static": True} if config.cache_implementation == "static" else {}
+    cache = model.new_cache(rows, plan.max_length, encoder_hidden=encoder_hidden, **static)
     if plan.padding is not None:
         cache.set_left_padding(plan.padding.repeat_interleave(repeat))
     return cache
@@ -386,39 +443,57 @@ def _decode(model, tokens, cache, heads):
 
 
 def _sample(model, plan: _Plan, config: GenerationConfig, encoder_hidden, on_token, generator) -> GenerationOutput:
+    """Greedy decoding or sampling. Rows that are done leave the batch (their cache rows are dropped), so they stop
+    costing work - except with an encoder-decoder cache, whose rows share their input's encoder output; there, done
+    rows keep running and receive the fill token."""
     repeat = config.num_return_sequences  # sampling several sequences per input
     prompt = plan.input_ids.repeat_interleave(repeat, dim=0)
     rows, prompt_length = prompt.shape
+    device = prompt.device
     select = Sample(generator) if config.do_sample else Greedy()
-    eos = torch.tensor(config.eos_token_ids, dtype=torch.long, device=prompt.device)
     fill = config.fill_token_id
     heads = list(config.alignment_heads) if config.output_cross_attentions else None
+    criteria = ([S.EndOfSequence(config.eos_token_ids)] if config.eos_token_ids else []) + plan.criteria
 
-    tokens = torch.full((rows, plan.max_length), fill, dtype=torch.long, device=prompt.device)
+    tokens = torch.full((rows, plan.max_length), fill, dtype=torch.long, device=device)
     tokens[:, :prompt_length] = prompt
-    cache = _new_cache(model, rows, plan, encoder_hidden, repeat)
-    running = torch.ones(rows, dtype=torch.bool, device=prompt.device)
+    cache = _new_cache(model, rows, plan, config, encoder_hidden, repeat)
+    drops_rows = not hasattr(cache, "cross") and heads is None
+    running = torch.ones(rows, dtype=torch.bool, device=device)
+    active: torch.Tensor | None = None  # rows the cache holds, in its order; None = all rows
     all_scores, all_weights = [], []
     length, step_input = prompt_length, prompt
     while True:
-        scores, weights = _decode(model, step_input, cache, heads)
-        scores = P.apply(plan.processors, tokens[:, :length], scores)
+        scores, weights = _decode(model, step_input, cache, heads)  # (rows in the cache, V)
+        history = tokens[:, :length] if active is None else tokens[active, :length]
+        scores = P.apply(plan.processors, history, scores)
         if config.output_scores:
-            all_scores.append(scores)
+            all_scores.append(scores if active is None else
+                              scores.new_full((rows, scores.shape[1]), -math.inf).index_copy_(0, active, scores))
         if weights is not None:
             all_weights.append(weights)
         chosen = select(scores)
-        if eos.numel():
-            chosen = torch.where(running, chosen, fill)
-        tokens[:, length] = chosen
+        if active is None:
+            chosen = torch.where(running, chosen, fill) if criteria else chosen
+            tokens[:, length] = chosen
+            done = S.any_done(criteria, tokens[:, :length + 1], chosen) & running
+        else:
+            tokens[active, length] = chosen
+            done = S.any_done(criteria, tokens[active, :length + 1], chosen)
         length += 1
         if on_token is not None:
-            on_token(chosen, running.clone())
-        if eos.numel():
-            running &= ~torch.isin(chosen, eos)
+            on_token(tokens[:, length - 1].clone(), running.clone())
+        if active is None:
+            running &= ~done
+        else:
+            running[active[done]] = False
         if length >= plan.max_length or not bool(running.any()):
             break
-        step_input = tokens[:, length - 1:length]
+        if drops_rows and bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)
+            cache.reorder(keep)
+            active = keep if active is None else active[keep]
+        step_input = tokens[:, length - 1:length] if active is None else tokens[active, length - 1:length]
     return GenerationOutput(
         sequences=tokens[:, :length], prompt_length=prompt_length,
         scores=tuple(all_scores) if config.output_scores else None,
@@ -438,7 +513,7 @@ def _beam_search(model, plan: _Plan, config: GenerationConfig, encoder_hidden, g
     search = BeamSearch(prompt, plan.input_ids.shape[0], beams, plan.max_length, config.eos_token_ids,
                         config.fill_token_id, config.length_penalty, config.early_stopping, config.do_sample,
                         generator)
-    cache = _new_cache(model, rows, plan, encoder_hidden, beams)
+    cache = _new_cache(model, rows, plan, config, encoder_hidden, beams)
     all_scores, all_weights = [], []
     step_input = prompt
     while True:
@@ -449,7 +524,7 @@ def _beam_search(model, plan: _Plan, config: GenerationConfig, encoder_hidden, g
         if weights is not None:
             all_weights.append(weights)
         parents = search.step(log_probs)
-        if search.finished:
+        if search.finished or _out_of_time(plan.criteria, search):
             break
         cache.reorder(parents)
         step_input = search.tokens()[:, -1:]
@@ -460,6 +535,14 @@ def _beam_search(model, plan: _Plan, config: GenerationConfig, encoder_hidden, g
         sequences_scores=sequence_scores, beam_indices=beam_indices,
         cross_attentions=_beam_weights(all_weights, beam_indices) if heads else None,
     )
+
+
+def _out_of_time(criteria: list, search: BeamSearch) -> bool:
+    """Whether a row-independent criterion (max_time, the caller's) ends the beam search now."""
+    if not criteria:
+        return False
+    tokens = search.tokens()
+    return bool(S.any_done(criteria, tokens, tokens[:, -1]).all())
 
 
 def _beam_weights(steps: list[torch.Tensor], beam_indices: torch.Tensor) -> torch.Tensor:

@@ -139,6 +139,30 @@ class NoRepeatNGram:
         return scores.masked_fill(banned[:, :vocab], NEG_INF)
 
 
+class BadWords:
+    """Forbid token sequences: the last token of each banned sequence is impossible when the tokens before it
+    end the sequence so far (single-token sequences are always impossible). Banned sequences that are a lone
+    end-of-sequence token are ignored, so generation can always end (as transformers does)."""
+
+    def __init__(self, bad_words_ids: Iterable[Iterable[int]], eos_token_ids: Iterable[int] = ()):
+        eos = {(e,) for e in eos_token_ids}
+        self.sequences = [tuple(s) for s in bad_words_ids if tuple(s) not in eos]
+        self.single = [s[0] for s in self.sequences if len(s) == 1]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        banned = torch.zeros_like(scores, dtype=torch.bool)
+        if self.single:
+            banned[:, self.single] = True
+        length = input_ids.shape[1]
+        for sequence in self.sequences:
+            prefix = len(sequence) - 1
+            if not prefix or prefix > length:
+                continue
+            matches = (input_ids[:, length - prefix:] == input_ids.new_tensor(sequence[:-1])).all(dim=1)  # (rows,)
+            banned[:, sequence[-1]] |= matches
+        return scores.masked_fill(banned, NEG_INF)
+
+
 class MinLength:
     """Forbid end-of-sequence tokens while the sequence (prompt included) is shorter than `min_length`."""
 
@@ -201,6 +225,39 @@ class TopP:
         cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
         drop = cumulative <= (1 - self.top_p)  # the unlikely tail, which holds at most 1 - top_p
         drop[..., -self.min_tokens_to_keep:] = False
+        return scores.masked_fill(drop.scatter(1, order, drop), NEG_INF)
+
+
+class MinP:
+    """Keep the tokens whose probability is at least `min_p` times the best token's (at least `min_tokens_to_keep`)."""
+
+    def __init__(self, min_p: float, min_tokens_to_keep: int = 1):
+        self.min_p = min_p
+        self.min_tokens_to_keep = min_tokens_to_keep
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = scores.softmax(dim=-1)
+        drop = probs < self.min_p * probs.amax(dim=-1, keepdim=True)
+        best = torch.topk(probs, min(self.min_tokens_to_keep, probs.shape[-1]), dim=-1).indices
+        return scores.masked_fill(drop.scatter(1, best, False), NEG_INF)
+
+
+class TypicalP:
+    """Locally typical sampling: keep the tokens whose surprise is closest to the distribution's entropy, until their
+    probabilities add up to `mass` (the first token that reaches it is kept)."""
+
+    def __init__(self, mass: float, min_tokens_to_keep: int = 1):
+        self.mass = mass
+        self.min_tokens_to_keep = min_tokens_to_keep
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        log_probs = scores.log_softmax(dim=-1)
+        entropy = -(log_probs * log_probs.exp()).nansum(dim=-1, keepdim=True)  # (rows, 1)
+        distance, order = torch.sort((-log_probs - entropy).abs(), descending=False)  # most typical first
+        cumulative = scores.gather(1, order).softmax(dim=-1).cumsum(dim=-1)
+        last = (cumulative < self.mass).sum(dim=1).clamp_(max=scores.shape[-1] - 1)  # (rows,) last kept rank
+        drop = distance > distance.gather(1, last[:, None])
+        drop[..., :self.min_tokens_to_keep] = False
         return scores.masked_fill(drop.scatter(1, order, drop), NEG_INF)
 
 
@@ -283,6 +340,8 @@ def build_processors(config: "GenerationConfig", prompt_length: int, max_length:
         processors.append(RepetitionPenalty(config.repetition_penalty))
     if config.no_repeat_ngram_size:
         processors.append(NoRepeatNGram(config.no_repeat_ngram_size))
+    if config.bad_words_ids:
+        processors.append(BadWords(config.bad_words_ids, eos))
     min_length = config.min_length
     if config.min_new_tokens is not None:
         min_length = prompt_length + config.min_new_tokens
@@ -311,6 +370,10 @@ def build_processors(config: "GenerationConfig", prompt_length: int, max_length:
             processors.append(TopK(config.top_k, keep))
         if config.top_p < 1.0:
             processors.append(TopP(config.top_p, keep))
+        if config.min_p is not None:
+            processors.append(MinP(config.min_p, keep))
+        if config.typical_p < 1.0:
+            processors.append(TypicalP(config.typical_p, keep))
     return processors
 
 
