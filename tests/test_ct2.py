@@ -419,6 +419,13 @@ def test_load_model_reads_a_ct2_folder(hf_whisper, ct2_folder, monkeypatch):
     assert loading.load_generation_config(ct2_folder) == ct2.load_ct2_generation_config(ct2_folder)
 
 
+def test_feature_extractor_of_a_ct2_folder_takes_the_mel_bins_of_model_bin(ct2_folder):
+    from lightpipe.processing.audio import FeatureExtractor
+
+    # CTranslate2's config.json holds decoding settings only: the mel bins are the first convolution's inputs
+    assert FeatureExtractor.from_folder(ct2_folder) == FeatureExtractor.whisper(SIZES["num_mel_bins"])
+
+
 def test_model_bin_is_parsed_once_per_load(ct2_folder):
     path = ct2_folder / "model.bin"
     assert ct2.read_model_bin(path) is not ct2.read_model_bin(path)  # no cache outside a load
