@@ -120,3 +120,66 @@ def tiny_checkpoint(folder: Path, arch: str, head: str, *, num_labels: int | Non
     randomize(model, seed)
     model.save_pretrained(str(folder))
     return folder
+
+
+# ---------------------------------------------------------------------------------------- text model parity
+# Texts of different lengths, so every batch has padding; pairs give BERT two token types.
+TEXTS = ["Hello world.", "Paris is the capital of France, and John Smith works at Google in London.", "a",
+         "The river flows through the old city at night."]
+PAIRS = ["Where is it?", "What does John do?", "Who lives in Berlin, Germany?", "b"]
+SEQUENCE_OUTPUTS = {("base", "pooler_output"), ("sequence-classification", "logits")}  # one row per text
+
+
+def reference_model(folder: Path, arch: str, head: str) -> torch.nn.Module:
+    """transformers' model for `head` loaded from `folder` (the oracle)."""
+    import transformers
+
+    return getattr(transformers, PREFIX[arch] + HEAD_CLASS[head]).from_pretrained(str(folder)).eval()
+
+
+def encode_texts(folder: Path, arch: str, texts: list[str], pairs: list[str] | None = None,
+                 padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """transformers' tokenizer on `texts` (and `pairs`), padded on `padding_side`; token_type_ids for BERT only
+    (RoBERTa has one type and DistilBERT none)."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+    tokenizer.padding_side = padding_side
+    batch = dict(tokenizer(texts, pairs, padding=True, return_tensors="pt"))
+    if arch != "bert":
+        batch.pop("token_type_ids", None)
+    return batch
+
+
+def assert_text_model_parity(folder: Path, arch: str, head: str, texts: list[str] = TEXTS,
+                             pairs: list[str] | None = None, tol: float = 1e-4) -> dict[str, torch.Tensor]:
+    """lightpipe's model on `folder` against transformers', on every output of `head`:
+
+    - a right-padded batch equals transformers' on the same batch (on real tokens: lightpipe leaves zeros in
+      padded slots, transformers computes them anyway);
+    - every row of a right-padded and of a left-padded batch equals transformers on that text alone
+      (transformers itself moves a left-padded BERT row's positions; lightpipe counts real tokens only).
+    Returns lightpipe's outputs on the right-padded batch."""
+    from lightpipe.loading import load_model
+
+    ours, ref = load_model(folder, head), reference_model(folder, arch, head)
+    alone = []
+    with torch.inference_mode():
+        for i, text in enumerate(texts):
+            single = encode_texts(folder, arch, [text], None if pairs is None else [pairs[i]])
+            alone.append(ref(**single))
+        right = encode_texts(folder, arch, texts, pairs)
+        got, want = ours(**right), ref(**right)
+        assert set(got) == {key for key in want.keys() if key not in ("hidden_states", "attentions")}
+        for key, value in got.items():
+            real = slice(None) if (head, key) in SEQUENCE_OUTPUTS else right["attention_mask"].bool()
+            assert (value[real] - want[key][real]).abs().max() <= tol, (arch, head, key)
+        for side in ("right", "left"):
+            batch = right if side == "right" else encode_texts(folder, arch, texts, pairs, "left")
+            out = ours(**batch)
+            for i, single in enumerate(alone):
+                mask = batch["attention_mask"][i].bool()
+                for key, value in out.items():
+                    row = value[i] if (head, key) in SEQUENCE_OUTPUTS else value[i][mask]
+                    assert (row - single[key][0]).abs().max() <= tol, (arch, head, key, side, texts[i])
+    return got

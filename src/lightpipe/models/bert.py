@@ -60,6 +60,29 @@ class BertEmbeddings(nn.Module):
         return self.LayerNorm(x)
 
 
+def real_token_positions(attention_mask: torch.Tensor | None, length: int, device) -> torch.Tensor:
+    """Position ids that count real tokens only: (B, T) mask -> (B, T), 0 at each row's first real token.
+
+    transformers numbers the slots 0..T-1 whatever the mask, so a left-padded row reads other positions than
+    the same text alone and its answer depends on the batch it ran in. Counting real tokens keeps every row
+    equal to its text alone on either padding side (right padding still gives 0..T-1 to the real tokens;
+    padded slots get a clamped position that no real token reads). Without a mask: 0..T-1.
+    """
+    if attention_mask is None:
+        return torch.arange(length, device=device)[None, :]
+    return (attention_mask.long().cumsum(1) - 1).clamp_(min=0)
+
+
+def first_real_token(hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, C) -> (B, C): each row's first real token ([CLS] or <s>), where poolers and classifiers read.
+
+    It sits at slot 0 unless the batch is padded on the left; reading slot 0 there would read padding."""
+    if attention_mask is None:
+        return hidden[:, 0]
+    first = attention_mask.long().argmax(1)  # (B,) the first 1 of each row
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
+
+
 class BertSelfAttention(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -148,8 +171,8 @@ class BertPooler(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def forward(self, hidden):
-        return torch.tanh(self.dense(hidden[:, 0]))
+    def forward(self, hidden, attention_mask=None):
+        return torch.tanh(self.dense(first_real_token(hidden, attention_mask)))
 
 
 class BertModel(nn.Module):
@@ -167,10 +190,11 @@ class BertModel(nn.Module):
         self.pooler = BertPooler(config) if add_pooling_layer else None
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> dict[str, torch.Tensor]:
-        hidden = self.encoder(self.embeddings(input_ids, token_type_ids), attention_mask)
+        positions = real_token_positions(attention_mask, input_ids.shape[1], input_ids.device)  # (B, T)
+        hidden = self.encoder(self.embeddings(input_ids, token_type_ids, positions), attention_mask)
         out = {"last_hidden_state": hidden}
         if self.pooler is not None:
-            out["pooler_output"] = self.pooler(hidden)
+            out["pooler_output"] = self.pooler(hidden, attention_mask)
         return out
 
 
@@ -235,11 +259,13 @@ class BertLMPredictionHead(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.transform = BertPredictionHeadTransform(config)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # The decoder's bias is `bias` itself when the embeddings are tied, its own tensor when they are not
+        # (as in transformers 5, whose untied checkpoints train and save the two apart).
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
         self.bias = nn.Parameter(torch.empty(config.vocab_size))
 
     def forward(self, x):
-        return self.decoder(self.transform(x)) + self.bias
+        return self.decoder(self.transform(x))
 
 
 class BertOnlyMLMHead(nn.Module):
@@ -255,7 +281,8 @@ class BertForMaskedLM(nn.Module):
     config_class = BertConfig
     base_model_prefix = "bert"
     # The output projection shares its matrix with the input embeddings unless the config unties them.
-    tied_weights = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"}
+    tied_weights = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+                    "cls.predictions.decoder.bias": "cls.predictions.bias"}
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -269,16 +296,18 @@ class BertForMaskedLM(nn.Module):
 
 
 def sanitize(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop buffers older checkpoints saved and fold the duplicated decoder bias into its twin."""
+    """Drop buffers older checkpoints saved and the next-sentence head; give the decoder its bias."""
     out = {}
     for key, value in state_dict.items():
         if key.endswith(("position_ids", "token_type_ids")) and "embeddings." in key:
             continue
-        if key == "cls.predictions.decoder.bias":  # the same tensor as cls.predictions.bias
-            continue
         if key.startswith("cls.seq_relationship."):  # next-sentence head of pretraining checkpoints
             continue
         out[key] = value
+    # Checkpoints saved with tied weights store the decoder's bias only as cls.predictions.bias (older ones
+    # under both names, equal); untied ones carry their own, which is the one the decoder adds.
+    if "cls.predictions.bias" in out and "cls.predictions.decoder.bias" not in out:
+        out["cls.predictions.decoder.bias"] = out["cls.predictions.bias"]
     # Very old checkpoints name LayerNorm parameters gamma/beta.
     return {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
             for k, v in out.items()}

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..config import BaseConfig
 from ..errors import UnsupportedModel
+from .bert import first_real_token, real_token_positions
 from .layers import Embedding, Unpadder, activation, attention, linear, merge_heads, split_heads
 
 
@@ -36,8 +37,8 @@ class Embeddings(nn.Module):
         self.position_embeddings = Embedding(config.max_position_embeddings, config.dim)
         self.LayerNorm = nn.LayerNorm(config.dim, eps=1e-12)
 
-    def forward(self, input_ids):
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+    def forward(self, input_ids, positions):
+        """(B, T) ids and (B, T) or (1, T) position ids -> (B, T, dim)."""
         return self.LayerNorm(self.word_embeddings(input_ids) + self.position_embeddings(positions))
 
 
@@ -108,7 +109,8 @@ class DistilBertModel(nn.Module):
         self.transformer = Transformer(config)
 
     def forward(self, input_ids, attention_mask=None) -> dict[str, torch.Tensor]:
-        return {"last_hidden_state": self.transformer(self.embeddings(input_ids), attention_mask)}
+        positions = real_token_positions(attention_mask, input_ids.shape[1], input_ids.device)  # (B, T)
+        return {"last_hidden_state": self.transformer(self.embeddings(input_ids, positions), attention_mask)}
 
 
 class DistilBertForSequenceClassification(nn.Module):
@@ -123,7 +125,8 @@ class DistilBertForSequenceClassification(nn.Module):
         self.classifier = nn.Linear(config.dim, config.num_labels)
 
     def forward(self, input_ids, attention_mask=None):
-        first = self.distilbert(input_ids, attention_mask)["last_hidden_state"][:, 0]  # (B, dim)
+        hidden = self.distilbert(input_ids, attention_mask)["last_hidden_state"]
+        first = first_real_token(hidden, attention_mask)  # (B, dim)
         return {"logits": self.classifier(torch.relu(self.pre_classifier(first)))}
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bert import BertConfig, BertEmbeddings, BertEncoder, BertPooler
+from .bert import BertConfig, BertEmbeddings, BertEncoder, BertPooler, first_real_token
 
 
 @dataclasses.dataclass
@@ -57,7 +57,7 @@ class RobertaModel(nn.Module):
         hidden = self.encoder(self.embeddings(input_ids, token_type_ids), attention_mask)
         out = {"last_hidden_state": hidden}
         if self.pooler is not None:
-            out["pooler_output"] = self.pooler(hidden)
+            out["pooler_output"] = self.pooler(hidden, attention_mask)
         return out
 
 
@@ -76,8 +76,8 @@ class RobertaClassificationHead(nn.Module):
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
 
-    def forward(self, hidden):
-        return self.out_proj(torch.tanh(self.dense(hidden[:, 0])))  # the <s> token
+    def forward(self, hidden, attention_mask=None):
+        return self.out_proj(torch.tanh(self.dense(first_real_token(hidden, attention_mask))))  # the <s> token
 
 
 class RobertaForSequenceClassification(_RobertaHead):
@@ -89,7 +89,7 @@ class RobertaForSequenceClassification(_RobertaHead):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         hidden = self.roberta(input_ids, attention_mask, token_type_ids)["last_hidden_state"]
-        return {"logits": self.classifier(hidden)}
+        return {"logits": self.classifier(hidden, attention_mask)}
 
 
 class RobertaForTokenClassification(_RobertaHead):
@@ -122,16 +122,18 @@ class RobertaLMHead(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # The decoder's bias is `bias` itself when the embeddings are tied, its own tensor when they are not.
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
         self.bias = nn.Parameter(torch.empty(config.vocab_size))
 
     def forward(self, x):
         x = self.layer_norm(F.gelu(self.dense(x)))  # always exact gelu, whatever hidden_act says
-        return self.decoder(x) + self.bias
+        return self.decoder(x)
 
 
 class RobertaForMaskedLM(_RobertaHead):
-    tied_weights = {"lm_head.decoder.weight": "roberta.embeddings.word_embeddings.weight"}
+    tied_weights = {"lm_head.decoder.weight": "roberta.embeddings.word_embeddings.weight",
+                    "lm_head.decoder.bias": "lm_head.bias"}
 
     def __init__(self, config: RobertaConfig):
         super().__init__()
@@ -145,9 +147,12 @@ class RobertaForMaskedLM(_RobertaHead):
 
 
 def sanitize(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop saved position-id buffers and the decoder bias that duplicates lm_head.bias."""
-    return {k: v for k, v in state_dict.items()
-            if not (k.endswith(("embeddings.position_ids", "embeddings.token_type_ids")) or k == "lm_head.decoder.bias")}
+    """Drop saved position-id buffers; give the decoder its bias (see bert.sanitize)."""
+    out = {k: v for k, v in state_dict.items()
+           if not k.endswith(("embeddings.position_ids", "embeddings.token_type_ids"))}
+    if "lm_head.bias" in out and "lm_head.decoder.bias" not in out:
+        out["lm_head.decoder.bias"] = out["lm_head.bias"]
+    return out
 
 
 Config = RobertaConfig
