@@ -30,6 +30,11 @@ MODEL_TYPES: dict[str, str] = {
     "beit": "beit",
     "swin": "swin",
     "whisper": "whisper",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "gpt2": "gpt2",
+    "opt": "opt",
 }
 
 # Head kinds a task can ask for.
@@ -38,6 +43,7 @@ SEQUENCE_CLASSIFICATION = "sequence-classification"
 TOKEN_CLASSIFICATION = "token-classification"
 QUESTION_ANSWERING = "question-answering"
 MASKED_LM = "masked-lm"
+CAUSAL_LM = "causal-lm"
 
 
 def architecture_module(model_type: str) -> ModuleType:
