@@ -67,7 +67,8 @@ class Tokenizer:
 
     def __init__(self, backend: Backend, special_tokens: dict[str, str], *, model_max_length: int = VERY_LARGE,
                  padding_side: str = "right", truncation_side: str = "right", returns_token_type_ids: bool = True,
-                 clean_up_tokenization_spaces: bool = False, clean_up_bpe: bool = False, name_or_path: str = ""):
+                 clean_up_tokenization_spaces: bool = False, clean_up_bpe: bool = False, name_or_path: str = "",
+                 chat_template: str | dict[str, str] | None = None):
         self.backend = backend
         self.special_tokens = special_tokens
         self.model_max_length = model_max_length
@@ -79,6 +80,8 @@ class Tokenizer:
         # unless the config insists with clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output.
         self.clean_up_bpe = clean_up_bpe
         self.name_or_path = name_or_path
+        # The Jinja2 prompt format for chats (processing/chat.py renders it); a dict when the checkpoint names several.
+        self.chat_template = chat_template
         # Truncation is a setting of the backend object; one lock keeps concurrent callers apart.
         self._lock = threading.Lock()
         backend.no_truncation()
@@ -138,6 +141,7 @@ class Tokenizer:
             clean_up_tokenization_spaces=bool(config.get("clean_up_tokenization_spaces", False)),
             clean_up_bpe=bool(config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)),
             name_or_path=str(folder),
+            chat_template=_read_chat_template(folder, config),
         )
 
     # ------------------------------------------------------------------ vocabulary
@@ -218,11 +222,16 @@ class Tokenizer:
         """Ids -> text. With clean_up_tokenization_spaces (default: the checkpoint's setting) the spaces
         before punctuation and contractions are removed, except for BPE models, as in transformers."""
         text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-        if clean_up_tokenization_spaces is None:
-            clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
-        if clean_up_tokenization_spaces and (self.clean_up_bpe or type(self.backend.model).__name__ != "BPE"):
+        if self.cleans_up_spaces(clean_up_tokenization_spaces):
             text = clean_up_tokenization(text)
         return text
+
+    def cleans_up_spaces(self, clean_up_tokenization_spaces: bool | None = None) -> bool:
+        """Whether decode applies clean_up_tokenization (asked for, or the checkpoint's setting; never for BPE
+        models unless the checkpoint insists)."""
+        if clean_up_tokenization_spaces is None:
+            clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
+        return bool(clean_up_tokenization_spaces) and (self.clean_up_bpe or type(self.backend.model).__name__ != "BPE")
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         """Tokens -> text through the backend's decoder ("##" joins for WordPiece, bytes for BPE);
@@ -232,6 +241,34 @@ class Tokenizer:
 
     def convert_ids_to_tokens(self, ids) -> list[str]:
         return [self.backend.id_to_token(int(i)) for i in ids]
+
+
+def _read_chat_template(folder: Path, config: dict) -> str | dict[str, str] | None:
+    """The checkpoint's chat template(s), where transformers looks: chat_template.jinja (and named ones in
+    additional_chat_templates/*.jinja) win over tokenizer_config.json's "chat_template" (a string, or a list of
+    {"name", "template"}); a processor's legacy chat_template.json comes last. Several -> {name: template}."""
+    templates: dict[str, str] = {}
+    try:
+        if (folder / "chat_template.jinja").is_file():
+            templates["default"] = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        extra = folder / "additional_chat_templates"
+        if extra.is_dir():
+            for path in sorted(extra.glob("*.jinja")):
+                templates[path.name[:-len(".jinja")]] = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read the chat template in {folder}: {e}") from e
+    if templates:
+        return templates["default"] if list(templates) == ["default"] else templates
+    value = config.get("chat_template")
+    if value is None:
+        value = _read_json(folder / "chat_template.json").get("chat_template")
+    if isinstance(value, list):  # older saves list named templates
+        value = {item.get("name"): item.get("template") for item in value if isinstance(item, dict)}
+    if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        return value or None
+    if value is not None and not isinstance(value, str):
+        raise CheckpointError(f"the chat_template in {folder} is neither a string nor a list of named templates.")
+    return value
 
 
 def _add_special(backend: Backend, special: dict[str, str], settings: dict[str, dict] | None = None) -> None:
