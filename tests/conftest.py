@@ -13,7 +13,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _workers)))
 
-from helpers import tiny_checkpoint  # noqa: E402
+from helpers import left_padded_copy, tiny_checkpoint  # noqa: E402
 
 ARCHS = ("bert", "roberta", "distilbert", "xlm-roberta")
 
@@ -29,5 +29,20 @@ def checkpoint(tmp_path_factory):
             folder = tmp_path_factory.mktemp(f"{arch}-{head}")
             made[key] = tiny_checkpoint(folder, arch, head, **overrides)
         return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def left_checkpoint(checkpoint, tmp_path_factory):
+    """left_checkpoint(arch, head, **overrides) -> the checkpoint(...) folder copied with a tokenizer that pads on
+    the left."""
+    made: dict = {}
+
+    def make(arch: str, head: str, **overrides) -> Path:
+        folder = checkpoint(arch, head, **overrides)
+        if folder not in made:
+            made[folder] = left_padded_copy(folder, tmp_path_factory.mktemp(f"{arch}-{head}-left") / "model")
+        return made[folder]
 
     return make

@@ -122,6 +122,19 @@ def tiny_checkpoint(folder: Path, arch: str, head: str, *, num_labels: int | Non
     return folder
 
 
+def left_padded_copy(folder: Path, target: Path) -> Path:
+    """A copy of a checkpoint whose tokenizer pads on the left (padding_side in tokenizer_config.json)."""
+    import shutil
+
+    if not target.exists():
+        shutil.copytree(folder, target)
+        config_path = target / "tokenizer_config.json"
+        config = json.loads(config_path.read_text())
+        config["padding_side"] = "left"
+        config_path.write_text(json.dumps(config))
+    return target
+
+
 # ---------------------------------------------------------------------------------------- text model parity
 # Texts of different lengths, so every batch has padding; pairs give BERT two token types.
 TEXTS = ["Hello world.", "Paris is the capital of France, and John Smith works at Google in London.", "a",
