@@ -19,7 +19,8 @@ from PIL import Image
 from transformers.image_utils import load_image as ref_load_image
 
 from lightpipe import InvalidInput, MissingDependency
-from lightpipe.processing.image import MAX_IMAGE_PIXELS, ImageProcessor, load_image
+from lightpipe.processing.image import ImageProcessor
+from lightpipe.processing.image_io import MAX_IMAGE_PIXELS, load_image
 from server_helpers import close_at_once, raw_server, stall, trickle
 from vision_helpers import exif_rotated_jpeg, image_bytes, sample_files, smooth_image
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import InvalidInput
+from .checks import positive_int
 
 
 @dataclasses.dataclass
@@ -173,8 +173,4 @@ def prefetch(iterable: Iterable[Any], depth: int = 8) -> Iterator[Any]:
 
 
 def check_batch_size(value: Any) -> int:
-    if value is None:
-        return 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidInput(f"batch_size must be a positive integer, not {value!r}.")
-    return value
+    return 1 if value is None else positive_int("batch_size", value)

@@ -129,7 +129,7 @@ def page_file(tmp_path_factory):
 
 
 def test_ocr_path_equals_transformers_and_answers_with_page_words(pipes, references, page_file):
-    from lightpipe.processing.image import load_image
+    from lightpipe.processing.image_io import load_image
     from lightpipe.processing.ocr import ocr_words
 
     path, rendered = page_file

@@ -13,7 +13,8 @@ from transformers.image_utils import load_image as ref_load_image
 
 from clip_helpers import sample_images, tiny_clip_checkpoint
 from lightpipe import InvalidInput, pipeline
-from lightpipe.processing.image import ImageProcessor, load_image
+from lightpipe.processing.image import ImageProcessor
+from lightpipe.processing.image_io import load_image
 from vision_helpers import assert_close, assert_same_labels, smooth_image, tiny_vision_checkpoint
 
 LABELS = ["cat", "dog", "bird", "fish"]

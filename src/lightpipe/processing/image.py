@@ -1,9 +1,8 @@
-"""Images: load from anything, orient, convert to RGB, resize, crop, rescale and normalise.
+"""Image preprocessing: an RGB image -> resize, crop, rescale and normalise, as transformers' processors do.
 
-`load_image` turns a path, URL, base64 string, bytes, PIL image or array into an upright RGB PIL
-image, refusing what cannot be decoded with an `InvalidInput` that says why. `ImageProcessor`
-reproduces the PIL-backend image processors of transformers (ViT, DeiT, BEiT, ConvNeXt, CLIP,
-Swin ...) from a checkpoint's preprocessor_config.json:
+Reading inputs (paths, URLs, base64, bytes, arrays; EXIF orientation) is processing/image_io.py's.
+`ImageProcessor` reproduces the PIL-backend image processors of transformers (ViT, DeiT, BEiT, ConvNeXt,
+CLIP, Swin ...) from a checkpoint's preprocessor_config.json:
 
     PIL image --convert RGB--> --resize (PIL)--> uint8 (H, W, 3) --center crop--> --rescale, normalise-->
     float32 (3, H, W)
@@ -12,41 +11,27 @@ Resizing is PIL's, as in the reference, so pixels agree exactly. Rescaling and n
 of the 256 byte values through a per-channel table computed the way the reference computes it
 (float64 rescale, float32 normalise), so pixel values agree to the last bit, for a whole batch in
 one indexing operation.
-
-Pillow is an optional dependency (`pip install 'lightpipe[vision]'`), imported on first use.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
 import functools
-import io
-import json
 import logging
 import os
-import threading
-import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, InvalidInput, MissingDependency, UnsupportedModel
-from .sources import is_file_object, read_file_object
+from ..checks import number
+from ..config import read_json_object
+from ..errors import CheckpointError, InvalidInput, UnsupportedModel
+from .image_io import load_image, require_pil
 
 logger = logging.getLogger(__name__)
 _WARNED: set[str] = set()  # unknown processor kinds already warned about
-
-# Decoded images larger than this many pixels are refused from their header, before decoding:
-# a 100 kB PNG can claim 20000 x 20000 pixels and take gigabytes to decode. Pillow's own default.
-MAX_IMAGE_PIXELS = 89_478_485  # ~ 9459 x 9459
-MAX_DOWNLOAD_BYTES = 100 * 2**20  # 100 MiB: no real image needs more
-DEFAULT_URL_TIMEOUT = 60.0  # seconds: the wait for a URL when no timeout is given
-DOWNLOAD_CHUNK = 1 << 16
 
 # PIL resampling filters by the integer codes preprocessor_config.json stores.
 NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING = 0, 1, 2, 3, 4, 5
@@ -59,307 +44,6 @@ IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-ORIENTATION_TAG = 0x0112  # EXIF Orientation
-
-
-def _pil():
-    """The PIL modules, or MissingDependency saying how to install them."""
-    try:
-        import PIL.Image
-        import PIL.ImageOps
-    except ImportError as e:
-        raise MissingDependency(
-            "image inputs need Pillow: pip install 'lightpipe[vision]' (or pip install pillow)."
-        ) from e
-    return PIL
-
-
-# ----------------------------------------------------------------------------------------------
-# Loading
-
-
-def load_image(image: Any, timeout: float | None = None):
-    """An image in any accepted form -> an upright RGB `PIL.Image.Image`.
-
-    Accepts a local path (str, os.PathLike or a file:// URI), an http(s) URL (fetched within `timeout`
-    seconds, DEFAULT_URL_TIMEOUT when None), a base64 string or a `data:image/...;base64,` URI, raw
-    bytes, an open binary file (io.BytesIO, open(path, "rb")), a PIL image, or an array (numpy or
-    torch): (H, W) grayscale, (H, W, C) or (C, H, W) with C in 1, 3, 4; uint8, or floats holding
-    0..255 integers or 0..1 intensities. Whitespace around a string is ignored when no file has the
-    name as given. The EXIF orientation is applied, as transformers' load_image does. Anything
-    unreadable raises InvalidInput saying why.
-    """
-    PIL = _pil()
-    if isinstance(image, PIL.Image.Image):
-        width, height = image.size
-        if width == 0 or height == 0:  # Pillow makes these; resizing them divides by zero
-            raise InvalidInput(f"the PIL image has no pixels ({width} x {height}).")
-        return _upright_rgb(image, owned=False)
-    if isinstance(image, os.PathLike):
-        image = os.fspath(image)
-    if isinstance(image, str):
-        return _load_string(image, timeout)
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return _decode(bytes(image), "the bytes given")
-    if is_file_object(image):
-        return _decode(read_file_object(image), "the file object given")
-    if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
-    if isinstance(image, np.ndarray):
-        return _from_array(image)
-    raise InvalidInput(
-        f"an image must be a path, an http(s) URL, a base64 string, bytes, a binary file object, a PIL image "
-        f"or an array, not {type(image).__name__}."
-    )
-
-
-def _load_string(text: str, timeout: float | None):
-    if text.strip() != text and not os.path.exists(text):
-        # A path or URL read from a line of a file often keeps its newline, and transformers then fails
-        # ("Incorrect image source"). A file whose name really has the whitespace is still found above.
-        text = text.strip()
-    if text[:8].lower().startswith(("http://", "https://")):  # URI schemes are case-insensitive
-        return _decode(_download(text, timeout), text)
-    if text[:5].lower() == "data:":  # URI schemes are case-insensitive
-        return _decode(_data_uri(text), "the data: URI")
-    if text.startswith("file://"):
-        import urllib.parse
-        import urllib.request
-
-        # file:///abs/path (and file://localhost/...): transformers fails on these; they name a local file.
-        parts = urllib.parse.urlsplit(text)
-        if parts.netloc not in ("", "localhost"):
-            raise InvalidInput(f"{text!r} names a file on another host ({parts.netloc}); give a local path.")
-        text = urllib.request.url2pathname(parts.path)
-        if not os.path.isfile(text):
-            raise InvalidInput(f"the file URI names {text}, which is not an existing file.")
-    if os.path.isfile(text):
-        try:
-            with open(text, "rb") as f:
-                return _decode(f, text)
-        except OSError as e:
-            raise InvalidInput(f"the image file {text} cannot be read: {e}") from e
-    if os.path.isdir(text):
-        raise InvalidInput(f"{text} is a folder, not an image file.")
-    try:
-        return _decode(_base64(text, "it"), "it")
-    except InvalidInput as e:
-        shown = text if len(text) <= 80 else text[:77] + "..."
-        raise InvalidInput(
-            f"{shown!r} is neither an existing file, an http(s) URL, nor a base64-encoded image ({str(e).rstrip('.')})."
-        ) from None
-
-
-def _data_uri(text: str) -> bytes:
-    """The bytes of a data: URI (RFC 2397): data:[<media type>][;base64],<data>."""
-    head, comma, payload = text.partition(",")
-    if not comma:
-        raise InvalidInput("a data: URI needs a comma before its data (data:image/png;base64,...).")
-    if ";base64" in head.lower():
-        return _base64(payload, "the data: URI")
-    # Without ";base64" the data is percent-encoded bytes. transformers decodes the part after the comma as
-    # base64 anyway, and data:image/png,<base64> is a common slip, so base64 that decodes is taken first;
-    # anything else is read as percent-encoded bytes, as RFC 2397 says.
-    try:
-        return _base64(payload, "the data: URI")
-    except InvalidInput:
-        import urllib.parse
-
-        return urllib.parse.unquote_to_bytes(payload)
-
-
-def _base64(text: str, what: str) -> bytes:
-    compact = "".join(text.split())  # base64 text is often wrapped over several lines
-    # Padding as it should be, whatever was given: transformers' decoder ignores excess "=", and a
-    # missing one is a common slip of encoders that strip it (JWT-style); the data is the same.
-    core = compact.rstrip("=")
-    compact = core + "=" * (-len(core) % 4)
-    if "-" in compact or "_" in compact:  # the URL-safe alphabet (base64.urlsafe_b64encode): "-_" for "+/"
-        compact = compact.replace("-", "+").replace("_", "/")
-    try:
-        return base64.b64decode(compact, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise InvalidInput(f"{what} is not valid base64: {e}") from e
-
-
-def check_timeout(timeout: Any) -> float:
-    """A URL timeout in seconds (None: DEFAULT_URL_TIMEOUT), or InvalidInput."""
-    if timeout is None:
-        return DEFAULT_URL_TIMEOUT
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
-        raise InvalidInput(f"timeout must be a positive number of seconds, not {timeout!r}.")
-    return float(timeout)
-
-
-def _download(url: str, timeout: float | None) -> bytes:
-    """The body of `url`, read within `timeout` seconds in all (each socket wait is bounded by it too)."""
-    import http.client
-    import urllib.error
-    import urllib.parse
-    import urllib.request
-
-    timeout = check_timeout(timeout)
-    deadline = time.monotonic() + timeout
-    # Spaces and non-ASCII characters percent-encoded, as browsers and transformers' httpx send them (http.client
-    # refuses them raw); what is already escaped, and the URL's delimiters, stay as they are.
-    quoted = urllib.parse.quote(url, safe=":/?#[]@!$&'()*+,;=%~")
-    request = urllib.request.Request(quoted, headers={"User-Agent": "lightpipe"})
-    chunks, size = [], 0
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            while True:
-                if time.monotonic() > deadline:
-                    raise InvalidInput(f"fetching {url} took longer than the timeout of {timeout} s.")
-                chunk = response.read1(DOWNLOAD_CHUNK)  # what has arrived: read() would wait for a full chunk
-                if not chunk:
-                    break
-                size += len(chunk)
-                if size > MAX_DOWNLOAD_BYTES:
-                    raise InvalidInput(f"{url} is larger than {MAX_DOWNLOAD_BYTES // 2**20} MiB; not an image to classify.")
-                chunks.append(chunk)
-    except urllib.error.HTTPError as e:
-        raise InvalidInput(f"fetching {url} failed: HTTP {e.code} {e.reason}.") from e
-    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
-        # refused, reset, timed out, bad URL, cut short (IncompleteRead), a malformed response
-        reason = getattr(e, "reason", e)
-        raise InvalidInput(f"fetching {url} failed ({type(e).__name__}: {reason}); check the URL and network, "
-                           "or pass a larger timeout=.") from e
-    return b"".join(chunks)
-
-
-# Pillow warns (DecompressionBombWarning) at open for images above its own limit; we refuse those
-# ourselves, with a message, so the warning is silenced around open. catch_warnings swaps global
-# state, hence the lock for the preprocessing threads.
-_OPEN_LOCK = threading.Lock()
-
-
-def _open(source, what: str):
-    PIL = _pil()
-    if isinstance(source, bytes):
-        if not source:
-            raise InvalidInput(f"{what} is empty (0 bytes), not an image.")
-        source = io.BytesIO(source)
-    try:
-        with _OPEN_LOCK, warnings.catch_warnings():
-            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
-            return PIL.Image.open(source)
-    except PIL.Image.DecompressionBombError as e:
-        raise InvalidInput(f"{what} is too large to decode safely ({e}).") from e
-    except PIL.UnidentifiedImageError as e:
-        empty = " (it is empty)" if _is_empty(source) else ""
-        raise InvalidInput(f"{what} is not an image Pillow can read{empty}.") from e
-    except Exception as e:  # Pillow's parsers raise many kinds (OSError, SyntaxError, struct.error ...)
-        raise InvalidInput(f"{what} is not a readable image ({type(e).__name__}: {e}).") from e
-
-
-def _is_empty(source) -> bool:
-    try:
-        source.seek(0, io.SEEK_END)
-        return source.tell() == 0
-    except (AttributeError, OSError, ValueError):
-        return False
-
-
-def _checked_size(image, what: str):
-    """The image, if its header's size is one we decode."""
-    width, height = image.size
-    if width * height > MAX_IMAGE_PIXELS:
-        raise InvalidInput(
-            f"{what} is {width} x {height} pixels, more than the {MAX_IMAGE_PIXELS} lightpipe decodes "
-            "(a guard against decompression bombs); resize it first."
-        )
-    if width == 0 or height == 0:
-        raise InvalidInput(f"{what} has no pixels ({width} x {height}).")
-    return image
-
-
-def _decode(source, what: str):
-    """Open, size-check from the header, then decode fully, so truncated files fail here and not later."""
-    image = _checked_size(_open(source, what), what)
-    try:
-        image.load()
-    except Exception as e:  # truncated data, corrupt streams: Pillow raises OSError, SyntaxError, ValueError ...
-        raise InvalidInput(f"{what} could not be decoded ({type(e).__name__}: {e}); the file may be truncated or corrupt.") from e
-    return _upright_rgb(image, owned=True)
-
-
-def _upright_rgb(image, owned: bool):
-    """Apply the EXIF orientation and convert to RGB. An image we did not decode is never changed in place."""
-    PIL = _pil()
-    try:
-        orientation = image.getexif().get(ORIENTATION_TAG, 1)
-    except Exception:  # an unreadable EXIF block does not make the pixels unusable
-        orientation = 1
-    try:
-        if orientation not in (None, 1):
-            if owned:
-                PIL.ImageOps.exif_transpose(image, in_place=True)
-            else:
-                image = PIL.ImageOps.exif_transpose(image)
-                owned = True
-        if image.mode == "RGB":
-            image.load()  # a closed or lazily opened image fails here, not later in a resize
-            return image
-        return image.convert("RGB")
-    except Exception as e:  # a lazily opened PIL image may still fail to decode here
-        raise InvalidInput(f"the image could not be decoded ({type(e).__name__}: {e}).") from e
-
-
-def _channels_last(array: np.ndarray) -> np.ndarray:
-    """(H, W), (H, W, C) or (C, H, W) -> (H, W, C); channels first wins when both ends could be channels,
-    as in transformers, except that 3 channels last beat 1 or 4 first: a (1, N, 3) array is a 1 x N RGB
-    image (transformers reads it as a 1-channel image and then fails on the 3-channel normalisation)."""
-    if array.ndim == 2:
-        return array[:, :, None]
-    if array.ndim != 3:
-        raise InvalidInput(f"an image array must have 2 or 3 dimensions (H, W[, C]), not shape {array.shape}.")
-    if array.shape[-1] == 3 and array.shape[0] != 3:
-        return array
-    if array.shape[0] in (1, 3, 4):
-        return np.moveaxis(array, 0, -1)
-    if array.shape[-1] in (1, 3, 4):
-        return array
-    raise InvalidInput(f"cannot tell the channels of an image array of shape {array.shape}; "
-                       "give (H, W, C) or (C, H, W) with 1, 3 or 4 channels.")
-
-
-def _as_uint8(array: np.ndarray) -> np.ndarray:
-    if array.dtype == np.uint8:
-        return array
-    if array.dtype == np.bool_:  # 0 and 1, as transformers reads them (not 0 and 255)
-        return array.astype(np.uint8)
-    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-        raise InvalidInput(f"an image array must hold integers or floats, not {array.dtype}.")
-    values = array.astype(np.float64)
-    if not np.isfinite(values).all():
-        raise InvalidInput("the image array holds NaN or infinite values.")
-    low, high = values.min(), values.max()
-    if np.array_equal(values, np.floor(values)) and low >= 0 and high <= 255:
-        return values.astype(np.uint8)
-    if low >= 0 and high <= 1:
-        # 0..1 intensities: scaled and truncated to bytes, as transformers does before PIL resizing.
-        return (values * 255).astype(np.float32).astype(np.uint8)
-    raise InvalidInput(f"image array values must be integers in 0..255 or floats in 0..1, not {low}..{high}.")
-
-
-def _from_array(array: np.ndarray):
-    PIL = _pil()
-    pixels = _channels_last(np.asarray(array))
-    if pixels.size == 0:
-        raise InvalidInput(f"the image array is empty (shape {array.shape}).")
-    pixels = _as_uint8(pixels)
-    channels = pixels.shape[-1]
-    if channels == 1:
-        pixels = np.repeat(pixels, 3, axis=-1)
-    elif channels == 4:
-        pixels = _composite_on_white(pixels)
-    return PIL.Image.fromarray(np.ascontiguousarray(pixels))  # (H, W, 3) uint8: RGB
-
-
-def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
-    """(H, W, 4) uint8 -> (H, W, 3): transparent pixels become white, as transformers' convert_to_rgb does."""
-    alpha = rgba[..., 3:4] / 255
-    return np.round(alpha * rgba[..., :3] + (1 - alpha) * 255).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -444,11 +128,7 @@ def _triple(value: Any, what: str) -> tuple[float, float, float]:
 def _positive(value: Any, what: str) -> float | None:
     """A positive finite number (None stays None): crop_pct divides a size, rescale_factor scales bytes; anything
     else would fail later, inside preprocessing, with a bare TypeError or ZeroDivisionError."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-        raise UnsupportedModel(f"{what}={value!r} is not supported; give a positive number.")
-    return float(value)
+    return None if value is None else float(number(what, value, positive=True, error=UnsupportedModel))
 
 
 def _resample(value: Any) -> int:
@@ -537,14 +217,8 @@ class ImageProcessor:
         folder = Path(folder)
         raw = None
         for name in CONFIG_FILES:
-            path = folder / name
-            if not path.is_file():
-                continue
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-            if isinstance(data, dict) and name == "processor_config.json":
+            data = read_json_object(folder / name)
+            if data is not None and name == "processor_config.json":
                 data = data.get("image_processor")
             if isinstance(data, dict):
                 raw = data
@@ -554,12 +228,7 @@ class ImageProcessor:
                 f"{folder} has no image preprocessing settings: expected preprocessor_config.json, or "
                 "processor_config.json with an image_processor section."
             )
-        model_type = None
-        if (folder / "config.json").is_file():
-            try:
-                model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-                model_type = None
+        model_type = (read_json_object(folder / "config.json") or {}).get("model_type")
         return cls.from_dict(raw, model_type=model_type)
 
     @classmethod
@@ -629,7 +298,7 @@ class ImageProcessor:
     def to_rgb(self, image):
         """A PIL image of any mode -> RGB. With do_convert_rgb, transparency is composited onto white, as
         the reference's convert_to_rgb does; otherwise the alpha channel is dropped, as its load_image does."""
-        PIL = _pil()
+        PIL = require_pil()
         if self.do_convert_rgb and ("A" in image.getbands() or image.info.get("transparency") is not None):
             rgba = image.convert("RGBA")
             white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -664,7 +333,7 @@ class ImageProcessor:
 
     def prepare(self, image) -> np.ndarray:
         """One image (anything load_image takes) -> resized and cropped RGB bytes, (H, W, 3) uint8."""
-        PIL = _pil()
+        PIL = require_pil()
         if not isinstance(image, PIL.Image.Image):
             image = load_image(image)
         image = self.to_rgb(image)

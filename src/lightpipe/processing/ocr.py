@@ -41,7 +41,7 @@ def normalize_box(box: tuple[int, int, int, int], width: int, height: int) -> li
 def ocr_words(image: Any, lang: str | None = None, tesseract_config: str = "") -> tuple[list[str], list[list[int]]]:
     """A page image -> (words, boxes): the non-empty words Tesseract reads, and their 0-1000 boxes.
 
-    `image`: anything lightpipe.processing.image.load_image accepts (a PIL image, path, URL, bytes ...); it is
+    `image`: anything lightpipe.processing.image_io.load_image accepts (a PIL image, path, URL, bytes ...); it is
     read upright (EXIF orientation applied) and in RGB, as the document-question-answering pipeline reads it,
     and the boxes are relative to that upright page. `lang`: Tesseract language code(s), e.g. "eng" or
     "deu+eng" (Tesseract's default when None). `tesseract_config`: extra command-line flags for Tesseract,
@@ -49,7 +49,7 @@ def ocr_words(image: Any, lang: str | None = None, tesseract_config: str = "") -
     Raises MissingDependency when Tesseract is not installed, InvalidInput when the image cannot be read or
     the language is not available.
     """
-    from .image import load_image
+    from .image_io import load_image
 
     check_ocr_options(lang, tesseract_config)
     image = load_image(image)

@@ -8,13 +8,14 @@ ids, type ids, offsets, word ids and overflowing windows come straight from the 
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Encoding, Regex, Tokenizer as Backend, decoders, models, normalizers, pre_tokenizers, processors
 
+from ..checks import positive_int
+from ..config import read_json_object
 from ..errors import CheckpointError, InvalidInput
 
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -44,13 +45,8 @@ def _is_backend_failure(error: BaseException) -> bool:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-    return data if isinstance(data, dict) else {}
+    """A tokenizer settings file ({} when absent), by the one reader's rules (config.read_json_object)."""
+    return read_json_object(path) or {}
 
 
 def _token_content(value: Any) -> tuple[str | None, dict]:
@@ -192,8 +188,7 @@ class Tokenizer:
         limit = max_length if max_length is not None else self.model_max_length
         if limit >= VERY_LARGE:
             raise InvalidInput("truncation was asked for but neither max_length nor the tokenizer's model_max_length is set.")
-        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 0:
-            raise InvalidInput(f"stride must be a non-negative integer, not {stride!r}.")
+        positive_int("stride", stride, allow_zero=True)
         with self._lock:
             try:
                 self.backend.enable_truncation(limit, stride=stride, strategy=TRUNCATION_STRATEGIES[truncation],
@@ -317,10 +312,7 @@ def _characters_from_vocab(vocab_path: Path, config: dict, special: dict[str, st
     """A character vocabulary (Wav2Vec2CTCTokenizer, CTC speech models): one token per character, the
     word delimiter ("|") in place of spaces. Speech pipelines decode with their own CTC rules
     (tasks/automatic_speech_recognition.py); this makes the folder load as a tokenizer."""
-    try:
-        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {vocab_path}: {e}") from e
+    vocab = read_json_object(vocab_path)
     if isinstance(vocab, dict) and isinstance(vocab.get(config.get("target_lang") or ""), dict):
         vocab = vocab[config["target_lang"]]  # multilingual (MMS) vocabularies nest one per language
     if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
@@ -336,11 +328,11 @@ def _characters_from_vocab(vocab_path: Path, config: dict, special: dict[str, st
 def _bpe_from_vocab(vocab_path: Path, merges_path: Path, config: dict, special: dict[str, str],
                     settings: dict[str, dict]) -> Backend:
     """Byte-level BPE (RoBERTa, GPT-2) from vocab.json + merges.txt, as transformers' fast tokenizers build it."""
+    vocab = read_json_object(vocab_path)
     try:
-        vocab = json.loads(vocab_path.read_text(encoding="utf-8"))
         lines = merges_path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {vocab_path.name} / {merges_path.name}: {e}") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {merges_path}: {e}") from e
     merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
     add_prefix_space = bool(config.get("add_prefix_space", False))
     backend = Backend(models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..checks import positive_int
 from ..errors import InvalidInput
 from ..processing.sources import is_file_object
 from ..runtime import ModelItem, Padding, Runner, check_batch_size, prefetch
@@ -104,9 +105,7 @@ class Pipeline:
         """Validate parameter values before any work is done; raise InvalidInput. Tasks extend this."""
         if "batch_size" in params:
             check_batch_size(params["batch_size"])
-        workers = params.get("num_workers")
-        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
-            raise InvalidInput(f"num_workers must be a non-negative integer, not {workers!r}.")
+        positive_int("num_workers", params.get("num_workers"), allow_none=True, allow_zero=True)
 
     def _route(self, call_params: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
         # A runtime parameter given as None at call time keeps the pipeline's default (as in transformers).

@@ -29,6 +29,7 @@ import torch
 
 from ..errors import InvalidInput, UnsupportedModel
 from ..processing.ocr import GRID, check_ocr_options, ocr_words
+from ..processing.sources import check_timeout
 from ..runtime import ModelItem, Padding
 from .base import TextPipeline
 from .extractive import (DEFAULT_MAX_ANSWER_LEN, NO_NULL_SCORE, check_span_params, encode_windows, pad_windows, pads,
@@ -104,16 +105,15 @@ class DocumentQuestionAnsweringPipeline(TextPipeline):
         super().check_params(params)
         check_span_params(params)
         check_ocr_options(params.get("lang"), params.get("tesseract_config"))
-        timeout = params.get("timeout")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise InvalidInput(f"timeout must be a positive number of seconds, not {timeout!r}.")
+        if params.get("timeout") is not None:
+            check_timeout(params["timeout"])
 
     # ------------------------------------------------------------------ inputs
     def __call__(self, image=_MISSING, question=None, word_boxes=None, **params):
         """pipe(image, question), pipe(image=..., question=..., word_boxes=...), pipe({"image", "question",
         "word_boxes"}), a list of such dicts (a list of results), or a generator / dataset of them (a stream).
 
-        `image`: a path, URL, PIL image, bytes, base64 string or array (see processing.image.load_image), or
+        `image`: a path, URL, PIL image, bytes, base64 string or array (see processing.image_io.load_image), or
         None (or left out) when `word_boxes` are given. `word_boxes`: [(word, [x0, y0, x1, y1]), ...] with
         integer boxes on the 0-1000 grid of the page (items past the box are ignored, as transformers ignores
         them); when given, no OCR runs and the image is not opened. Input dicts may carry other keys (a data
@@ -203,7 +203,7 @@ class DocumentQuestionAnsweringPipeline(TextPipeline):
         if word_boxes is not None:
             words, boxes = self._checked_word_boxes(word_boxes)
         else:
-            from ..processing.image import load_image
+            from ..processing.image_io import load_image
 
             words, boxes = ocr_words(load_image(image, timeout=timeout), lang=lang,
                                      tesseract_config=tesseract_config or "")

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import flag, positive_int
 from ..errors import InvalidInput
 
 DEFAULT_MAX_ANSWER_LEN = 15  # tokens
@@ -34,21 +35,12 @@ def check_span_params(params: dict[str, Any]) -> None:
     """The parameters of extractive QA (text and document): top_k, lengths and the window stride (integers),
     padding (a strategy) and handle_impossible_answer (a bool). Absent or None values are not checked."""
     for name, low in _INTEGER_MINIMUMS.items():
-        value = params.get(name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-            kind = "a positive integer" if low else "a non-negative integer"
-            raise InvalidInput(f"{name} must be {kind}, not {value!r}.")
-    check_flag(params, "handle_impossible_answer")
+        positive_int(name, params.get(name), allow_none=True, minimum=low)
+    flag("handle_impossible_answer", params.get("handle_impossible_answer"))
     padding = params.get("padding")
     if not (padding is None or isinstance(padding, bool) or padding in PADDING_STRATEGIES):
         raise InvalidInput(f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', "
                            f"not {padding!r}.")
-
-
-def check_flag(params: dict[str, Any], name: str) -> None:
-    value = params.get(name)
-    if value is not None and not isinstance(value, bool):
-        raise InvalidInput(f"{name} must be True or False, not {value!r}.")
 
 
 def pads(padding: Any) -> bool:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from ..checks import positive_int
 from ..errors import InvalidInput
 from ..runtime import ModelItem
 from .base import TextPipeline
@@ -45,9 +46,7 @@ class FillMaskPipeline(TextPipeline):
     # ------------------------------------------------------------------ parameters
     def check_params(self, params: dict[str, Any]) -> None:
         super().check_params(params)
-        top_k = params.get("top_k")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise InvalidInput(f"top_k must be a positive integer, not {top_k!r}.")
+        positive_int("top_k", params.get("top_k"), allow_none=True)
         kwargs = params.get("tokenizer_kwargs")
         if kwargs is not None:
             if not isinstance(kwargs, dict):
@@ -57,9 +56,7 @@ class FillMaskPipeline(TextPipeline):
                 raise InvalidInput(
                     f"tokenizer_kwargs {unknown} are not supported; supported: {', '.join(TOKENIZER_KWARGS)}."
                 )
-            limit = kwargs.get("max_length")
-            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-                raise InvalidInput(f"tokenizer_kwargs['max_length'] must be a positive integer, not {limit!r}.")
+            positive_int("tokenizer_kwargs['max_length']", kwargs.get("max_length"), allow_none=True)
         if params.get("targets") is not None:
             self.target_ids(params["targets"])  # resolve now: a bad target fails before any work
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..checks import positive_int
 from ..errors import InvalidInput
-from ..processing.image import check_timeout, load_image
+from ..processing.image_io import load_image
+from ..processing.sources import check_timeout
 from ..runtime import ModelItem
 from .base import Pipeline
 from .text_classification import FUNCTIONS, apply_function, default_function
@@ -65,9 +67,7 @@ class ImageClassificationPipeline(ImagePipeline):
 
     def check_params(self, params: dict[str, Any]) -> None:
         super().check_params(params)
-        top_k = params.get("top_k")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise InvalidInput(f"top_k must be a positive integer, not {top_k!r}.")
+        positive_int("top_k", params.get("top_k"), allow_none=True)
         fn = params.get("function_to_apply")
         if fn is not None and (not isinstance(fn, str) or fn.lower() not in FUNCTIONS + ("default",)):
             raise InvalidInput(f"function_to_apply must be one of {', '.join(FUNCTIONS)}, not {fn!r}.")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import InvalidInput
-from ..processing.image import check_timeout
+from ..processing.sources import check_timeout
 from .image_classification import ImagePipeline
 
 

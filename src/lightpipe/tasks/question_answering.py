@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checks import flag
 from ..errors import InvalidInput
 from ..runtime import ModelItem
 from .base import TextPipeline
-from .extractive import (DEFAULT_MAX_ANSWER_LEN, NO_NULL_SCORE, check_flag, check_span_params, encode_windows,
+from .extractive import (DEFAULT_MAX_ANSWER_LEN, NO_NULL_SCORE, check_span_params, encode_windows,
                          pad_windows, pads, ranked, window_spans)
 
 DEFAULT_MAX_SEQ_LEN = 384  # tokens per window, question and special tokens included
@@ -73,7 +74,7 @@ class QuestionAnsweringPipeline(TextPipeline):
     def check_params(self, params: dict[str, Any]) -> None:
         super().check_params(params)
         check_span_params(params)
-        check_flag(params, "align_to_words")
+        flag("align_to_words", params.get("align_to_words"))
         stride, window = params.get("doc_stride"), params.get("max_seq_len")
         if stride is not None and window is not None:
             self._check_stride(stride, window)

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ..checks import positive_int
 from ..errors import InvalidInput
 from ..runtime import ModelItem
 from .base import TextPipeline
@@ -39,9 +40,7 @@ class TextClassificationPipeline(TextPipeline):
 
     def check_params(self, params: dict[str, Any]) -> None:
         super().check_params(params)
-        top_k = params.get("top_k", 1)
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise InvalidInput(f"top_k must be a positive integer or None, not {top_k!r}.")
+        positive_int("top_k", params.get("top_k"), allow_none=True)
         fn = params.get("function_to_apply")
         if fn is not None and (not isinstance(fn, str) or fn.lower() not in FUNCTIONS + ("default",)):
             raise InvalidInput(f"function_to_apply must be one of {', '.join(FUNCTIONS)}, not {fn!r}.")

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import flag, positive_int
 from ..errors import InvalidInput
 from ..runtime import ModelItem
 from .base import TextPipeline
@@ -134,8 +135,7 @@ class TokenClassificationPipeline(TextPipeline):
             raise InvalidInput(f"ignore_labels must be a list of label names, not {labels!r}.")
         stride = params.get("stride")
         if stride is not None:
-            if isinstance(stride, bool) or not isinstance(stride, int) or stride < 0:
-                raise InvalidInput(f"stride must be a non-negative integer, not {stride!r}.")
+            positive_int("stride", stride, allow_zero=True)
             room = self.max_positions - self.tokenizer.num_special_tokens_to_add(False)
             if stride >= room:
                 raise InvalidInput(f"stride={stride} must be smaller than the {room} text tokens one window holds "
@@ -143,9 +143,7 @@ class TokenClassificationPipeline(TextPipeline):
             if "aggregation_strategy" in params and strategy == "none":
                 raise InvalidInput('stride splits the text into overlapping windows, which needs aggregation_strategy '
                                    '"simple", "first", "average" or "max", not "none".')
-        split = params.get("is_split_into_words")
-        if split is not None and not isinstance(split, bool):
-            raise InvalidInput(f"is_split_into_words must be True or False, not {split!r}.")
+        flag("is_split_into_words", params.get("is_split_into_words"))
         delimiter = params.get("delimiter")
         if delimiter is not None and not isinstance(delimiter, str):
             raise InvalidInput(f"delimiter must be a string, not {delimiter!r}.")

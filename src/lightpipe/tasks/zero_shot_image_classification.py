@@ -13,8 +13,10 @@ from typing import Any
 
 import torch
 
+from ..checks import positive_int
 from ..errors import CheckpointError, InvalidInput
-from ..processing.image import load_image
+from ..processing.image_io import load_image
+from ..processing.sources import check_timeout
 from ..runtime import ModelItem, Padding, collate
 from .base import Pipeline
 from .image_classification import one_image_batches_unless_fixed
@@ -71,9 +73,7 @@ def check_tokenizer_kwargs(value: Any) -> tuple[tuple[str, Any], ...]:
     unknown = sorted(set(value) - set(TOKENIZER_KWARGS))
     if unknown:
         raise InvalidInput(f"unknown tokenizer_kwargs {unknown}; accepted: {', '.join(TOKENIZER_KWARGS)}.")
-    length = value.get("max_length")
-    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or length < 2):
-        raise InvalidInput(f"tokenizer_kwargs max_length must be an integer of at least 2, not {length!r}.")
+    positive_int("tokenizer_kwargs max_length", value.get("max_length"), allow_none=True, minimum=2)
     if value.get("truncation") not in (None, True, False, "longest_first", "only_first", "do_not_truncate"):
         raise InvalidInput(f"tokenizer_kwargs truncation must be True, False, 'longest_first', 'only_first' or "
                            f"'do_not_truncate', not {value['truncation']!r}.")
@@ -118,9 +118,8 @@ class ZeroShotImageClassificationPipeline(Pipeline):
         if "hypothesis_template" in params:
             check_template(params["hypothesis_template"])
         check_tokenizer_kwargs(params.get("tokenizer_kwargs"))
-        timeout = params.get("timeout")
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
-            raise InvalidInput(f"timeout must be a positive number of seconds or None, not {timeout!r}.")
+        if params.get("timeout") is not None:
+            check_timeout(params["timeout"])
 
     def __call__(self, image=None, candidate_labels=None, **params):
         """image: a path, URL, base64 string, PIL image or array, or a list / stream of them.
