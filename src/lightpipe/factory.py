@@ -12,15 +12,17 @@ import torch
 from torch import nn
 
 from . import hub, loading, models
+from .formats import gguf
 from .config import BaseConfig
 from .errors import InvalidInput, RemoteCodeNotSupported, UnsupportedModel, UnsupportedTask
 from .tasks import TASK_OF_HEAD, TaskSpec, get_task
 
-# Pipeline component -> "module:Class" under lightpipe.processing, each with from_folder(folder).
+# Pipeline component -> "module:Class" under lightpipe, each with from_folder(folder).
 COMPONENTS = {
-    "tokenizer": "text:Tokenizer",
-    "feature_extractor": "audio:FeatureExtractor",
-    "image_processor": "image:ImageProcessor",
+    "tokenizer": "processing.text:Tokenizer",
+    "feature_extractor": "processing.audio:FeatureExtractor",
+    "image_processor": "processing.image:ImageProcessor",
+    "generation_config": "generation:GenerationConfig",
 }
 
 logger = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ def pipeline(task: str | None = None, model: str | nn.Module | None = None, *, c
             folder = _default_model_folder(spec)
         else:
             folder = hub.resolve(os.fspath(model) if isinstance(model, os.PathLike) else model,
-                                 revision=revision, token=token)
+                                 revision=revision, token=token, gguf_file=task_params.pop("gguf_file", None))
         model_config = _config(config, folder, revision, token)
         if spec is None:
             spec = _task_from_config(model_config, folder)
@@ -86,10 +88,11 @@ def pipeline(task: str | None = None, model: str | nn.Module | None = None, *, c
         loaded = loading.load_model(folder, head, dtype=dtype, device=target, config=model_config)
 
     cls = spec.pipeline_class()
-    given = {"tokenizer": tokenizer, "feature_extractor": feature_extractor, "image_processor": image_processor}
+    given = {"tokenizer": tokenizer, "feature_extractor": feature_extractor, "image_processor": image_processor,
+             "generation_config": task_params.pop("generation_config", None)}
     parts = {name: _component(name, given[name], folder, revision, token) for name in cls.components}
     return cls(loaded, **parts, device=target if (device is not None or device_map is not None) else None,
-               batch_size=batch_size, num_workers=num_workers, **task_params)
+               batch_size=batch_size, num_workers=num_workers, folder=folder, **task_params)
 
 
 def _head_for(spec: TaskSpec, config: BaseConfig) -> str:
@@ -175,7 +178,7 @@ def _component(name: str, given, folder: Path | None, revision, token):
     """A pipeline part (tokenizer, feature_extractor, image_processor): as given, from a folder or Hub id, or
     from the model's own folder."""
     module_name, class_name = COMPONENTS[name].split(":")
-    cls = getattr(importlib.import_module(f"lightpipe.processing.{module_name}"), class_name)
+    cls = getattr(importlib.import_module(f"lightpipe.{module_name}"), class_name)
     if isinstance(given, cls):
         return given
     if isinstance(given, (str, os.PathLike)):
@@ -184,4 +187,6 @@ def _component(name: str, given, folder: Path | None, revision, token):
         raise InvalidInput(f"{name} must be a folder, a Hub id or a lightpipe {class_name}, not {type(given).__name__}.")
     if folder is None:
         raise InvalidInput(f"the model was passed as an object without a folder to read its {name} from; pass {name}=.")
+    if gguf.is_gguf_path(folder):  # a GGUF file carries its tokenizer and generation settings as metadata
+        return gguf.load_component(name, folder)
     return cls.from_folder(folder)

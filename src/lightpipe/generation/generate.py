@@ -99,6 +99,9 @@ class GenerationConfig:
     alignment_heads: tuple[tuple[int, int], ...] | None = None  # (decoder layer, head) pairs
     output_cross_attentions: bool = False  # collect the alignment heads' cross-attention probabilities
     extra: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+    # The options the source (generation_config.json) set explicitly, whatever their value: defaults of a pipeline
+    # apply only to the others, as in transformers.
+    set_options: frozenset = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("suppress_tokens", "begin_suppress_tokens", "forced_tokens", "alignment_heads", "extra",
@@ -114,7 +117,7 @@ class GenerationConfig:
     def from_dict(cls, raw: Mapping[str, Any]) -> "GenerationConfig":
         """generation_config.json's keys -> a config; null values take the default, unknown keys go to `extra`.
         Options of transformers that lightpipe does not implement are logged (once) when set to an active value."""
-        fields = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        fields = {f.name for f in dataclasses.fields(cls)} - {"extra", "set_options"}
         known = {k: v for k, v in raw.items() if k in fields and v is not None}
         extra = {k: v for k, v in raw.items()
                  if k not in fields and not k.startswith("_") and k != "transformers_version"}
@@ -124,7 +127,7 @@ class GenerationConfig:
             _warned.add(tuple(ignored))
             logger.warning("generation options %s are not implemented by lightpipe and are ignored.",
                            ", ".join(ignored))
-        return cls(**known, extra=extra)
+        return cls(**known, extra=extra, set_options=frozenset(known))
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "GenerationConfig":

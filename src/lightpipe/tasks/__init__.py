@@ -47,6 +47,8 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("zero-shot-image-classification",
                  "zero_shot_image_classification:ZeroShotImageClassificationPipeline",
                  ("contrastive",), "openai/clip-vit-base-patch32", "3d74acf"),
+        TaskSpec("text-generation", "text_generation:TextGenerationPipeline", ("causal-lm",),
+                 "openai-community/gpt2", "607a30d", fallback_model="HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"),
         TaskSpec("document-question-answering", "document_question_answering:DocumentQuestionAnsweringPipeline",
                  ("document-question-answering",), "impira/layoutlm-document-qa", "beed3c4"),
     )
@@ -67,6 +69,7 @@ TASK_OF_HEAD = {
     "image-classification": "image-classification",
     "contrastive": "zero-shot-image-classification",
     "document-question-answering": "document-question-answering",
+    "causal-lm": "text-generation",
 }
 
 
