@@ -81,6 +81,12 @@ def _fused_linear_works() -> bool:
     return _fused_ok
 
 
+def _version(tensor: torch.Tensor) -> int:
+    """The tensor's in-place write counter; -1 for an inference tensor (a model loaded under
+    torch.inference_mode()), which has none: such weights can only change inside inference mode."""
+    return -1 if tensor.is_inference() else tensor._version
+
+
 def _packed_weight(layer) -> torch.Tensor:
     """The layer's weight reordered once into oneDNN's blocked layout, kept beside the parameter.
 
@@ -89,7 +95,7 @@ def _packed_weight(layer) -> torch.Tensor:
     a moved or replaced parameter is packed again.
     """
     weight = layer.weight
-    key = (weight.data_ptr(), weight._version)
+    key = (weight.data_ptr(), _version(weight))
     cached = getattr(layer, "_lightpipe_packed", None)
     if cached is None or cached[0] != key:
         cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 128))
@@ -130,7 +136,7 @@ class FusedProjection:
         self.bias: torch.Tensor | None = None
 
     def refresh(self, layers: tuple[nn.Linear, ...]) -> "FusedProjection":
-        source = tuple((t.data_ptr(), t._version, t.dtype, t.device) for layer in layers
+        source = tuple((t.data_ptr(), _version(t), t.dtype, t.device) for layer in layers
                        for t in (layer.weight, layer.bias) if t is not None)
         if source != self.source:
             # Built outside inference mode: inference tensors have no version counter to cache on.
