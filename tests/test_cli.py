@@ -70,3 +70,42 @@ def test_demo_runs_offline_as_a_module():
     assert lines[1].startswith("query:")
     scores = [float(line.split()[0]) for line in lines[2:]]
     assert scores == sorted(scores, reverse=True) and len(scores) >= 5
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    from text_generation_helpers import tiny_generation_checkpoint
+
+    return tiny_generation_checkpoint(tmp_path_factory.mktemp("cli-lm"), "llama", seed=2)
+
+
+def test_run_text_generation_streams_the_text(capsys, tiny_lm):
+    import lightpipe
+
+    expected = lightpipe.pipeline("text-generation", model=str(tiny_lm))(
+        ["Once upon a time", "Paris is"], do_sample=False, max_new_tokens=8)
+    code, out, _ = run_cli(capsys, "run", "text-generation", "Once upon a time", "Paris is", "--model", str(tiny_lm),
+                           "-p", "max_new_tokens=8", "-p", "do_sample=false")
+    assert code == 0
+    assert out.split("\n")[:2] == [e[0]["generated_text"] for e in expected]
+    code, out, _ = run_cli(capsys, "run", "text-generation", "Paris is", "--model", str(tiny_lm), "--json",
+                           "-p", "max_new_tokens=8", "-p", "do_sample=false")
+    assert json.loads(out) == expected[1]
+
+
+def test_chat_keeps_history_resets_and_leaves_on_end_of_input(capsys, monkeypatch, tiny_lm):
+    import io
+
+    import lightpipe
+
+    pipe = lightpipe.pipeline("text-generation", model=str(tiny_lm))
+    options = dict(do_sample=False, max_new_tokens=6, return_full_text=False)
+    first = pipe([{"role": "user", "content": "hello"}], **options)[0]["generated_text"]
+    history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "and then?"}]
+    second = pipe(history, **options)[0]["generated_text"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nand then?\n/reset\nhello\n"))
+    code, out, err = run_cli(capsys, "chat", "--model", str(tiny_lm), "-p", "max_new_tokens=6", "-p",
+                             "do_sample=false")
+    assert code == 0 and "reset" in err
+    assert out.split("\n")[:3] == ["> " + first, "> " + second, "> > " + first]

@@ -1,6 +1,8 @@
-"""Command line: `lightpipe run | tasks | demo`.
+"""Command line: `lightpipe run | chat | tasks | demo`.
 
     lightpipe run text-classification "I love it" "I hate it" --model ./my-model --batch-size 8
+    lightpipe run text-generation "Once upon a time" -p max_new_tokens=40     (streams the text)
+    lightpipe chat --model ./my-chat-model
     lightpipe run question-answering '{"question": "Who?", "context": "John did."}'
     echo "one text per line" | lightpipe run feature-extraction -
     lightpipe tasks
@@ -80,9 +82,54 @@ def cmd_run(args) -> int:
     if not inputs:
         raise SystemExit("no inputs: give them as arguments, or '-' to read lines from standard input")
     params = _params(args.param)
+    if pipe.task == "text-generation" and not args.json and int(params.get("num_beams", 1)) == 1:
+        for prompt in inputs:  # text as it is generated, one reply per line
+            if isinstance(prompt, str) and params.get("return_full_text", True):
+                print(prompt, end="", flush=True)
+            for piece in pipe.stream(prompt, **params):
+                print(piece, end="", flush=True)
+            print(flush=True)
+        return 0
     for result in pipe(iter(inputs), **params):
         print(json.dumps(result, ensure_ascii=False, default=_json_default), flush=True)
     return 0
+
+
+def cmd_chat(args) -> int:
+    """An interactive chat in the terminal: the history is kept, replies stream; /reset forgets, Ctrl-D leaves."""
+    from . import pipeline
+
+    pipe = pipeline("text-generation", model=args.model, device=args.device, dtype=args.dtype)
+    params = _params(args.param)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history = list(system)
+    print("lightpipe chat: /reset forgets the conversation, Ctrl-D leaves.", file=sys.stderr)
+    while True:
+        try:
+            text = input("> ")
+        except (EOFError, KeyboardInterrupt):
+            print(file=sys.stderr)
+            return 0
+        if not text.strip():
+            continue
+        if text.strip() == "/reset":
+            history = list(system)
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": text})
+        reply = []
+        try:
+            for piece in pipe.stream(history, **params):
+                reply.append(piece)
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:  # stop this reply, keep the chat
+            pass
+        except LightpipeError as e:
+            history.pop()
+            print(f"lightpipe: {type(e).__name__}: {e}", file=sys.stderr)
+            continue
+        print(flush=True)
+        history.append({"role": "assistant", "content": "".join(reply)})
 
 
 def cmd_tasks(args) -> int:
@@ -136,7 +183,17 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--dtype", default=None, help="auto, float32, float16 or bfloat16")
     run.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE",
                      help="a task parameter, e.g. top_k=3 or aggregation_strategy=simple (repeatable)")
+    run.add_argument("--json", action="store_true",
+                     help="text-generation: print JSON results instead of streaming the text")
     run.set_defaults(func=cmd_run)
+    chat = sub.add_parser("chat", help="chat with a text-generation model in the terminal")
+    chat.add_argument("--model", "-m", default=None, help="Hub id, local folder, GGUF file (default: the task's)")
+    chat.add_argument("--system", default=None, help="a system message that starts the conversation")
+    chat.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or a GPU index")
+    chat.add_argument("--dtype", default=None, help="auto, float32, float16 or bfloat16")
+    chat.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE",
+                      help="a generation parameter, e.g. max_new_tokens=200 or do_sample=false (repeatable)")
+    chat.set_defaults(func=cmd_chat)
     tasks = sub.add_parser("tasks", help="list tasks, aliases and default models")
     tasks.set_defaults(func=cmd_tasks)
     demo = sub.add_parser("demo", help="an offline demo on the bundled sample sentences")
