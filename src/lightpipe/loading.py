@@ -109,11 +109,10 @@ def weight_files(folder: Path) -> list[Path]:
         if (folder / single).is_file():
             return [folder / single]
         if (folder / index_name).is_file():
-            index = read_json_object(folder / index_name)
             try:
-                shards = sorted(set(index["weight_map"].values()))
-            except (KeyError, TypeError, AttributeError) as e:
-                raise CheckpointError(f"{folder / index_name} is not a valid shard index: {e}") from e
+                shards = sorted(set(read_json_object(folder / index_name)["weight_map"].values()))
+            except (CheckpointError, KeyError, TypeError, AttributeError) as e:  # not JSON, or no weight_map
+                raise CheckpointError(f"{folder / index_name} is not a valid shard index ({e}).") from e
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
                 raise CheckpointError(f"{folder} lacks the shards {missing} named by {index_name}.")
