@@ -1,6 +1,7 @@
 """image-classification parity with transformers on tiny random checkpoints, every input form, bad inputs."""
 
 import base64
+import json
 import time
 
 import numpy as np
@@ -165,3 +166,17 @@ def test_bad_params(pipes, files, params):
     with pytest.raises(InvalidInput):
         ours(files[0], **params)
     assert_same(ours(files[0]), ref(files[0]))
+
+
+def test_numeric_label_names_come_back_as_config_json_gives_them(tmp_path):
+    """config.json may name labels by numbers ({"0": 5, ...}); transformers returns them unchanged (an int
+    stays an int), and so does lightpipe."""
+    folder = tiny_vision_checkpoint(tmp_path, "vit", "image-classification", labels=LABELS)
+    image = smooth_image(40, 50, seed=1)
+    config = json.loads((folder / "config.json").read_text())
+    config["id2label"] = {str(i): 10 + i for i in range(len(LABELS))}
+    (folder / "config.json").write_text(json.dumps(config))
+    ours = pipeline("image-classification", model=str(folder))(image, top_k=4)
+    ref = transformers.pipeline("image-classification", model=str(folder))(image, top_k=4)
+    assert all(type(d["label"]) is int for d in ours)
+    assert_same(ours, ref)

@@ -1,11 +1,14 @@
-"""Acceptance audit of the vision and document pipelines against transformers: the corners an independent
-audit found beyond the other parity tests. Each test says what transformers does; where it fails (or is
-clearly wrong), what lightpipe gives instead."""
+"""Vision models in their pipelines against transformers, on the checkpoints beyond the per-model tests: BEiT on
+non-square grids and at other sizes, images too small for a model, Swin windows larger than its feature maps,
+CLIP vision-tower configs and a distilled DeiT on a non-square grid. Each test says what transformers does;
+where it fails (or is clearly wrong), what lightpipe gives instead."""
 
+import numpy as np
 import pytest
+import torch
 import transformers
 
-from layoutlm_helpers import layoutlm_checkpoint, word_boxes
+from clip_helpers import randomize_clip, sample_images
 from lightpipe import InvalidInput, pipeline
 from vision_helpers import assert_close, assert_same_labels, smooth_image, tiny_vision_checkpoint
 
@@ -38,6 +41,25 @@ def test_beit_trained_on_a_non_square_grid(tmp_path, images, image_size, size):
             else:
                 for pool in (False, True):
                     assert_close(ours(image, pool=pool), ref(image, pool=pool))
+
+
+@pytest.fixture(scope="module")
+def beit_features(tmp_path_factory):
+    folder = tiny_vision_checkpoint(tmp_path_factory.mktemp("beit"), "beit", "base")
+    return (pipeline("image-feature-extraction", model=str(folder)),
+            transformers.pipeline("image-feature-extraction", model=str(folder)))
+
+
+@pytest.mark.parametrize("options", [{"size": {"height": 40, "width": 24}}, {"size": 48},
+                                     {"do_resize": False}, {"size": {"shortest_edge": 40}}])
+def test_beit_other_sizes_follow_the_reference(beit_features, images, options):
+    """transformers' BEiT takes any image size (its relative position bias table is resized); lightpipe
+    refused every size but the trained one."""
+    ours, ref = beit_features
+    for pool in (False, True):
+        for o, r in zip(ours(images, image_processor_kwargs=options, pool=pool),
+                        ref(images, image_processor_kwargs=options, pool=pool)):
+            assert_close(o, r)
 
 
 # ---------------------------------------------------------------------------------------------- tiny images
@@ -78,54 +100,40 @@ def test_swin_whose_windows_outgrow_its_own_feature_maps_says_so(tmp_path, image
                        transformers.pipeline("image-classification", model=str(larger))(images[0], top_k=4))
 
 
-# ---------------------------------------------------------------------------------------------- document QA
-
-@pytest.fixture(scope="module")
-def docqa(tmp_path_factory):
-    pipes = {}
-    for vocab in ("bert", "bpe"):
-        folder = layoutlm_checkpoint(tmp_path_factory.mktemp(f"acceptance-{vocab}"), vocab)
-        pipes[vocab] = (pipeline("document-question-answering", model=str(folder)),
-                        transformers.pipeline("document-question-answering", model=str(folder)))
-    return pipes
+# ------------------------------------------------------------------------- CLIP vision towers, distilled DeiT
+CLIP_VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                   patch_size=8, projection_dim=16)
 
 
-def assert_same_answers(ours, ref, tol=1e-4):
-    assert len(ours) == len(ref), (ours, ref)
-    for o, r in zip(ours, ref):
-        assert (o["answer"], o["start"], o["end"]) == (r["answer"], r["start"], r["end"]), (ours, ref)
-        assert abs(o["score"] - r["score"]) <= tol, (ours, ref)
+@pytest.mark.parametrize("cls, overrides", [
+    ("CLIPVisionModel", dict(hidden_act="gelu", image_size=30, patch_size=8)),
+    ("CLIPVisionModelWithProjection", dict(hidden_act="gelu_new", image_size=24, patch_size=6, num_hidden_layers=3,
+                                           projection_dim=8)),
+    ("CLIPVisionModel", dict(image_size=32, patch_size=32, hidden_size=48, num_attention_heads=3, layer_norm_eps=1e-3)),
+])
+def test_clip_vision_config_variants_equal_transformers(tmp_path, cls, overrides):
+    config = transformers.CLIPVisionConfig(**{**CLIP_VISION, **overrides})
+    torch.manual_seed(0)
+    randomize_clip(getattr(transformers, cls)(config), 0).save_pretrained(str(tmp_path))
+    size = config.image_size
+    transformers.CLIPImageProcessor(size={"shortest_edge": size},
+                                    crop_size={"height": size, "width": size}).save_pretrained(str(tmp_path))
+    ours, ref = pipeline(model=str(tmp_path)), transformers.pipeline("image-feature-extraction", model=str(tmp_path))
+    assert ours.task == "image-feature-extraction"
+    images = sample_images(3, seed=6)
+    for pool in (False, True):
+        for got, want in zip(ours(images, pool=pool, batch_size=2), ref(images, pool=pool)):
+            got, want = np.asarray(got), np.asarray(want)
+            assert got.shape == want.shape and np.abs(got - want).max() <= 1e-4
 
 
-@pytest.mark.parametrize("vocab", ["bert", "bpe"])
-def test_document_without_words_encodes_the_question_alone(docqa, vocab):
-    """transformers' tokenizer reads an empty word list as no second sequence ([CLS] q [SEP], not
-    [CLS] q [SEP] [SEP]). Only a question's own literal [CLS] / <s> can then answer, and its score
-    depends on that layout: lightpipe encoded the pair (scores off by up to 1e-2)."""
-    ours, ref = docqa[vocab]
-    for question, params in [("[CLS] <s> what is it", dict(max_seq_len=40)),
-                             ("[CLS] <s> what is it", dict(max_seq_len=40, padding="max_length", top_k=3)),
-                             ("<s> x </s>", dict(max_seq_len=24, handle_impossible_answer=True, top_k=5)),
-                             ("what is it?", dict(handle_impossible_answer=True, max_seq_len=40))]:
-        assert_same_answers(ours(image=None, question=question, word_boxes=[], **params),
-                            ref(image=None, question=question, word_boxes=[], **params))
-    # In a batch next to documents with words (transformers cannot batch: compared with its single calls).
-    inputs = [{"image": None, "question": "[CLS] <s> what", "word_boxes": boxes}
-              for boxes in ([], word_boxes()[:5], [])]
-    for o, r in zip(ours(inputs, batch_size=3, top_k=2, max_seq_len=40), ref(inputs, top_k=2, max_seq_len=40)):
-        assert_same_answers(o, r)
-
-
-def test_question_too_long_for_a_document_without_words(docqa):
-    """A question that fills max_seq_len exactly is answered (transformers too); one token more and
-    transformers fails in its tokenizer ("Second sequence not provided"); lightpipe says InvalidInput."""
-    ours, ref = docqa["bert"]
-    fits = "q " * 22  # 22 tokens + [CLS] + [SEP] = 24
-    assert_same_answers(ours(image=None, question=fits, word_boxes=[], max_seq_len=24, handle_impossible_answer=True),
-                        ref(image=None, question=fits, word_boxes=[], max_seq_len=24, handle_impossible_answer=True))
-    with pytest.raises(Exception, match="Second sequence"):
-        ref(image=None, question=fits + "q", word_boxes=[], max_seq_len=24)
-    with pytest.raises(InvalidInput, match="max_seq_len=24"):
-        ours(image=None, question=fits + "q", word_boxes=[], max_seq_len=24)
-    assert_same_answers(ours(image=None, question="what?", word_boxes=[], max_seq_len=24, top_k=2),  # still answers
-                        ref(image=None, question="what?", word_boxes=[], max_seq_len=24, top_k=2))
+def test_distilled_deit_on_a_non_square_grid_equals_transformers(tmp_path):
+    folder = tiny_vision_checkpoint(tmp_path, "deit", "image-classification-with-teacher", num_labels=4,
+                                    image_size=[32, 48], patch_size=8,
+                                    processor=dict(size={"height": 40, "width": 56},
+                                                   crop_size={"height": 32, "width": 48}))
+    ours, ref = pipeline(model=str(folder)), transformers.pipeline("image-classification", model=str(folder))
+    assert ours.task == "image-classification"
+    images = sample_images(3, seed=8)
+    assert_same_labels(ours(images, top_k=4, batch_size=3), ref(images, top_k=4))
+    assert_same_labels(ours(images, function_to_apply="none"), ref(images, function_to_apply="none"))

@@ -5,7 +5,9 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 import transformers
+from transformers.image_utils import load_image as ref_load_image
 
 from clip_helpers import sample_images, tiny_clip_checkpoint
 from lightpipe import CheckpointError, InvalidInput, loading, pipeline
@@ -162,3 +164,64 @@ def test_bad_input(pipes, images, reference_answer, call):
     with pytest.raises(InvalidInput):
         call(ours, images[0])
     assert_same(ours(images[:2], candidate_labels=LABELS), reference_answer)  # still answers
+
+
+# ---------------------------------------------------------------------------------------------- label text
+def words(tokenizer, tokens: int) -> str:
+    """A label whose default-template sentence is `tokens` tokens long."""
+    for n in range(1, 200):
+        label = " ".join(["a"] * n)
+        if len(tokenizer("This is a photo of " + label + ".").input_ids) == tokens:
+            return label
+    raise AssertionError(tokens)
+
+
+@pytest.mark.parametrize("labels", [
+    ["café au lait", "naïve Ærø", "日本の猫", "🐱 cat!!", "Ünïcödé—dash"],
+    ["a,b", "x;y", "what?!", "(paren)", "'quote'", '"dq"', "tab\tsep", "new\nline", "  spaced  ", "UPPER"],
+    ["{}", "{0}", "{label}", "%s", "\\"],
+    ["cat", ""],  # an empty label: its sentence is the template alone (lightpipe refused it)
+    [" ", "dog"],
+])
+def test_zero_shot_label_text(pipes, images, labels):
+    ours, ref = pipes
+    assert_same(ours(images, candidate_labels=labels), ref(images, candidate_labels=labels))
+
+
+def test_zero_shot_sentence_length_limit(pipes, images):
+    """77 tokens is the most CLIP's positions allow: at 77 both answer; at 78 transformers fails inside the
+    model and lightpipe says which sentence is too long."""
+    ours, ref = pipes
+    longest = words(ref.tokenizer, 77)
+    assert_same(ours(images[0], candidate_labels=[longest, "cat"]),
+                       ref(images[0], candidate_labels=[longest, "cat"]))
+    with pytest.raises(InvalidInput, match="78 tokens"):
+        ours(images[0], candidate_labels=[words(ref.tokenizer, 78), "cat"])
+
+
+def test_zero_shot_tokenizer_kwargs(pipes, images):
+    """transformers accepts tokenizer_kwargs and drops them. Padding never changes CLIP's scores; truncation
+    here works, cutting a too long sentence to 77 tokens (end-of-text kept) as transformers' tokenizer does."""
+    ours, ref = pipes
+    labels = ["cat", "dog"]
+    expected = ref(images, candidate_labels=labels)
+    for options in ({"padding": "max_length", "max_length": 77}, {"padding": True}, {"truncation": True}):
+        assert_same(ours(images, candidate_labels=labels, tokenizer_kwargs=options), expected)
+
+    long_label = words(ref.tokenizer, 120)
+    sentences = [f"This is a photo of {label}." for label in (long_label, "cat")]
+    text = ref.tokenizer(sentences, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    pixels = ref.image_processor(images=[ref_load_image(images[0])], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        scores = ref.model(**text, pixel_values=pixels).logits_per_image[0].softmax(-1).tolist()
+    got = ours(images[0], candidate_labels=[long_label, "cat"], tokenizer_kwargs={"truncation": True})
+    assert {d["label"]: d["score"] for d in got} == pytest.approx({long_label: scores[0], "cat": scores[1]}, abs=1e-4)
+
+
+@pytest.mark.parametrize("options", [{"truncation": "sideways"}, {"max_length": 0}, {"return_tensors": "pt"}, "yes",
+                                     {"padding": "everywhere"}])
+def test_zero_shot_bad_tokenizer_kwargs(pipes, images, options):
+    ours, ref = pipes
+    with pytest.raises(InvalidInput):
+        ours(images[0], candidate_labels=LABELS, tokenizer_kwargs=options)
+    assert_same(ours(images[0], candidate_labels=LABELS), ref(images[0], candidate_labels=LABELS))
