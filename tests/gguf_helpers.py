@@ -20,8 +20,9 @@ Q = gguf.GGMLQuantizationType
 
 # Which types gguf.quants can write from floats; the others (K-quants) get random blocks with sane scales.
 QUANTIZABLE = {Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0}
-# Byte offsets of the float16 scales in each K-quant block (d, and dmin where the type has one).
-K_SCALE_OFFSETS = {Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+# Byte offsets of the float16 scales in each block (d, and the min or dmin where the type has one); others: (0,).
+SCALE_OFFSETS = {Q.Q4_1: (0, 2), Q.Q5_1: (0, 2), Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2),
+                 Q.Q6_K: (208,)}
 
 
 def smollm2_folder() -> Path:
@@ -34,7 +35,7 @@ def random_blocks(qtype, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     block_elements, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, size=(rows * cols // block_elements, block_bytes), dtype=np.uint8)
-    for offset in K_SCALE_OFFSETS.get(qtype, (0,)):
+    for offset in SCALE_OFFSETS.get(qtype, (0,)):
         scales = rng.uniform(0.001, 0.02, size=blocks.shape[0]).astype(np.float16)
         blocks[:, offset:offset + 2] = scales.view(np.uint8).reshape(-1, 2)
     return blocks.reshape(rows, -1)
@@ -134,7 +135,8 @@ def write_llama_gguf(path: Path, model, qtype=Q.F32, *, name: str = "tiny llama"
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
+    if arch == "llama":
+        writer.add_rope_dimension_count(config.hidden_size // config.num_attention_heads)
     writer.add_vocab_size(config.vocab_size)
     if tokenizer:
         tokens, merges = byte_level_vocab()
@@ -147,9 +149,9 @@ def write_llama_gguf(path: Path, model, qtype=Q.F32, *, name: str = "tiny llama"
         if tied and key == "lm_head.weight":
             continue
         values = tensor.detach().float().numpy()
-        if key.endswith("q_proj.weight"):
+        if arch == "llama" and key.endswith("q_proj.weight"):  # qwen2 runs NeoX rotary: no reordering
             values = llama_permute(values, config.num_attention_heads)
-        elif key.endswith("k_proj.weight"):
+        elif arch == "llama" and key.endswith("k_proj.weight"):
             values = llama_permute(values, config.num_key_value_heads)
         kind = qtype if values.ndim == 2 else Q.F32
         data = encode_tensor(values, kind, seed=index)
@@ -188,3 +190,76 @@ def add_sentencepiece_tokenizer(writer: gguf.GGUFWriter, tokens, scores, types) 
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
     writer.add_unk_token_id(0)
+
+
+def tiny_qwen2(seed: int = 0):
+    """A tiny random Qwen2ForCausalLM (q/k/v biases, tied embeddings)."""
+    import transformers
+
+    config = transformers.Qwen2Config(vocab_size=420, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                      rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            base = 1.0 if "norm" in name else 0.0
+            p.copy_(base + (0.1 if "norm" in name else STD) * torch.randn(p.shape, generator=gen))
+    return model
+
+
+GPT2_BLOCK = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
+              "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+GPT2_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def tiny_gpt2(seed: int = 0):
+    import transformers
+
+    # transformers reads a GPT-2 GGUF's vocabulary size from its token list and keeps 1024 positions.
+    config = transformers.GPT2Config(vocab_size=len(byte_level_vocab()[0]), n_positions=1024, n_embd=256, n_layer=2,
+                                     n_head=4, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            base = 1.0 if ".ln_" in name and name.endswith("weight") else 0.0
+            p.copy_(base + (0.1 if ".ln_" in name else STD) * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def write_gpt2_gguf(path: Path, model, qtype=Q.F32) -> Path:
+    """A GPT-2 as llama.cpp's converter writes it: Conv1D weights transposed to (out, in), embeddings tied."""
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_block_count(config.n_layer)
+    writer.add_context_length(config.n_positions)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_feed_forward_length(4 * config.n_embd)
+    writer.add_head_count(config.n_head)
+    writer.add_layer_norm_eps(config.layer_norm_epsilon)
+    tokens, merges = byte_level_vocab()
+    add_byte_level_tokenizer(writer, tokens[:config.vocab_size], merges)
+    for index, (key, tensor) in enumerate(model.state_dict().items()):
+        if key == "lm_head.weight" or key.endswith((".attn.bias", ".attn.masked_bias")):
+            continue
+        values = tensor.detach().float().numpy()
+        if key.endswith(GPT2_CONV1D):
+            values = np.ascontiguousarray(values.T)
+        if key.startswith("transformer.h."):
+            _, _, index_, rest = key.split(".", 3)
+            module, kind = rest.rsplit(".", 1)
+            name = f"blk.{index_}.{GPT2_BLOCK[module]}.{kind}"
+        else:
+            name = {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
+                    "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias"}[key]
+        kind = qtype if values.ndim == 2 and name != "position_embd.weight" else Q.F32
+        data = encode_tensor(values, kind, seed=index)
+        writer.add_tensor(name, data, raw_dtype=None if data.dtype in (np.float32, np.float16) else kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -63,15 +63,22 @@ def is_cached(model_id: str, revision: str | None = None) -> bool:
     return isinstance(found, str)
 
 
-def resolve(model_id: str, revision: str | None = None, token: str | bool | None = None) -> Path:
-    """A model id, folder or weight-package name -> a local folder holding its files."""
+def resolve(model_id: str, revision: str | None = None, token: str | bool | None = None,
+            gguf_file: str | None = None) -> Path:
+    """A model id, folder or weight-package name -> a local folder holding its files; a .gguf file (or a
+    folder or Hub id with `gguf_file=`, transformers' spelling) -> that file."""
     if not isinstance(model_id, str) or not model_id.strip():
         raise InvalidInput(f"model must be a Hub id, a local folder or a loaded model, not {model_id!r}.")
     path = Path(model_id).expanduser()
+    if gguf_file is not None:
+        return _gguf_file(model_id, path, gguf_file, revision, token)
     if path.is_dir():
         return path
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return path
     if path.exists():
-        raise ModelNotFound(f"{model_id} is a file; give the folder that holds config.json and the weights.")
+        raise ModelNotFound(f"{model_id} is a file; give the folder that holds config.json and the weights "
+                            "(or a .gguf file).")
     if revision is None:
         folder = package_folder(model_id)
         if folder is not None:
@@ -79,6 +86,26 @@ def resolve(model_id: str, revision: str | None = None, token: str | bool | None
     if _looks_like_path(model_id):
         raise ModelNotFound(f"the folder {model_id} does not exist.")
     return _download(model_id, revision, token)
+
+
+def _gguf_file(model_id: str, path: Path, gguf_file: str, revision: str | None, token) -> Path:
+    """`gguf_file` inside a local folder, or fetched alone from the Hub repository `model_id`."""
+    if not isinstance(gguf_file, str) or not gguf_file.strip():
+        raise InvalidInput(f"gguf_file must name a .gguf file, not {gguf_file!r}.")
+    if path.is_dir() or _looks_like_path(model_id):
+        if not (path / gguf_file).is_file():
+            raise ModelNotFound(f"{path / gguf_file} does not exist (gguf_file={gguf_file!r} in {model_id}).")
+        return path / gguf_file
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError as e:
+        raise ModelNotFound(f"{model_id!r} is not a local folder, and huggingface_hub is not installed to fetch "
+                            f"{gguf_file} from it (pip install 'lightpipe[hub]').") from e
+    try:
+        return Path(hf_hub_download(model_id, gguf_file, revision=revision, token=token))
+    except Exception as e:  # huggingface_hub raises many kinds: offline, 404, gated, network
+        raise ModelNotFound(f"{gguf_file} of {model_id!r} was not found locally or on the Hub "
+                            f"({type(e).__name__}: {e}).") from e
 
 
 def _download(model_id: str, revision: str | None, token) -> Path:

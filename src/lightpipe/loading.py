@@ -20,7 +20,7 @@ from torch import nn
 from . import models
 from .config import BaseConfig, read_config_json, read_json_object
 from .errors import CheckpointError, InvalidInput, UnsupportedModel
-from .formats import ct2
+from .formats import ct2, gguf
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,11 @@ def one_load():
 
 def load_config(folder: Path) -> BaseConfig:
     # A CTranslate2 (faster-whisper) folder has no model_type: its config comes from model.bin's shapes.
-    raw = ct2.load_ct2_config(folder) if ct2.is_ct2_folder(folder) else read_config_json(folder)
+    # A GGUF file carries its config as metadata.
+    if gguf.is_gguf_path(folder):
+        raw = gguf.load_config(folder)
+    else:
+        raw = ct2.load_ct2_config(folder) if ct2.is_ct2_folder(folder) else read_config_json(folder)
     model_type = raw.get("model_type")
     if not model_type:
         raise CheckpointError(f"{folder}/config.json names no model_type.")
@@ -244,7 +248,10 @@ def load_model(folder: Path, head: str, *, dtype: Any = "auto", device: Any = No
     check_device_available(torch_device)
     module = models.architecture_module(config.model_type)
     model = build_model(config, head)
-    state = ct2.load_ct2_state_dict(folder) if ct2.is_ct2_folder(folder) else read_state_dict(weight_files(folder))
+    if gguf.is_gguf_path(folder):
+        state = gguf.load_state_dict(folder)
+    else:
+        state = ct2.load_ct2_state_dict(folder) if ct2.is_ct2_folder(folder) else read_state_dict(weight_files(folder))
     load_weights(model, state, module, resolve_dtype(dtype, config, state), str(folder))
     model.eval().requires_grad_(False)
     if torch_device.type != "cpu":
@@ -257,6 +264,8 @@ def load_generation_config(folder: Path) -> dict[str, Any]:
     """generation_config.json as a dict ({} when absent); for a CTranslate2 Whisper folder, the one
     transformers would have for the same model."""
     folder = Path(folder)
+    if gguf.is_gguf_path(folder):
+        return gguf.generation_dict(gguf.read(folder))
     if ct2.is_ct2_folder(folder):
         return ct2.load_ct2_generation_config(folder)
     return read_json_object(folder / "generation_config.json") or {}

@@ -31,7 +31,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..errors import CheckpointError, UnsupportedModel
+from ..errors import CheckpointError, InvalidInput, UnsupportedModel
 
 logger = logging.getLogger(__name__)
 
@@ -742,10 +742,8 @@ def tokenizer(gguf: GGUFFile):
     add_bos = bool(gguf.metadata.get("tokenizer.ggml.add_bos_token", kind == "llama")) and "bos_token" in special
     add_eos = bool(gguf.metadata.get("tokenizer.ggml.add_eos_token", False)) and "eos_token" in special
     backend.post_processor = _template(backend, special, add_bos, add_eos)
-    result = Tokenizer(backend, special, returns_token_type_ids=False, name_or_path=str(gguf.path))
-    result.chat_template = gguf.metadata.get("tokenizer.chat_template")
-    result.add_bos_token, result.add_eos_token = add_bos, add_eos
-    return result
+    return Tokenizer(backend, special, returns_token_type_ids=False, name_or_path=str(gguf.path),
+                     chat_template=gguf.metadata.get("tokenizer.chat_template"))
 
 
 def _template(backend, special: dict[str, str], add_bos: bool, add_eos: bool):
@@ -776,3 +774,21 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def load_tokenizer(path: str | os.PathLike):
     return tokenizer(read(path))
+
+
+def generation_dict(gguf: GGUFFile) -> dict[str, Any]:
+    """The generation settings a GGUF implies (it has no generation_config.json): its special token ids,
+    as transformers derives a generation config from the model config."""
+    ids = _special_ids(gguf)
+    return {key: ids[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key in ids}
+
+
+def load_component(name: str, path: str | os.PathLike):
+    """A pipeline part read from the GGUF file itself: its tokenizer or its generation config."""
+    if name == "tokenizer":
+        return load_tokenizer(path)
+    if name == "generation_config":
+        from ..generation import GenerationConfig
+
+        return GenerationConfig.from_dict(generation_dict(read(path)))
+    raise InvalidInput(f"a GGUF file holds no {name.replace('_', ' ')}; pass {name}= a folder that has one.")
