@@ -15,7 +15,9 @@ The window: `_prefix` .. `_read` are tokens already emitted, decoded again only 
 end are new. A piece is decode(window) minus decode(context), emitted once it does not end in U+FFFD; the
 context then moves up to the tokens just emitted. Both decodes start at the same token, so whatever a decoder
 does to the first token of its input happens to both and cancels out. Windows start where the text before
-them was whole, so a character never straddles one.
+them was whole, so a character never straddles one. Two rules reach further back and are held for: a run of
+SentencePiece byte-fallback tokens decodes as a whole (one invalid byte spoils the run), and the clean-up
+rules are applied to text cut only before a character none of them can match.
 """
 
 from __future__ import annotations
