@@ -341,7 +341,8 @@ def test_template_read_from_each_saved_layout(folder, tmp_path, smollm2):
     saved = tmp_path / "jinja"
     reference.save_pretrained(str(saved))
     assert (saved / "chat_template.jinja").is_file()  # transformers 5's layout
-    assert Tokenizer.from_folder(saved).chat_template == smollm2 == AutoTokenizer.from_pretrained(str(saved)).chat_template
+    assert Tokenizer.from_folder(saved).chat_template == smollm2 == \
+        AutoTokenizer.from_pretrained(str(saved)).chat_template
 
     in_config = tmp_path / "config"
     reference.save_pretrained(str(in_config))

@@ -81,9 +81,9 @@ def render_chat(template: str | None, messages: Sequence[Mapping[str, Any]], *, 
     if not isinstance(template, str):
         raise InvalidInput(f"a chat template is a Jinja2 string, not {type(template).__name__}.")
     if continue_final_message and add_generation_prompt:
-        raise InvalidInput("continue_final_message and add_generation_prompt exclude each other: continue_final_message "
-                           "lets the model continue the final message, add_generation_prompt opens a new assistant "
-                           "message. Set one of them.")
+        raise InvalidInput("continue_final_message and add_generation_prompt exclude each other: "
+                           "continue_final_message lets the model continue the final message, add_generation_prompt "
+                           "opens a new assistant message. Set one of them.")
     chat = _checked_messages(messages, part_types)
     variables = {name: value for name, value in {"bos_token": bos_token, "eos_token": eos_token, **extra}.items()
                  if value is not None}
@@ -134,7 +134,8 @@ def select_template(templates: str | Mapping[str, str] | None, chosen: str | Non
     return templates
 
 
-def wants_continuation(messages: Sequence[Mapping[str, Any]], continue_final_message: bool | str | None = None) -> bool | str:
+def wants_continuation(messages: Sequence[Mapping[str, Any]],
+                       continue_final_message: bool | str | None = None) -> bool | str:
     """The continue_final_message to use: the caller's, else True when the chat ends with an assistant message
     (a prefilled reply is continued, as transformers' text-generation pipeline does by default)."""
     if continue_final_message is not None:
@@ -176,7 +177,8 @@ def _checked_messages(messages: Any, part_types: Sequence[str]) -> list[dict]:
     keys whose value is None dropped (as transformers does: templates test for a key, not for None) and the
     reasoning fields aliased."""
     if isinstance(messages, Mapping) or not isinstance(messages, (list, tuple)):
-        raise InvalidInput(f"a chat is a list of {{'role': ..., 'content': ...}} messages, not {type(messages).__name__}.")
+        raise InvalidInput("a chat is a list of {'role': ..., 'content': ...} messages, "
+                           f"not {type(messages).__name__}.")
     if not messages:
         raise InvalidInput("the chat is empty: give at least one {'role': ..., 'content': ...} message.")
     chat = []

@@ -180,7 +180,8 @@ class StopStrings:
         if isinstance(stop_strings, str):
             stop_strings = [stop_strings]
         if not isinstance(stop_strings, Iterable):
-            raise InvalidInput(f"stop strings must be a string or a list of strings, not {type(stop_strings).__name__}.")
+            raise InvalidInput("stop strings must be a string or a list of strings, "
+                               f"not {type(stop_strings).__name__}.")
         stops = list(stop_strings)
         if not stops or not all(isinstance(stop, str) and stop for stop in stops):
             raise InvalidInput(f"stop strings must be non-empty strings; got {stops!r}.")
