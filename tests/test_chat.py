@@ -2,6 +2,7 @@
 real-world templates (SmolLM2's, read from its GGUF file; Llama 3, Mistral, ChatML with tools, Llama 3.2 with
 a date), and the errors a chat can provoke."""
 
+import dataclasses
 import datetime
 import importlib.util
 import json
@@ -308,6 +309,27 @@ def test_template_failures_are_invalid_input():
         render_chat(CHATML_TOOLS, CHAT, tools=[len])
     with pytest.raises(InvalidInput, match="documents"):
         render_chat(CHATML_TOOLS, CHAT, documents="a text")
+
+
+def test_message_objects_render_as_their_dicts(tokenizers, smollm2):
+    @dataclasses.dataclass
+    class Message:
+        role: str
+        content: str
+        name: str | None = None  # None-valued fields are dropped, as transformers drops them
+
+    class Dumped:  # the shape of a pydantic model (the OpenAI client's messages)
+        def __init__(self, role, content):
+            self.data = {"role": role, "content": content}
+
+        def model_dump(self):
+            return dict(self.data)
+
+    messages = [Message("user", "Hi"), Dumped("assistant", "Hello"), {"role": "user", "content": "Bye"}]
+    ours, expected = both(tokenizers, smollm2, messages, add_generation_prompt=True)
+    assert ours == expected
+    assert ours == render_chat(smollm2, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                                         {"role": "user", "content": "Bye"}], add_generation_prompt=True)
 
 
 def test_rendering_leaves_the_callers_messages_alone(smollm2):

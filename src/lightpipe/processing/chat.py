@@ -183,6 +183,8 @@ def _checked_messages(messages: Any, part_types: Sequence[str]) -> list[dict]:
         raise InvalidInput("the chat is empty: give at least one {'role': ..., 'content': ...} message.")
     chat = []
     for index, message in enumerate(messages):
+        if not isinstance(message, Mapping) and (_is_dataclass_object(message) or _has_model_dump(message)):
+            message = _template_data(message)  # a dataclass or pydantic message (the OpenAI client's), as a dict
         if not isinstance(message, Mapping):
             raise InvalidInput(f"chat message {index} is a {type(message).__name__}; each message must be a dict with "
                                "'role' and 'content'.")
@@ -266,11 +268,19 @@ def _template_data(value: Any) -> Any:
         return tuple(_template_data(item) for item in value)
     if type(value).__module__ == "numpy" and callable(getattr(value, "item", None)) and getattr(value, "ndim", 1) == 0:
         return _template_data(value.item())  # a numpy scalar (np.bool_(False) must stay falsy)
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    if _is_dataclass_object(value):
         return {field.name: _template_data(getattr(value, field.name)) for field in dataclasses.fields(value)}
-    if callable(getattr(value, "model_dump", None)):  # pydantic models, e.g. the OpenAI client's messages
+    if _has_model_dump(value):  # pydantic models, e.g. the OpenAI client's messages
         return _template_data(value.model_dump())
     return f"<{type(value).__name__}>"
+
+
+def _is_dataclass_object(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def _has_model_dump(value: Any) -> bool:
+    return not isinstance(value, type) and callable(getattr(value, "model_dump", None))
 
 
 def _short(value: Any, limit: int = 120) -> str:
