@@ -110,7 +110,9 @@ def test_whisper_timestamps_equal_transformers(max_initial, first):
     config = transformers.GenerationConfig(no_timestamps_token_id=ids["notimestamps"], eos_token_id=ids["eos"],
                                            max_initial_timestamp_index=max_initial)
     theirs = hf.WhisperTimeStampLogitsProcessor(config, begin_index=begin_index)
-    ours = P.WhisperTimestamps(ids["notimestamps"], ids["eos"], begin_index, max_initial)
+    from lightpipe.whisper.timestamps import WhisperTimestamps
+
+    ours = WhisperTimestamps(ids["notimestamps"], ids["eos"], begin_index, max_initial)
     for seed in range(4):
         sequences = _timestamp_sequences(begin_index, ids["timestamp_begin"], vocab, seed)
         if first:

@@ -21,10 +21,12 @@ import pytest
 import torch
 
 from lightpipe.errors import CheckpointError, InvalidInput
-from lightpipe.processing.whisper_text import (
-    LANGUAGES, WhisperVocabulary, alignment_weights, decode_asr, decode_text, decode_with_offsets, dtw,
-    language_code, median_filter, merge_overlaps, split_into_words, stride_in_seconds, token_timestamps,
+from lightpipe.whisper.alignment import alignment_weights, dtw, median_filter, token_timestamps
+from lightpipe.whisper.text import (
+    WhisperVocabulary, decode_asr, decode_text, decode_with_offsets, merge_overlaps, split_into_words,
+    stride_in_seconds,
 )
+from lightpipe.whisper.tokens import LANGUAGES, language_code
 
 import transformers
 from transformers import WhisperTokenizer  # noqa: E402
@@ -90,7 +92,7 @@ class Case:
 
 def _case(ours: WhisperVocabulary, theirs, use_languages: bool = True, theirs_by_id=None) -> Case:
     words = [ours.tokenizer.encode(" " + w, add_special_tokens=False).ids for w in CORPUS_WORDS]
-    languages = [i for code, i in ours.language_ids if code in LANGS]
+    languages = [i for code, i in ours.tokens.language_ids if code in LANGS]
     return Case(ours, theirs, words, languages, use_languages, theirs_by_id or theirs)
 
 
@@ -104,7 +106,7 @@ def synthetic(request, tmp_path_factory):
         plain = build_whisper_tokenizer(tmp_path_factory.mktemp("whisper-tok-by-id"), False, lang_to_id=False)
         by_id = WhisperTokenizer.from_pretrained(str(plain))
         assert by_id.get_vocab() == {k: v for k, v in WhisperTokenizer.from_pretrained(str(folder)).get_vocab().items()
-                                     if v < ours.timestamp_begin}
+                                     if v < ours.tokens.timestamp_begin}
     return _case(ours, WhisperTokenizer.from_pretrained(str(folder)), theirs_by_id=by_id)
 
 
@@ -124,7 +126,7 @@ def tiny_en_hub(tiny_en):
 
 # ---------------------------------------------------------------------------------------------- generators
 def _ts(case: Case, seconds: float) -> int:
-    return case.ours.timestamp_begin + int(round(min(max(seconds, 0.0), 30.0) / PRECISION))
+    return case.ours.tokens.timestamp_begin + int(round(min(max(seconds, 0.0), 30.0) / PRECISION))
 
 
 def _text(rng: random.Random, case: Case, n_words: int) -> list[int]:
@@ -132,7 +134,7 @@ def _text(rng: random.Random, case: Case, n_words: int) -> list[int]:
     for _ in range(n_words):
         ids += rng.choice(case.words)
         if rng.random() < 0.05:  # a lone byte-level token: may be half of a character
-            ids.append(rng.randrange(case.ours.eot))
+            ids.append(rng.randrange(case.ours.tokens.eot))
     return ids
 
 
@@ -148,8 +150,8 @@ def _times_for(rng: random.Random, tokens: list[int], case: Case, length: float 
     """Non-decreasing per-token times that follow the timestamp tokens, as DTW gives them."""
     times, now = [], 0.0
     for token in tokens:
-        if token >= case.ours.timestamp_begin:
-            now = max(now, (token - case.ours.timestamp_begin) * PRECISION)
+        if token >= case.ours.tokens.timestamp_begin:
+            now = max(now, (token - case.ours.tokens.timestamp_begin) * PRECISION)
         else:
             now = min(length, now + rng.choice((0.0, 0.02, 0.06, 0.1, 0.24)))
         times.append(round(now, 2))
@@ -164,7 +166,7 @@ def gen_plain(rng: random.Random, case: Case) -> list[dict]:
             tokens.append(rng.choice(case.languages))
         tokens += _text(rng, case, rng.randint(0, 8))
         if rng.random() < 0.7:
-            tokens.append(case.ours.eot)
+            tokens.append(case.ours.tokens.eot)
         outputs.append(_output(tokens))
     return outputs
 
@@ -181,7 +183,7 @@ def _window_tokens(rng: random.Random, case: Case, length: float = 30.0) -> list
     if rng.random() < 0.2:  # unfinished last segment
         tokens += [_ts(case, t)] + _text(rng, case, rng.randint(1, 3))
     if rng.random() < 0.7:
-        tokens.append(case.ours.eot)
+        tokens.append(case.ours.tokens.eot)
     return tokens
 
 
@@ -194,11 +196,11 @@ def gen_long_form(rng: random.Random, case: Case) -> list[dict]:
     """Sequential decoding's output: several windows concatenated, timestamps restarting in each."""
     tokens = []
     for _ in range(rng.randint(2, 3)):
-        window = [t for t in _window_tokens(rng, case) if t != case.ours.eot]
-        if rng.random() < 0.5 and window and window[-1] >= case.ours.timestamp_begin:
+        window = [t for t in _window_tokens(rng, case) if t != case.ours.tokens.eot]
+        if rng.random() < 0.5 and window and window[-1] >= case.ours.tokens.timestamp_begin:
             window.append(window[-1])  # window ended on a pair
         tokens += window
-    tokens.append(case.ours.eot)
+    tokens.append(case.ours.tokens.eot)
     return [_output(tokens, _times_for(rng, tokens, case))]
 
 
@@ -206,9 +208,9 @@ def gen_prompted(rng: random.Random, case: Case) -> list[dict]:
     """<|startofprev|> previous text <|startoftranscript|> ...: the prompt is not part of the transcript."""
     outputs = gen_timestamps(rng, case) if rng.random() < 0.5 else gen_plain(rng, case)[:1]
     tokens = outputs[0]["tokens"][0].tolist()
-    prompt = [case.ours.sot_prev] + _text(rng, case, 3)
+    prompt = [case.ours.tokens.sot_prev] + _text(rng, case, 3)
     if rng.random() < 0.8:
-        prompt.append(case.ours.sot)
+        prompt.append(case.ours.tokens.sot)
     tokens = prompt + tokens
     return [_output(tokens, _times_for(rng, tokens, case))]
 
@@ -266,12 +268,12 @@ def gen_chunked(rng: random.Random, case: Case, noise: bool = True, language: in
             for word_start, word_end, ids in segment:
                 for n, token in enumerate(ids):
                     if noise and rng.random() < 0.03:
-                        token = rng.randrange(case.ours.eot)
+                        token = rng.randrange(case.ours.tokens.eot)
                     tokens.append(token)
                     times.append(round(word_start - w0 + (word_end - word_start) * (n + 1) / len(ids), 2))
             tokens.append(_ts(case, segment[-1][1] - w0))
             times.append(round(segment[-1][1] - w0, 2))
-        tokens.append(case.ours.eot)
+        tokens.append(case.ours.tokens.eot)
         times.append(times[-1] if times else 0.0)
         outputs.append(_output(tokens, times, stride_in_seconds((length, left, right), SAMPLING_RATE)))
     return outputs
@@ -286,11 +288,11 @@ def gen_random(rng: random.Random, case: Case) -> list[dict]:
         for _ in range(rng.randint(0, 25)):
             kind = rng.random()
             if kind < 0.55:
-                tokens.append(rng.randrange(case.ours.eot))
+                tokens.append(rng.randrange(case.ours.tokens.eot))
             elif kind < 0.85:
-                tokens.append(case.ours.timestamp_begin + rng.randrange(0, 1501))
+                tokens.append(case.ours.tokens.timestamp_begin + rng.randrange(0, 1501))
             elif case.use_languages:
-                tokens.append(rng.choice(case.languages + [case.ours.eot, case.ours.no_timestamps, case.ours.sot]))
+                tokens.append(rng.choice(case.languages + [case.ours.tokens.eot, case.ours.tokens.no_timestamps, case.ours.tokens.sot]))
         times = sorted(round(rng.uniform(0.0, 30.0), 2) for _ in tokens)
         stride = None
         if n > 1 or rng.random() < 0.3:
@@ -335,9 +337,9 @@ def test_decode_asr_matches_reference(synthetic, kind, return_timestamps, return
 def test_decode_asr_language_switch_without_timestamps(synthetic):
     """Without timestamps a change of language is where the text is cut into chunks."""
     rng = random.Random(3)
-    en, zh = dict(synthetic.ours.language_ids)["en"], dict(synthetic.ours.language_ids)["zh"]
+    en, zh = dict(synthetic.ours.tokens.language_ids)["en"], dict(synthetic.ours.tokens.language_ids)["zh"]
     outputs = [_output([en] + _text(rng, synthetic, 4)), _output([zh] + _text(rng, synthetic, 4)),
-               _output([zh] + _text(rng, synthetic, 2) + [synthetic.ours.eot])]
+               _output([zh] + _text(rng, synthetic, 2) + [synthetic.ours.tokens.eot])]
     text, optional = assert_same_asr(synthetic, outputs, return_timestamps=False, return_language=True)
     assert [c["language"] for c in optional["chunks"]] == ["english", "chinese"]
     assert "".join(c["text"] for c in optional["chunks"]) == text
@@ -363,7 +365,7 @@ def test_chunked_merge_without_noise_equals_full_transcript(synthetic):
     outputs = []
     for start, length, left, right in chunk_windows(total, 30 * SAMPLING_RATE, 5 * SAMPLING_RATE, 5 * SAMPLING_RATE):
         w0, w1 = start / SAMPLING_RATE, (start + length) / SAMPLING_RATE
-        tokens = [t for w in words if w[0] >= w0 and w[1] <= w1 for t in w[2]] + [synthetic.ours.eot]
+        tokens = [t for w in words if w[0] >= w0 and w[1] <= w1 for t in w[2]] + [synthetic.ours.tokens.eot]
         outputs.append(_output(tokens, stride=stride_in_seconds((length, left, right), SAMPLING_RATE)))
     assert len(outputs) == 3
     text, _ = assert_same_asr(synthetic, outputs, return_timestamps=False, return_language=False)
@@ -377,15 +379,15 @@ def test_word_times_after_prompt(synthetic):
         plain = gen_timestamps(rng, synthetic)
         tokens = plain[0]["tokens"][0].tolist()
         times = plain[0]["token_timestamps"][0].tolist()
-        prompt = [synthetic.ours.sot_prev] + _text(rng, synthetic, 2) + [synthetic.ours.sot]
+        prompt = [synthetic.ours.tokens.sot_prev] + _text(rng, synthetic, 2) + [synthetic.ours.tokens.sot]
         prompted = [_output(prompt + tokens, [0.0] * len(prompt) + times)]
-        expected = assert_same_asr(synthetic, [_output([synthetic.ours.sot] + tokens, [0.0] + times)],
+        expected = assert_same_asr(synthetic, [_output([synthetic.ours.tokens.sot] + tokens, [0.0] + times)],
                                    return_timestamps="word", return_language=False)
         assert decode_asr(synthetic.ours, prompted, return_timestamps="word") == expected
 
 
 def test_decode_asr_empty_and_special_only(synthetic):
-    eot, sot, no_ts = synthetic.ours.eot, synthetic.ours.sot, synthetic.ours.no_timestamps
+    eot, sot, no_ts = synthetic.ours.tokens.eot, synthetic.ours.tokens.sot, synthetic.ours.tokens.no_timestamps
     for outputs in ([], [_output([])], [_output([eot])], [_output([sot, no_ts, eot])], [_output([eot]), _output([eot])]):
         for return_timestamps in (False, True, "word"):
             for return_language in (False, True):
@@ -400,7 +402,7 @@ def test_word_times_may_stop_before_padding(synthetic):
     rng = random.Random(4)
     for _ in range(10):
         outputs = gen_chunked(rng, synthetic)
-        padded = [{**o, "tokens": torch.cat([o["tokens"], torch.full((1, rng.randint(1, 5)), synthetic.ours.eot)], dim=1)}
+        padded = [{**o, "tokens": torch.cat([o["tokens"], torch.full((1, rng.randint(1, 5)), synthetic.ours.tokens.eot)], dim=1)}
                   for o in outputs]
         expected = assert_same_asr(synthetic, padded, return_timestamps="word", return_language=True)
         assert expected == decode_asr(synthetic.ours, outputs, return_timestamps="word", return_language=True)
@@ -416,7 +418,7 @@ def test_decode_asr_accepts_flat_sequences(synthetic):
 
 
 def test_decode_asr_rejects_bad_outputs(synthetic):
-    eot = synthetic.ours.eot
+    eot = synthetic.ours.tokens.eot
     with pytest.raises(InvalidInput, match="return_timestamps"):
         decode_asr(synthetic.ours, [_output([eot])], return_timestamps="char")
     with pytest.raises(InvalidInput, match="token_timestamps"):
@@ -438,7 +440,7 @@ def test_decode_asr_rejects_bad_outputs(synthetic):
 @pytest.mark.parametrize("language", ["english", "chinese", "japanese", "thai", "german"])
 def test_split_into_words_matches_reference(synthetic, language):
     rng = random.Random(len(language))
-    controls = [synthetic.ours.eot, synthetic.ours.sot] + synthetic.languages
+    controls = [synthetic.ours.tokens.eot, synthetic.ours.tokens.sot] + synthetic.languages
     for _ in range(40):
         tokens = _text(rng, synthetic, rng.randint(0, 10))
         if tokens and rng.random() < 0.3:  # a control token starts a word of its own
@@ -492,7 +494,7 @@ def _sequences(rng: random.Random, case: Case, n: int):
         else:
             outputs = gen_random(rng, case)[:1]
         ids = outputs[0]["tokens"][0].tolist()
-        yield (ids if kind == 2 else [case.ours.sot] + ids), kind == 3  # a prompted one starts with <|startofprev|>
+        yield (ids if kind == 2 else [case.ours.tokens.sot] + ids), kind == 3  # a prompted one starts with <|startofprev|>
 
 
 @pytest.mark.parametrize("skip_special_tokens", [False, True])
@@ -514,7 +516,7 @@ def test_long_form_offsets_continue_across_windows(synthetic):
     """Timestamps restart in each 30 s window; offsets keep counting from where the last window ended."""
     ts = lambda s: _ts(synthetic, s)  # noqa: E731
     hello = synthetic.words[0]
-    ids = [ts(0.0)] + hello + [ts(10.0), ts(10.0)] + hello + [ts(20.0)] + [ts(1.0)] + hello + [ts(5.0), synthetic.ours.eot]
+    ids = [ts(0.0)] + hello + [ts(10.0), ts(10.0)] + hello + [ts(20.0)] + [ts(1.0)] + hello + [ts(5.0), synthetic.ours.tokens.eot]
     offsets = decode_with_offsets(synthetic.ours, ids)["offsets"]
     assert [o["timestamp"] for o in offsets] == [(0.0, 10.0), (10.0, 20.0), (31.0, 35.0)]
     assert offsets == synthetic.theirs.decode(ids, output_offsets=True)["offsets"]
@@ -524,12 +526,12 @@ def test_long_form_offsets_continue_across_windows(synthetic):
 def test_vocabulary_ids(synthetic, tmp_path):
     tokenizer = synthetic.ours.tokenizer
     vocab = synthetic.ours
-    assert vocab.eot == tokenizer.token_to_id("<|endoftext|>") == synthetic.theirs.eos_token_id
-    assert vocab.timestamp_begin == tokenizer.token_to_id("<|notimestamps|>") + 1
-    assert vocab.is_control(vocab.sot) and vocab.is_timestamp(vocab.timestamp_begin) and vocab.is_text(vocab.eot - 1)
-    assert dict(vocab.language_ids) == {c: tokenizer.token_to_id(f"<|{c}|>") for c in LANGS}
-    assert dict(vocab.task_ids) == {t: tokenizer.token_to_id(f"<|{t}|>") for t in ("translate", "transcribe")}
-    assert vocab.languages[dict(vocab.language_ids)["zh"]] == "chinese"
+    assert vocab.tokens.eot == tokenizer.token_to_id("<|endoftext|>") == synthetic.theirs.eos_token_id
+    assert vocab.tokens.timestamp_begin == tokenizer.token_to_id("<|notimestamps|>") + 1
+    assert vocab.tokens.is_control(vocab.tokens.sot) and vocab.tokens.is_timestamp(vocab.tokens.timestamp_begin) and vocab.tokens.is_text(vocab.tokens.eot - 1)
+    assert dict(vocab.tokens.language_ids) == {c: tokenizer.token_to_id(f"<|{c}|>") for c in LANGS}
+    assert dict(vocab.tokens.task_ids) == {t: tokenizer.token_to_id(f"<|{t}|>") for t in ("translate", "transcribe")}
+    assert vocab.tokens.languages[dict(vocab.tokens.language_ids)["zh"]] == "chinese"
     # without generation_config.json the ids come from the token names
     assert WhisperVocabulary.from_tokenizer(tokenizer) == vocab
     not_whisper = {"version": "1.0", "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}
@@ -547,10 +549,10 @@ def test_language_codes():
 
 # ---------------------------------------------------------------------------------------------- tiny.en
 def test_tiny_en_vocabulary(tiny_en):
-    assert (tiny_en.eot, tiny_en.sot, tiny_en.no_timestamps) == (50256, 50257, 50362)
-    assert tiny_en.timestamp_begin == 50363 == tiny_en.tokenizer.vocab_size  # timestamps are not in tokenizer.json
+    assert (tiny_en.tokens.eot, tiny_en.tokens.sot, tiny_en.tokens.no_timestamps) == (50256, 50257, 50362)
+    assert tiny_en.tokens.timestamp_begin == 50363 == tiny_en.tokenizer.vocab_size  # timestamps are not in tokenizer.json
     ids = tiny_en.tokenizer.encode(" Hello world.", add_special_tokens=False).ids
-    seq = [tiny_en.sot, 50363] + ids + [50363 + 50, tiny_en.eot]
+    seq = [tiny_en.tokens.sot, 50363] + ids + [50363 + 50, tiny_en.tokens.eot]
     assert decode_with_offsets(tiny_en, seq, skip_special_tokens=True) == {
         "text": " Hello world.", "offsets": [{"text": " Hello world.", "timestamp": (0.0, 1.0)}]}
 

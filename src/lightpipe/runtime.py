@@ -71,9 +71,15 @@ def collate(items: list[ModelItem], padding: Padding) -> dict[str, torch.Tensor]
     return batch
 
 
-def split(outputs: dict[str, torch.Tensor], items: list[ModelItem], padding: Padding) -> list[dict[str, torch.Tensor]]:
-    """(B, ...) outputs -> one dict per item, sequences trimmed to the item's own length."""
-    outputs = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
+def split(outputs: dict[str, Any], items: list[ModelItem], padding: Padding) -> list[dict[str, Any]]:
+    """(B, ...) outputs -> one dict per item, sequences trimmed to the item's own length.
+
+    An output may also be ragged: a list with one entry per item (e.g. generated tokens of different lengths),
+    which each item takes as it is, rather than a tensor padded only so that it could be split here."""
+    outputs = {k: _to_cpu(v) for k, v in outputs.items()}
+    for name, value in outputs.items():
+        if isinstance(value, list) and len(value) != len(items):
+            raise AssertionError(f"forward returned {len(value)} entries of {name!r} for {len(items)} items")
     per_item = []
     for row, item in enumerate(items):
         own = {}
@@ -84,6 +90,14 @@ def split(outputs: dict[str, torch.Tensor], items: list[ModelItem], padding: Pad
             own[name] = value
         per_item.append(own)
     return per_item
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, list):  # ragged: one entry per item
+        return [v.detach().cpu() if isinstance(v, torch.Tensor) else v for v in value]
+    return value
 
 
 class Runner:

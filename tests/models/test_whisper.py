@@ -16,7 +16,8 @@ from lightpipe import loading
 from lightpipe.errors import InvalidInput
 from lightpipe.generation import GenerationConfig
 from lightpipe.models import whisper
-from lightpipe.models.whisper import detect_language, whisper_generate, whisper_prompt
+from lightpipe.whisper import tokens as whisper_tokens
+from lightpipe.whisper.decoding import detect_language, whisper_generate, whisper_prompt
 from whisper_helpers import tiny_whisper, whisper_special_ids
 
 import transformers
@@ -93,7 +94,7 @@ def test_cached_decoding_equals_uncached(multilingual):
     tokens = torch.tensor([[SOT, EN, TRANSCRIBE, 40, 41, 60, 7, 8], [SOT, FR, TRANSLATE, 9, 1, 2, 3, 150]])
     with torch.inference_mode():
         full = model(feats, tokens)["logits"]
-        cache = model.new_cache(2, tokens.shape[1], model.encode(feats))
+        cache = model.new_cache(2, tokens.shape[1], encoder_hidden=model.encode(feats))
         steps = [model.decode_step(tokens[:, :3], cache)]  # a prefill of 3, then one token at a time
         steps += [model.decode_step(tokens[:, i:i + 1], cache) for i in range(3, tokens.shape[1])]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-4)
@@ -105,10 +106,10 @@ def test_beams_share_the_encoder_keys_without_copies(multilingual):
     tokens = torch.tensor([[SOT, EN, 5], [SOT, EN, 6], [SOT, EN, 7], [SOT, DE, 5], [SOT, DE, 8], [SOT, DE, 9]])
     with torch.inference_mode():
         encoder_hidden = model.encode(feats)
-        shared = model.new_cache(6, 3, encoder_hidden)  # 3 rows per audio
+        shared = model.new_cache(6, 3, encoder_hidden=encoder_hidden)  # 3 rows per audio
         assert shared.cross[0][0].shape[0] == 2
         logits, weights = model.decode_step(tokens, shared, alignment_heads=[(1, 3), (0, 1)])
-        copied = model.new_cache(6, 3, encoder_hidden.repeat_interleave(3, dim=0))
+        copied = model.new_cache(6, 3, encoder_hidden=encoder_hidden.repeat_interleave(3, dim=0))
         expected, expected_weights = model.decode_step(tokens, copied, alignment_heads=[(1, 3), (0, 1)])
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(weights, expected_weights, rtol=0, atol=1e-6)
@@ -281,7 +282,7 @@ def test_bad_options_fail_cleanly(multilingual, english, call):
 def test_language_table_equals_transformers():
     from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
 
-    assert whisper.LANGUAGES == LANGUAGES and whisper.LANGUAGE_CODES == TO_LANGUAGE_CODE
+    assert whisper_tokens.LANGUAGES == LANGUAGES and whisper_tokens.LANGUAGE_CODES == TO_LANGUAGE_CODE
 
 
 # ----------------------------------------------------------------------------------------------

@@ -130,7 +130,7 @@ def test_matches_transformers(pipes, timestamps):
 def test_short_audio_decoded_again_from_its_last_segment_matches_transformers(pipes, timestamps, monkeypatch):
     """A short clip whose tokens end inside a segment is decoded a second time from its last timestamp pair, by
     transformers and by lightpipe: the kept tokens of both windows make the text."""
-    from lightpipe.models import whisper_longform
+    from lightpipe.whisper import longform as whisper_longform
 
     ours, ref = pipes()
     windows = []
@@ -219,7 +219,7 @@ def test_long_audio_without_timestamps_gives_the_text_of_the_timestamped_decodin
 def test_progress_follows_the_window_loop_of_long_audio(pipes, capsys, monkeypatch):
     """progress=True adds a bar in seconds of audio while long audio (one item of the pipeline's own bar) is
     decoded window by window; it changes no result."""
-    from lightpipe.models import whisper_longform
+    from lightpipe.whisper import longform as whisper_longform
 
     ours, _ = pipes()
     audios = [clip(3 * RATE + 1234, 9), clip(2 * RATE + 777, 12)]
@@ -298,7 +298,7 @@ def test_no_speech_detection_matches_transformers(pipes, no_speech_threshold, nu
 def test_temperature_fallback_decodes_failing_windows_again(pipes, monkeypatch):
     """A window under logprob_threshold is decoded again at the next temperature (sampling); the last attempt is
     kept, and a window decoded hot (>= 0.5) does not prompt the next one with its text."""
-    from lightpipe.models import whisper_longform
+    from lightpipe.whisper import longform as whisper_longform
 
     ours, _ = pipes()
     attempts = []
@@ -319,7 +319,7 @@ def test_fallback_measures_equal_transformers():
     from transformers.models.whisper.generation_whisper import WhisperGenerationMixin as Reference
 
     from lightpipe.generation.generate import GenerationOutput
-    from lightpipe.models.whisper_longform import compression_ratio, mean_logprob
+    from lightpipe.whisper.longform import compression_ratio, mean_logprob
 
     rng = np.random.default_rng(0)
     tokens = [int(t) for t in rng.integers(0, 51864, 40)] + [50256] * 5

@@ -7,11 +7,11 @@ One pipeline, with the decoding picked by the loaded model's head:
   greedy: the best id per frame, repeats collapsed, the blank (pad) token dropped, the word delimiter
   "|" read as a space. Character or word timestamps come from the frames each one spans.
 - "speech-seq2seq" (Whisper): `WhisperDecoding`. Each item (a chunk, or a whole input of any length) is decoded
-  by Whisper's window loop (`models/whisper_longform.transcribe`: 30 s windows, each encoded once and decoded by
-  `whisper_generate`, the next starting where the text stopped; beam search with 5 beams and at most 256 new
+  by Whisper's window loop (`lightpipe.whisper.longform.transcribe`: 30 s windows, each encoded once and decoded
+  by `whisper_generate`, the next starting where the text stopped; beam search with 5 beams and at most 256 new
   tokens unless the checkpoint's generation config or the call says otherwise, as transformers' pipeline); the
   items' tokens are merged into one text, and timestamps, by `decode_asr`. Word timestamps come from the
-  alignment heads' cross-attention by DTW.
+  alignment heads' cross-attention by DTW (`lightpipe.whisper.alignment`).
 
 What every model shares, in this file and model-independent:
 
@@ -235,9 +235,12 @@ class CTCDecoding:
         # transformers' pipeline always asks for the mask: padded batches then mask padded frames.
         return self.feature_extractor(audio, return_attention_mask=True)
 
-    def forward(self, batch: dict[str, torch.Tensor], **params) -> dict[str, torch.Tensor]:
-        """Generation settings (generate_kwargs, max_new_tokens) do not apply to CTC and are ignored, as
-        in transformers."""
+    def prepare_forward(self, params: dict[str, Any]) -> dict[str, Any]:
+        """Generation settings (generate_kwargs, max_new_tokens) do not apply to CTC and are ignored, as in
+        transformers; forward takes nothing but the batch."""
+        return {}
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         values = batch["input_values"].to(next(self.model.parameters()).dtype)
         logits = self.model(values, batch.get("attention_mask"))["logits"]  # (B, T, vocab)
         return {"tokens": logits.argmax(dim=-1)}  # (B, T)
@@ -286,23 +289,35 @@ LONG_FORM_OPTIONS = ("temperature", "condition_on_prev_tokens", "compression_rat
 RESERVED_OPTIONS = ("num_return_sequences", "output_scores", "output_cross_attentions", "alignment_heads")
 
 
+@dataclasses.dataclass(frozen=True)
+class WhisperCall:
+    """The decoding settings of one pipeline call, resolved and checked once (`WhisperDecoding.prepare_forward`)
+    before any batch runs."""
+
+    config: Any  # the GenerationConfig: the checkpoint's, with the call's generate_kwargs and pipeline defaults
+    prompt: dict[str, Any]  # language, task, prompt_ids and long_form, as `transcribe` takes them
+    return_timestamps: bool | str
+    return_language: bool
+    progress: bool
+
+
 class WhisperDecoding:
     """Whisper (speech-seq2seq): each model item (a chunk, or a whole input) decoded window by window by
-    `transcribe` (models/whisper_longform.py), the items of one input merged by `decode_asr` (transformers'
+    `transcribe` (lightpipe.whisper.longform), the items of one input merged by `decode_asr` (transformers'
     Whisper `_decode_asr`).
 
-    forward returns, per item: "tokens" (B, G) the kept tokens of its windows (prompts and end-of-text left out,
-    as transformers' Whisper generate returns them; shorter rows filled with <|endoftext|>), with return_language
-    the prompt's language token in front; with return_timestamps="word" also "token_timestamps" (B, G), the
-    start of each token in seconds from the item's start, each row aligned alone (so that batching changes
-    nothing)."""
+    forward returns, per item (one list entry each, of its own length): "tokens", the kept tokens of its windows
+    (prompts and end-of-text left out, as transformers' Whisper generate returns them), with return_language the
+    prompt's language token in front; with return_timestamps="word" also "token_timestamps", the start of each
+    token in seconds from the item's start, each item aligned alone (so that batching changes nothing)."""
 
     name = "speech-seq2seq"
     align_to = 1  # windows are cut at any sample: Whisper pads every window to 30 s anyway
     min_samples = 1
 
-    def __init__(self, pipeline: "AutomaticSpeechRecognitionPipeline"):
-        from ..processing.whisper_text import WhisperVocabulary
+    def __init__(self, pipeline: "AutomaticSpeechRecognitionPipeline", folder: Path | None):
+        from ..whisper.text import WhisperVocabulary
+        from ..whisper.tokens import WhisperTokens
 
         self.model = pipeline.model
         self.feature_extractor = pipeline.feature_extractor
@@ -311,10 +326,12 @@ class WhisperDecoding:
         if self.feature_extractor.kind != "whisper":
             raise InvalidInput("a Whisper model needs a Whisper (log-mel) feature extractor, not a "
                                f"{self.feature_extractor.kind} one.")
-        folder = getattr(self.model, "name_or_path", "") or getattr(pipeline.tokenizer, "name_or_path", "")
         raw = _generation_config_dict(folder)
         self.generation_config = _generation_config(raw, self.model.config, folder)
-        self.vocabulary = WhisperVocabulary.from_tokenizer(pipeline.tokenizer, raw)
+        # The one special-token object of this checkpoint: generation_config.json's ids, else the tokenizer's.
+        self.tokens = WhisperTokens.from_sources(raw or self.generation_config, pipeline.tokenizer.token_to_id)
+        self.vocabulary = WhisperVocabulary(pipeline.tokenizer, self.tokens)
+        self.alignment_heads = _alignment_heads(raw, folder)
         self.padding = Padding(values={"input_features": float(self.feature_extractor.padding_value),
                                        "attention_mask": 0})
         # Seconds per timestamp step: one window over the encoder's positions (30 s / 1500 = 0.02 s).
@@ -326,7 +343,7 @@ class WhisperDecoding:
         if stamps not in (None, False) and stamps not in WHISPER_TIMESTAMPS:
             raise InvalidInput(f"Whisper gives return_timestamps=True (segments) or 'word', not {stamps!r} "
                                "(no 'char' timestamps).")
-        if stamps == "word" and not self.generation_config.alignment_heads:
+        if stamps == "word" and not self.alignment_heads:
             raise InvalidInput("return_timestamps='word' needs alignment_heads in the checkpoint's "
                                "generation_config.json (the cross-attention heads that follow the audio).")
         language = params.get("return_language")
@@ -362,8 +379,6 @@ class WhisperDecoding:
         if "max_length" in kwargs and "max_new_tokens" not in kwargs:
             defaults["max_new_tokens"] = None  # the call's max_length rules
         config = config.replace(**{**defaults, **kwargs})
-        if return_timestamps == "word":
-            config = config.replace(output_cross_attentions=True)
         prompt_ids = whisper.get("prompt_ids")
         if prompt_ids is not None:
             if isinstance(prompt_ids, (torch.Tensor, np.ndarray)):
@@ -373,13 +388,20 @@ class WhisperDecoding:
                 raise InvalidInput("prompt_ids must be a list of token ids (e.g. from the tokenizer's encoding of "
                                    "the previous text).")
             whisper["prompt_ids"] = [int(t) for t in prompt_ids]
-        from ..models.whisper import check_prompt_options
+        from ..whisper.decoding import check_prompt_options
+        from ..whisper.longform import LongFormOptions
 
-        check_prompt_options(config, whisper.get("language"), whisper.get("task"), bool(return_timestamps))
-        from ..models.whisper_longform import LongFormOptions
-
+        check_prompt_options(config, whisper.get("language"), whisper.get("task"), bool(return_timestamps),
+                             tokens=self.tokens)
         whisper["long_form"] = LongFormOptions.build(config, **long_form)
         return config, whisper
+
+    def prepare_forward(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The call's forward parameters -> {"call": WhisperCall}, built once per call."""
+        return_timestamps = self._return_timestamps(params.get("return_timestamps"))
+        config, prompt = self.options(params.get("generate_kwargs"), params.get("max_new_tokens"), return_timestamps)
+        return {"call": WhisperCall(config, prompt, return_timestamps, bool(params.get("return_language")),
+                                    bool(params.get("progress")))}
 
     def _return_timestamps(self, return_timestamps):
         # A checkpoint whose generation config says return_timestamps gives them unasked, as in transformers.
@@ -399,39 +421,28 @@ class WhisperDecoding:
         return {"input_features": features.transpose(0, 1), "attention_mask": out["attention_mask"],
                 "frames": torch.tensor(features.shape[-1])}
 
-    def forward(self, batch: dict[str, torch.Tensor], generate_kwargs=None, max_new_tokens=None,
-                return_timestamps=None, return_language=None, progress=False) -> dict[str, torch.Tensor]:
-        from ..models.whisper_longform import transcribe
+    def forward(self, batch: dict[str, torch.Tensor], call: WhisperCall) -> dict[str, list]:
+        from ..whisper.longform import transcribe
 
-        return_timestamps = self._return_timestamps(return_timestamps)
-        config, whisper = self.options(generate_kwargs, max_new_tokens, return_timestamps)
         features = batch["input_features"].transpose(1, 2)  # (B, n_mels, frames)
         frames = batch["frames"].tolist()
-        bar = self._audio_progress_bar(frames) if progress else None
+        bar = self._audio_progress_bar(frames) if call.progress else None
         try:
             transcripts = transcribe(
-                self.model, features.to(next(self.model.parameters()).dtype), frames, config,
-                timestamps=bool(return_timestamps), word_timestamps=return_timestamps == "word",
+                self.model, features.to(next(self.model.parameters()).dtype), frames, call.config,
+                timestamps=bool(call.return_timestamps), tokens=self.tokens,
+                alignment_heads=self.alignment_heads if call.return_timestamps == "word" else None,
                 audio_frames=batch["attention_mask"].sum(dim=-1).tolist(), time_precision=self.time_precision,
                 on_window=None if bar is None else lambda advanced: bar.update(advanced * self.seconds_per_frame),
-                **whisper)
+                **call.prompt)
         finally:
             if bar is not None:
                 bar.close()
-        if return_language:
+        if call.return_language:
             transcripts = self._with_language(transcripts)
-        eos = config.eos_token_ids[0] if config.eos_token_ids else config.fill_token_id
-        width = max(len(t.tokens) for t in transcripts)
-        tokens = torch.full((len(transcripts), width), eos, dtype=torch.long)  # rows end-of-text padded
-        for row, t in enumerate(transcripts):
-            tokens[row, : len(t.tokens)] = torch.tensor(t.tokens, dtype=torch.long)
-        result = {"tokens": tokens}
-        if return_timestamps == "word":
-            times = torch.zeros((len(transcripts), width), dtype=torch.float32)
-            for row, t in enumerate(transcripts):
-                times[row, : len(t.token_times)] = t.token_times
-                times[row, len(t.token_times):] = t.token_times[-1] if len(t.token_times) else 0.0
-            result["token_timestamps"] = times
+        result: dict[str, list] = {"tokens": [t.tokens for t in transcripts]}
+        if call.return_timestamps == "word":
+            result["token_timestamps"] = [t.token_times for t in transcripts]
         return result
 
     @property
@@ -458,9 +469,9 @@ class WhisperDecoding:
                                     torch.cat([torch.zeros(1), t.token_times]))
                 for t in transcripts]
 
-    def postprocess(self, outputs: list[dict[str, torch.Tensor]], metas: list[WindowMeta],
+    def postprocess(self, outputs: list[dict[str, Any]], metas: list[WindowMeta],
                     return_timestamps=None, return_language=None, **params) -> dict[str, Any]:
-        from ..processing.whisper_text import decode_asr, stride_in_seconds
+        from ..whisper.text import decode_asr, stride_in_seconds
 
         return_timestamps = self._return_timestamps(return_timestamps)
         rate = self.feature_extractor.sampling_rate
@@ -501,12 +512,27 @@ def _generation_config(raw: dict[str, Any], model_config, folder):
     return GenerationConfig.from_dict({k: v for k, v in options.items() if v is not None})
 
 
-def seq2seq_decoding(pipeline: "AutomaticSpeechRecognitionPipeline") -> WhisperDecoding:
+def _alignment_heads(raw: dict[str, Any], folder) -> list[tuple[int, int]] | None:
+    """generation_config.json's alignment_heads: the [decoder layer, head] pairs whose cross-attention follows the
+    audio (word timestamps need them); None when the checkpoint names none."""
+    heads = raw.get("alignment_heads")
+    if not heads:
+        return None
+    pairs_ok = isinstance(heads, (list, tuple)) and all(
+        isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                             for i in p) for p in heads)
+    if not pairs_ok:
+        raise CheckpointError(f"{folder}: alignment_heads in generation_config.json must be a list of "
+                              f"[layer, head] pairs, not {heads!r}.")
+    return [(int(layer), int(head)) for layer, head in heads]
+
+
+def seq2seq_decoding(pipeline: "AutomaticSpeechRecognitionPipeline", folder: Path | None) -> WhisperDecoding:
     """The decoding of speech-seq2seq models: Whisper is the one lightpipe has."""
     if getattr(pipeline.model.config, "model_type", None) != "whisper":
         raise UnsupportedModel(f"automatic-speech-recognition supports Whisper among speech-seq2seq models, not "
                                f"{type(pipeline.model).__name__}.")
-    return WhisperDecoding(pipeline)
+    return WhisperDecoding(pipeline, folder)
 
 
 # ---------------------------------------------------------------------------------------------- pipeline
@@ -531,24 +557,32 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
     components: ClassVar[tuple[str, ...]] = ("tokenizer", "feature_extractor")
     file_is_one_input = True  # pipe(open("speech.flac", "rb")) is one audio file, not a stream of its lines
     preprocess_params = ("chunk_length_s", "stride_length_s", "ignore_warning")
-    forward_params = ("generate_kwargs", "max_new_tokens", "return_timestamps", "return_language")
+    # progress also reaches forward: Whisper's window loop shows how far it has come in long audio.
+    forward_params = ("generate_kwargs", "max_new_tokens", "return_timestamps", "return_language", "progress")
     postprocess_params = ("return_timestamps", "return_language")
 
-    def __init__(self, model, tokenizer=None, *, feature_extractor=None, **kwargs):
+    def __init__(self, model, tokenizer=None, *, feature_extractor=None, folder=None, **kwargs):
+        """folder: the checkpoint's folder, where its generation_config.json (Whisper) or vocabulary (CTC) is read;
+        pipeline() passes it."""
         if feature_extractor is None:
             raise InvalidInput("automatic-speech-recognition needs a feature_extractor (the checkpoint's "
                                "preprocessor_config.json); pass its folder as feature_extractor=.")
         self.model, self.tokenizer, self.feature_extractor = model, tokenizer, feature_extractor
+        folder = Path(folder) if folder else None
         head = _head_of(model)
         if head == "ctc":
-            folder = getattr(tokenizer, "name_or_path", "") or getattr(model, "name_or_path", "")
-            self.decoding = CTCDecoding(self, CTCVocabulary.from_folder(folder))
+            # The character vocabulary lives beside the tokenizer's files (a tokenizer given apart has its own).
+            vocabulary_folder = getattr(tokenizer, "name_or_path", "") or folder
+            if not vocabulary_folder:
+                raise InvalidInput("a CTC model needs its vocabulary (vocab.json): pass the checkpoint's folder as "
+                                   "tokenizer=.")
+            self.decoding = CTCDecoding(self, CTCVocabulary.from_folder(vocabulary_folder))
         elif head == "speech-seq2seq":
-            self.decoding = seq2seq_decoding(self)
+            self.decoding = seq2seq_decoding(self, folder)
         else:
             raise UnsupportedModel(f"automatic-speech-recognition needs a CTC or speech-seq2seq model, not "
                                    f"{type(model).__name__}.")
-        super().__init__(model, tokenizer, feature_extractor=feature_extractor, **kwargs)
+        super().__init__(model, tokenizer, feature_extractor=feature_extractor, folder=folder, **kwargs)
 
     def check_params(self, params: dict[str, Any]) -> None:
         super().check_params(params)
@@ -603,16 +637,13 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
             windows[-1] = (start, end, (samples, left, 0))
         return windows
 
-    def _route(self, call_params: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
-        runtime, pre, fwd, post = super()._route(call_params)
-        if runtime.get("progress"):  # forward shows how far the window loop has come in long audio
-            fwd = {**fwd, "progress": True}
-        return runtime, pre, fwd, post
+    def prepare_forward(self, params: dict[str, Any]) -> dict[str, Any]:
+        return self.decoding.prepare_forward(params)
 
-    def forward(self, batch: dict[str, torch.Tensor], **params) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict[str, torch.Tensor], **params) -> dict[str, Any]:
         return self.decoding.forward(batch, **params)
 
-    def postprocess(self, outputs: list[dict[str, torch.Tensor]], metas: list[WindowMeta], **params) -> dict[str, Any]:
+    def postprocess(self, outputs: list[dict[str, Any]], metas: list[WindowMeta], **params) -> dict[str, Any]:
         extra: dict[str, list] = {}
         for meta in metas:  # transformers returns a dict input's extra keys once per window
             for key, value in meta["extra"].items():

@@ -8,7 +8,9 @@ A task subclasses `Pipeline` and writes three methods:
 - `postprocess(outputs, metas, **postprocess_params)`, given every item of one input, returning
   plain JSON-serialisable data.
 
-It declares which call parameters go to which stage; anything else is an InvalidInput error.
+It declares which call parameters go to which stage; anything else is an InvalidInput error. A stage may
+also declare a runtime parameter (`progress`) to receive it too. `prepare_forward` turns the forward parameters
+into what `forward` takes once per call, before any batch runs (e.g. a generation config built from options).
 """
 
 from __future__ import annotations
@@ -74,8 +76,9 @@ class Pipeline:
 
     def __init__(self, model, tokenizer=None, *, feature_extractor=None, image_processor=None,
                  device: torch.device | None = None, batch_size: int | None = None, num_workers: int | None = None,
-                 **params):
+                 folder=None, **params):
         self.model = model
+        self.folder = folder  # the checkpoint's folder, when the pipeline was built from one (pipeline() passes it)
         self.tokenizer = tokenizer
         self.feature_extractor = feature_extractor
         self.image_processor = image_processor
@@ -87,7 +90,9 @@ class Pipeline:
     # ------------------------------------------------------------------ parameters
     @property
     def accepted_params(self) -> tuple[str, ...]:
-        return RUNTIME_PARAMS + self.preprocess_params + self.forward_params + self.postprocess_params
+        # A stage may list a runtime parameter too (progress), so names can repeat: each is accepted once.
+        return tuple(dict.fromkeys(RUNTIME_PARAMS + self.preprocess_params + self.forward_params
+                                   + self.postprocess_params))
 
     def _checked(self, params: dict[str, Any], drop_none: bool = False) -> dict[str, Any]:
         unknown = [k for k in params if k not in self.accepted_params]
@@ -111,7 +116,13 @@ class Pipeline:
         # A runtime parameter given as None at call time keeps the pipeline's default (as in transformers).
         params = {**self._defaults, **self._checked(call_params, drop_none=True)}
         pick = lambda names: {k: params[k] for k in names if k in params}  # noqa: E731
-        return pick(RUNTIME_PARAMS), pick(self.preprocess_params), pick(self.forward_params), pick(self.postprocess_params)
+        return (pick(RUNTIME_PARAMS), pick(self.preprocess_params), self.prepare_forward(pick(self.forward_params)),
+                pick(self.postprocess_params))
+
+    def prepare_forward(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The call's checked forward parameters -> the keyword arguments of `forward`, once per call. Tasks whose
+        options take work to resolve (a generation config) do it here, not in every forward. Default: as given."""
+        return params
 
     # ------------------------------------------------------------------ the three stages
     padding: ClassVar[Padding] = Padding(values={})

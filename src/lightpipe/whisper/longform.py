@@ -45,7 +45,9 @@ import torch.nn.functional as F
 
 from ..errors import InvalidInput
 from ..generation.generate import GenerationConfig, GenerationOutput
-from .whisper import WhisperForConditionalGeneration, detect_language, needs_language_detection, whisper_generate
+from .alignment import TIME_PRECISION, token_timestamps
+from .decoding import detect_language, needs_language_detection, tokens_of, whisper_generate
+from .tokens import WhisperTokens
 
 
 @dataclasses.dataclass
@@ -115,23 +117,24 @@ class LongFormOptions:
                    prompt_condition_type=kind)
 
 
-def transcribe(model: WhisperForConditionalGeneration, features: torch.Tensor, frames: Sequence[int],
-               generation_config: GenerationConfig, *, timestamps: bool = False, word_timestamps: bool = False,
-               audio_frames: Sequence[int] | None = None, time_precision: float = 0.02, language=None,
+def transcribe(model, features: torch.Tensor, frames: Sequence[int], generation_config: GenerationConfig, *,
+               timestamps: bool = False, alignment_heads: Sequence[Sequence[int]] | None = None,
+               audio_frames: Sequence[int] | None = None, time_precision: float = TIME_PRECISION, language=None,
                task: str | None = None, prompt_ids: Sequence[int] | None = None,
-               long_form: LongFormOptions | None = None,
+               long_form: LongFormOptions | None = None, tokens: WhisperTokens | None = None,
                on_window: Callable[[int], None] | None = None) -> list[Transcript]:
     """Decode each audio of `features` (B, n_mels, width) window by window.
 
     frames: each audio's own feature frames (at most `width`): the loop ends when its windows cover them.
     timestamps: decode with timestamp tokens (always done for audio longer than one window).
-    word_timestamps: also align each token with the audio (needs generation_config.output_cross_attentions and
-        alignment_heads); audio_frames, the frames of real audio in each item (its attention mask), cut the
-        alignment to the audio as transformers' num_frames does.
+    alignment_heads: (layer, head) pairs of the decoder's cross-attention that follow the audio: with them, each
+        token is also aligned with the audio (word timestamps, alignment.py); audio_frames, the frames of real
+        audio in each item (its attention mask), cut the alignment to the audio as transformers' num_frames does.
     time_precision: seconds per timestamp step (30 s / 1500 encoder positions).
     language, task, prompt_ids: as `whisper_generate`; a language that must be detected is detected once per audio,
         on its first window, and kept for the others.
     long_form: temperature fallback and conditioning on previous text (`LongFormOptions`).
+    tokens: the checkpoint's special tokens (else those generation_config names).
     on_window: called after each window with the number of mel frames the audios advanced by (their sum over a
         call is sum(frames)): a progress bar for long audio, which is one pipeline item however long it is.
     """
@@ -140,8 +143,9 @@ def transcribe(model: WhisperForConditionalGeneration, features: torch.Tensor, f
         raise InvalidInput(f"frames and audio_frames must hold one count per audio ({batch}).")
     window = model.config.frames
     with_timestamps = [bool(timestamps) or int(f) > window for f in frames]
-    options = dict(word_timestamps=word_timestamps, time_precision=time_precision, language=language, task=task,
-                   prompt_ids=prompt_ids, long_form=long_form, on_window=on_window)
+    options = dict(alignment_heads=alignment_heads, time_precision=time_precision, language=language, task=task,
+                   prompt_ids=prompt_ids, long_form=long_form, tokens=tokens_of(generation_config, tokens),
+                   on_window=on_window)
     if len(set(with_timestamps)) > 1:  # different prompts and rules: decode the two kinds apart
         results: list[Transcript | None] = [None] * batch
         for kind in (False, True):
@@ -161,20 +165,22 @@ class _SeekLoop:
     after window as transformers lets it. Audios decode together when their prompts have one length and their
     limits agree; otherwise in groups, so that each one decodes exactly as it would alone."""
 
-    def __init__(self, model, features, frames, config, timestamps, audio_frames, *, word_timestamps,
-                 time_precision, language, task, prompt_ids, long_form, on_window=None):
-        self.model, self.features, self.config = model, features, config
+    def __init__(self, model, features, frames, config, timestamps, audio_frames, *, alignment_heads,
+                 time_precision, language, task, prompt_ids, long_form, tokens, on_window=None):
+        self.model, self.features, self.config, self.tokens = model, features, config, tokens
         self.on_window = on_window
         self.frames = [int(f) for f in frames]
-        self.timestamps, self.word_timestamps = timestamps, word_timestamps
+        self.timestamps = timestamps
+        self.alignment_heads = None if alignment_heads is None else [tuple(pair) for pair in alignment_heads]
+        self.word_timestamps = self.alignment_heads is not None
         self.audio_frames = None if audio_frames is None else [int(f) for f in audio_frames]
         self.time_precision = time_precision
         self.language, self.task = language, task
         self.long_form = long_form or LongFormOptions()
         self.window = model.config.frames
         self.stride = model.config.frames // model.config.max_source_positions  # mel frames per encoder position
-        self.timestamp_begin = config.extra.get("no_timestamps_token_id", model.config.vocab_size) + 1
-        self.start_of_previous = config.extra.get("prev_sot_token_id")
+        self.timestamp_begin = tokens.timestamp_begin
+        self.start_of_previous = tokens.sot_prev
         self.prompt_ids = None if prompt_ids is None else [int(t) for t in prompt_ids]
         batch = features.shape[0]
         self.seek = [0] * batch
@@ -216,9 +222,10 @@ class _SeekLoop:
     def _decode_window(self, active: list[int]) -> None:
         lengths = dict(zip(active, (min(self.frames[r] - self.seek[r], self.window) for r in active)))
         hidden = self.model.encode(self._window_features(active, lengths))
-        if self.detected is None and self.language is None and needs_language_detection(self.config, None, self.task):
+        if self.detected is None and self.language is None and needs_language_detection(
+                self.config, None, self.task, tokens=self.tokens):
             # Every audio is active on the first window: detect each one's language from its first 30 s.
-            self.detected = detect_language(self.model, hidden, self.config)
+            self.detected = detect_language(self.model, hidden, self.config, tokens=self.tokens)
         position = {r: i for i, r in enumerate(active)}
         prompts = {r: self._previous_text(r) for r in active}
         groups: dict[tuple, list[int]] = {}
@@ -242,7 +249,9 @@ class _SeekLoop:
                 return_timestamps=self.timestamps,
                 prompt_ids=None if prompts[rows[0]] is None else [prompts[r] for r in pending],
                 temperature=temperature,
-                detected_language=None if self.detected is None else [self.detected[r] for r in pending])
+                detected_language=None if self.detected is None else [self.detected[r] for r in pending],
+                tokens=self.tokens, alignment_heads=self.alignment_heads)
+            out, weights = out if self.word_timestamps else (out, None)
             last = attempt == len(temperatures) - 1
             silence = self._no_speech_probs(out, hidden[picked])
             retry = []
@@ -254,7 +263,7 @@ class _SeekLoop:
                 elif verdict == "silence":
                     self._skip(r, out, i, lengths[r], temperature)
                 else:
-                    self._keep(r, out, i, tokens, lengths[r], temperature)
+                    self._keep(r, out, weights, i, tokens, lengths[r], temperature)
             if not retry:
                 break
             pending = retry
@@ -264,19 +273,20 @@ class _SeekLoop:
     def _skip(self, r: int, out: GenerationOutput, i: int, length: int, temperature) -> None:
         """A window judged silent: nothing kept, the next window starts after it."""
         if self.seek[r] == 0:
-            self.languages[r] = _language_of(out.sequences[i, :out.prompt_length].tolist(), self.config)
+            self.languages[r] = _language_of(out.sequences[i, :out.prompt_length].tolist(), self.tokens)
         self.condition[r] = self.long_form.condition_on_prev_tokens and (temperature is None or temperature < 0.5)
         self.seek[r] += length
 
-    def _keep(self, r: int, out: GenerationOutput, i: int, tokens: list[int], length: int, temperature) -> None:
+    def _keep(self, r: int, out: GenerationOutput, weights: torch.Tensor | None, i: int, tokens: list[int], length: int,
+              temperature) -> None:
         if self.seek[r] == 0:
-            self.languages[r] = _language_of(out.sequences[i, :out.prompt_length].tolist(), self.config)
+            self.languages[r] = _language_of(out.sequences[i, :out.prompt_length].tolist(), self.tokens)
         if tokens and tokens[-1] in self.config.eos_token_ids[:1]:
             tokens = tokens[:-1]
         segments, advance = split_window(tokens, self.timestamp_begin, length, self.stride)
         self.segments[r] += segments
         if self.word_timestamps:
-            times = self._token_times(out, i, r)
+            times = self._token_times(out, weights, i, r)
             offset = torch.tensor(self.seek[r], dtype=torch.float64) * self.time_precision / self.stride
             self.times[r].append(times[: sum(map(len, segments))] + offset)  # float32, as the reference adds it
         self.condition[r] = self.long_form.condition_on_prev_tokens and (temperature is None or temperature < 0.5)
@@ -324,15 +334,11 @@ class _SeekLoop:
         if self.long_form.no_speech_threshold is None:
             return None
         prompt = out.sequences[:, : out.prompt_length]
-        start = prompt[0].tolist().index(self.config.decoder_start_token_id) + 1
+        start = prompt[0].tolist().index(self.tokens.sot) + 1
         with torch.inference_mode():
-            cache = self.model.new_cache(prompt.shape[0], start, hidden)
+            cache = self.model.new_cache(prompt.shape[0], start, encoder_hidden=hidden)
             logits = self.model.decode_step(prompt[:, :start], cache, last_only=True)[:, -1]
-        if "no_timestamps_token_id" not in self.config.extra:
-            raise InvalidInput("no_speech_threshold needs no_timestamps_token_id in the checkpoint's "
-                               "generation_config.json (<|nospeech|> is the token before it).")
-        no_speech = self.config.extra["no_timestamps_token_id"] - 1
-        return logits.float().softmax(dim=-1)[:, no_speech].tolist()
+        return logits.float().softmax(dim=-1)[:, self.tokens.no_speech].tolist()
 
     def _window_config(self, max_length: int | None) -> GenerationConfig:
         changes = {}
@@ -359,18 +365,21 @@ class _SeekLoop:
             parts.append(F.pad(part, (0, self.window - part.shape[-1])) if part.shape[-1] < self.window else part)
         return torch.stack(parts)
 
-    def _token_times(self, out: GenerationOutput, i: int, r: int) -> torch.Tensor:
+    def _token_times(self, out: GenerationOutput, weights: torch.Tensor, i: int, r: int) -> torch.Tensor:
         """(G,) start of each generated token of row i in seconds from its window's start; the row aligned alone,
-        its cross-attention cut to its own tokens and to its real audio after the seek point."""
-        from ..processing.whisper_text import token_timestamps
+        its cross-attention `weights` (rows, heads, T - 1, S) cut to its own tokens and to its real audio after
+        the seek point.
 
+        The audio left after the seek point is passed as a per-row count, as transformers passes it, so that the
+        cut is the reference's (see `token_timestamps`). When the loop decodes a window again past the end of a
+        short clip (the clip padded to 30 s ended inside a segment), that count is negative: the alignment then
+        keeps fewer frames, or none, which puts every token one step before the window's start (e.g. 29.96 s for
+        a window at 29.98 s) instead of somewhere beyond the audio."""
         prompt, width = out.prompt_length, out.generated.shape[1]
         generated = generated_lengths(out, self.config)[i]
-        weights = out.cross_attentions[i: i + 1, :, : prompt + generated - 1]  # (1, heads, rows, S)
-        frames = None if self.audio_frames is None else self.audio_frames[r] - self.seek[r]
-        if frames is not None and frames // 2 == 0:
-            frames = None  # no audio left to align with: the reference would fail; align with the window
-        found = token_timestamps(weights.float().cpu(), num_input_ids=prompt, time_precision=self.time_precision,
+        row = weights[i: i + 1, :, : prompt + generated - 1]  # (1, heads, rows, S)
+        frames = None if self.audio_frames is None else [self.audio_frames[r] - self.seek[r]]
+        found = token_timestamps(row.float().cpu(), num_input_ids=prompt, time_precision=self.time_precision,
                                  num_frames=frames,
                                  median_filter_width=getattr(self.model.config, "median_filter_width", 7))[0, prompt:]
         times = torch.zeros(width, dtype=torch.float32)
@@ -453,6 +462,6 @@ def _without_padding(tokens: list[int], config: GenerationConfig) -> list[int]:
     return tokens
 
 
-def _language_of(prompt: list[int], config: GenerationConfig) -> int | None:
-    languages = set((config.extra.get("lang_to_id") or {}).values())
+def _language_of(prompt: list[int], tokens: WhisperTokens) -> int | None:
+    languages = {i for _, i in tokens.language_ids}
     return next((t for t in prompt if t in languages), None)

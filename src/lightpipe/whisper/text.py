@@ -6,12 +6,12 @@ every `TIME_PRECISION` seconds. Checkpoints disagree on whether the timestamp to
 tokenizer.json (OpenAI's tiny.en conversion has 50363 tokens, the model 51864 logits), so every id is
 classified by number, never by looking its text up: `id >= no_timestamps + 1` is a timestamp.
 
-Three users:
+Two users:
 - the ASR pipeline: `decode_asr(vocab, model_outputs, ...)` merges the outputs of the chunks of one
   input (overlapping windows, strides in seconds) into `(text, {"chunks": [...]})`, with the
-  semantics of transformers' Whisper `_decode_asr`;
-- sequential long-form decoding: `decode_with_offsets(vocab, ids)` gives text plus timed segments;
-- word timestamps: `token_timestamps(weights, ...)` aligns cross-attention to audio frames by DTW.
+  semantics of transformers' Whisper `_decode_asr`; word chunks group tokens into words here, their
+  times come from `alignment.py`;
+- sequential long-form decoding: `decode_with_offsets(vocab, ids)` gives text plus timed segments.
 """
 
 from __future__ import annotations
@@ -29,34 +29,13 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, InvalidInput
-from .text import Tokenizer
+from ..processing.text import Tokenizer
+from .tokens import LANGUAGES, WhisperTokens, language_code
 
 logger = logging.getLogger(__name__)
 
 TIME_PRECISION = 0.02  # seconds per timestamp step: a 30 s window over 1500 encoder positions
 SEGMENT_SIZE = 1500  # encoder positions (timestamp steps) in one 30 s window
-MEDIAN_FILTER_WIDTH = 7  # frames; Whisper's default smoothing of cross-attention before DTW
-
-# Whisper's languages, code -> name, in the model's token order.
-LANGUAGES = dict(pair.replace("_", " ").split(":") for pair in (
-    "en:english zh:chinese de:german es:spanish ru:russian ko:korean fr:french ja:japanese pt:portuguese "
-    "tr:turkish pl:polish ca:catalan nl:dutch ar:arabic sv:swedish it:italian id:indonesian hi:hindi "
-    "fi:finnish vi:vietnamese he:hebrew uk:ukrainian el:greek ms:malay cs:czech ro:romanian da:danish "
-    "hu:hungarian ta:tamil no:norwegian th:thai ur:urdu hr:croatian bg:bulgarian lt:lithuanian la:latin "
-    "mi:maori ml:malayalam cy:welsh sk:slovak te:telugu fa:persian lv:latvian bn:bengali sr:serbian "
-    "az:azerbaijani sl:slovenian kn:kannada et:estonian mk:macedonian br:breton eu:basque is:icelandic "
-    "hy:armenian ne:nepali mn:mongolian bs:bosnian kk:kazakh sq:albanian sw:swahili gl:galician "
-    "mr:marathi pa:punjabi si:sinhala km:khmer sn:shona yo:yoruba so:somali af:afrikaans oc:occitan "
-    "ka:georgian be:belarusian tg:tajik sd:sindhi gu:gujarati am:amharic yi:yiddish lo:lao uz:uzbek "
-    "fo:faroese ht:haitian_creole ps:pashto tk:turkmen nn:nynorsk mt:maltese sa:sanskrit "
-    "lb:luxembourgish my:myanmar bo:tibetan tl:tagalog mg:malagasy as:assamese tt:tatar haw:hawaiian "
-    "ln:lingala ha:hausa ba:bashkir jw:javanese su:sundanese yue:cantonese"
-).split())
-# Other names users type for a language.
-LANGUAGE_ALIASES = {"burmese": "my", "valencian": "ca", "flemish": "nl", "haitian": "ht", "letzeburgesch": "lb",
-                    "pushto": "ps", "panjabi": "pa", "moldavian": "ro", "moldovan": "ro", "sinhalese": "si",
-                    "castilian": "es", "mandarin": "zh"}
-TASKS = ("translate", "transcribe")
 
 # Languages written without spaces between words: words are cut at whole unicode characters instead.
 NO_SPACE_LANGUAGES = frozenset({"chinese", "japanese", "thai", "lao", "myanmar", "cantonese"})
@@ -67,95 +46,18 @@ TIMESTAMP_TEXT = re.compile(r"<\|(\d+\.\d+)\|>")  # a timestamp token rendered a
 REPLACEMENT_CHAR = "\ufffd"  # what decoding gives for the bytes of an incomplete UTF-8 character
 
 
-def language_code(language: str) -> str:
-    """'English', 'en', 'mandarin' -> 'en', 'en', 'zh'; InvalidInput for a language Whisper does not know."""
-    key = str(language).strip().lower()
-    if key in LANGUAGES:
-        return key
-    names = {name: code for code, name in LANGUAGES.items()}
-    if key in names:
-        return names[key]
-    if key in LANGUAGE_ALIASES:
-        return LANGUAGE_ALIASES[key]
-    raise InvalidInput(f"Whisper does not know the language {language!r}; use a code or a name such as "
-                       f"'en' / 'english'. Known codes: {', '.join(LANGUAGES)}.")
-
-
 # ---------------------------------------------------------------------------------------------- vocabulary
 @dataclass(frozen=True)
 class WhisperVocabulary:
-    """The tokenizer plus the ids of Whisper's control tokens, from generation_config.json or token names."""
+    """The tokenizer, and the ids of Whisper's control tokens (`tokens`): what turns ids into text."""
 
     tokenizer: Tokenizer
-    eot: int  # <|endoftext|>: the first control id; every id below it is text
-    sot: int  # <|startoftranscript|>
-    no_timestamps: int  # <|notimestamps|>: the last control id; timestamps follow it
-    sot_prev: int | None = None  # <|startofprev|>: starts a prompt of previous text
-    language_ids: tuple[tuple[str, int], ...] = ()  # (code, id) of each language token present
-    task_ids: tuple[tuple[str, int], ...] = ()  # (task, id) for "translate" / "transcribe"
+    tokens: WhisperTokens
 
-    @property
-    def timestamp_begin(self) -> int:
-        """Id of <|0.00|>; id t + k means k * time_precision seconds after the window's start."""
-        return self.no_timestamps + 1
-
-    def is_timestamp(self, token: int) -> bool:
-        return token >= self.timestamp_begin
-
-    def is_control(self, token: int) -> bool:
-        """<|endoftext|>, <|startoftranscript|>, languages, tasks, <|notimestamps|> ...: never text."""
-        return self.eot <= token < self.timestamp_begin
-
-    def is_text(self, token: int) -> bool:
-        return token < self.eot
-
-    @property
-    def languages(self) -> dict[int, str]:
-        """Language token id -> language name ('english')."""
-        return {i: LANGUAGES[code] for code, i in self.language_ids}
-
-    # ------------------------------------------------------------------ building
     @classmethod
     def from_tokenizer(cls, tokenizer: Tokenizer, generation_config: dict[str, Any] | None = None) -> "WhisperVocabulary":
         """Ids from generation_config.json where it names them, else from the tokenizer's token strings."""
-        config = generation_config or {}
-
-        def pick(key: str, token: str, required: bool = True) -> int | None:
-            value = config.get(key)
-            if isinstance(value, list) and value:
-                value = value[0]
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-            found = tokenizer.token_to_id(token)
-            if found is None and required:
-                raise CheckpointError(
-                    f"neither generation_config.json ({key}) nor the tokenizer ({token}) gives the id of {token}: "
-                    "this does not look like a Whisper checkpoint."
-                )
-            return found
-
-        eot = pick("eos_token_id", "<|endoftext|>")
-        sot = pick("decoder_start_token_id", "<|startoftranscript|>")
-        no_timestamps = pick("no_timestamps_token_id", "<|notimestamps|>")
-        sot_prev = pick("prev_sot_token_id", "<|startofprev|>", required=False)
-        if not eot < no_timestamps:
-            raise CheckpointError(f"<|endoftext|> ({eot}) must come before <|notimestamps|> ({no_timestamps}) "
-                                  "in a Whisper vocabulary; check generation_config.json.")
-        lang_to_id = config.get("lang_to_id") if isinstance(config.get("lang_to_id"), dict) else {}
-        languages = []
-        for code in LANGUAGES:
-            token = f"<|{code}|>"
-            index = lang_to_id.get(token, tokenizer.token_to_id(token))
-            if isinstance(index, int):
-                languages.append((code, index))
-        task_to_id = config.get("task_to_id") if isinstance(config.get("task_to_id"), dict) else {}
-        tasks = []
-        for task in TASKS:
-            index = task_to_id.get(task, tokenizer.token_to_id(f"<|{task}|>"))
-            if isinstance(index, int):
-                tasks.append((task, index))
-        return cls(tokenizer, eot=eot, sot=sot, no_timestamps=no_timestamps, sot_prev=sot_prev,
-                   language_ids=tuple(languages), task_ids=tuple(tasks))
+        return cls(tokenizer, WhisperTokens.from_sources(generation_config, tokenizer.token_to_id))
 
     @classmethod
     def from_folder(cls, folder: str | Path, tokenizer: Tokenizer | None = None) -> "WhisperVocabulary":
@@ -174,7 +76,8 @@ class WhisperVocabulary:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Ids -> text, timestamps left out (also when the tokenizer spells them as "<|1.08|>" tokens);
         with skip_special_tokens the control tokens too, whatever tokenizer.json says of them."""
-        keep = self.is_text if skip_special_tokens else (lambda i: not self.is_timestamp(i))
+        tokens = self.tokens
+        keep = tokens.is_text if skip_special_tokens else (lambda i: not tokens.is_timestamp(i))
         text = self.tokenizer.decode([i for i in ids if keep(i)], skip_special_tokens=skip_special_tokens)
         return TIMESTAMP_TEXT.sub("", text)
 
@@ -183,9 +86,10 @@ class WhisperVocabulary:
 
         The prompt is context the model was given, not what it heard. With no <|startoftranscript|>
         after it, nothing was transcribed."""
-        if not ids or self.sot_prev is None or ids[0] != self.sot_prev:
+        sot_prev, sot = self.tokens.sot_prev, self.tokens.sot
+        if not ids or sot_prev is None or ids[0] != sot_prev:
             return ids
-        return ids[ids.index(self.sot):] if self.sot in ids else []
+        return ids[ids.index(sot):] if sot in ids else []
 
 
 def _id_list(values: Any, what: str) -> list:
@@ -228,7 +132,7 @@ def decode_with_offsets(vocab: WhisperVocabulary, ids: Any, *, skip_special_toke
 
 
 def _segments(vocab: WhisperVocabulary, ids: list[int], time_precision: float, segment_size: int) -> list[dict]:
-    begin = vocab.timestamp_begin
+    begin = vocab.tokens.timestamp_begin
     stamps = [i for i, token in enumerate(ids) if token >= begin]  # positions of timestamp tokens
     # Segment boundaries: the second token of each pair of adjacent timestamps, and after the last timestamp.
     cuts = [i for i in stamps if i > 0 and ids[i - 1] >= begin]
@@ -283,7 +187,7 @@ def _split_on_spaces(vocab: WhisperVocabulary, tokens: list[int]) -> tuple[list[
     words, word_tokens, indices = [], [], []
     for piece, piece_tokens, piece_indices in zip(*_split_on_unicode(vocab, tokens)):
         # `in` on the whole punctuation string: as the reference, "" (a lone space) and runs such as "()" count.
-        starts_word = (piece_tokens[0] >= vocab.eot or piece.startswith(" ")
+        starts_word = (piece_tokens[0] >= vocab.tokens.eot or piece.startswith(" ")
                        or piece.strip() in string.punctuation or not words)
         if starts_word:
             words.append(piece)
@@ -413,7 +317,7 @@ class _AsrDecoder:
         self.time_precision = time_precision
         self.segment_size = segment_size
         self.default_language = default_language
-        self.language_names = vocab.languages  # language token id -> name
+        self.language_names = vocab.tokens.languages  # language token id -> name
         self.language: str | None = None  # name of the last language token seen
         self.chunks: list[dict] = []
         self.chunk = self._new_chunk()
@@ -435,7 +339,7 @@ class _AsrDecoder:
 
     def add(self, tokens: list[int], token_times: list[float] | None, stride) -> None:
         """One window's generated ids (prompt removed), per-token times (word mode) and stride in seconds."""
-        vocab, precision, begin = self.vocab, self.time_precision, self.vocab.timestamp_begin
+        vocab, precision, begin = self.vocab, self.time_precision, self.vocab.tokens.timestamp_begin
         trust_from = begin  # timestamp ids below this lie in the left stride
         distrust_from = None  # timestamp ids from this one on lie in the right stride
         # Sequential long-form output restarts its timestamps every 30 s window (see decode_with_offsets).
@@ -456,7 +360,7 @@ class _AsrDecoder:
         current: list[int] = []
         current_times: list[tuple[float, float]] = []
         for i, token in enumerate(tokens):
-            if vocab.is_control(token):
+            if vocab.tokens.is_control(token):
                 language = self.language_names.get(token)
                 if language is None:
                     continue
@@ -585,118 +489,3 @@ def stride_in_seconds(stride: tuple[int, int, int], sampling_rate: int) -> tuple
     """(chunk_len, stride_left, stride_right) in audio samples -> in seconds, the unit `decode_asr` takes."""
     chunk_len, left, right = stride
     return chunk_len / sampling_rate, left / sampling_rate, right / sampling_rate
-
-
-# ---------------------------------------------------------------------------------------------- alignment
-def dtw(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Cheapest monotonic path through cost (tokens, frames) -> (token index, frame index) per step.
-
-    Steps go diagonally, down (next token, same frame) or right (same token, next frame). When neither
-    the diagonal nor the down step is strictly cheapest the path goes right, even where right costs
-    more (diagonal == down < right): the reference does so, and equal paths need equal tie rules.
-    Costs accumulate in float32 as in the reference.
-    Cells on one anti-diagonal do not depend on each other: each diagonal is filled at once."""
-    cost = np.asarray(cost, dtype=np.float64)
-    n, m = cost.shape
-    total = np.full((n + 1, m + 1), np.inf, dtype=np.float32)
-    trace = np.full((n + 1, m + 1), -1, dtype=np.int8)
-    total[0, 0] = 0
-    for d in range(2, n + m + 1):  # d = i + j over the (n+1, m+1) grid, cells with i, j >= 1
-        i = np.arange(max(1, d - m), min(n, d - 1) + 1)
-        j = d - i
-        diag, down, right = total[i - 1, j - 1], total[i - 1, j], total[i, j - 1]
-        take_diag = (diag < down) & (diag < right)
-        take_down = ~take_diag & (down < diag) & (down < right)
-        step = np.where(take_diag, 0, np.where(take_down, 1, 2))
-        best = np.where(take_diag, diag, np.where(take_down, down, right))
-        total[i, j] = cost[i - 1, j - 1] + best.astype(np.float64)
-        trace[i, j] = step
-    trace[0, :] = 2  # along the top edge only "right" is possible, along the left edge only "down"
-    trace[:, 0] = 1
-    i, j = n, m
-    tokens, frames = [], []
-    while i > 0 or j > 0:
-        tokens.append(i - 1)
-        frames.append(j - 1)
-        step = trace[i, j]
-        if step == 0:
-            i, j = i - 1, j - 1
-        elif step == 1:
-            i -= 1
-        else:
-            j -= 1
-    return np.array(tokens[::-1]), np.array(frames[::-1])
-
-
-def median_filter(x: torch.Tensor, width: int) -> torch.Tensor:
-    """Median over a sliding window of odd `width` along the last axis, edges reflected."""
-    if width <= 0 or width % 2 != 1:
-        raise InvalidInput(f"the median filter width must be a positive odd number, not {width}.")
-    half = width // 2
-    if x.shape[-1] <= half:  # too short to reflect: left as is
-        return x
-    shape = x.shape
-    flat = x.reshape(-1, 1, shape[-1])  # reflect padding wants (N, C, L)
-    padded = torch.nn.functional.pad(flat, (half, half), mode="reflect")
-    return padded.unfold(-1, width, 1).sort(dim=-1).values[..., half].reshape(shape)
-
-
-def alignment_weights(cross_attentions: Sequence[torch.Tensor], alignment_heads: Sequence[Sequence[int]]) -> torch.Tensor:
-    """Per decoder layer (B, heads, T, frames) cross-attention -> (B, len(alignment_heads), T, frames),
-    the heads that follow the audio (generation_config.json's alignment_heads: [layer, head] pairs)."""
-    return torch.stack([cross_attentions[layer][:, head] for layer, head in alignment_heads], dim=1)
-
-
-def token_timestamps(weights: torch.Tensor, *, num_input_ids: int, time_precision: float = TIME_PRECISION,
-                     num_frames: int | Sequence[int] | torch.Tensor | None = None,
-                     median_filter_width: int = MEDIAN_FILTER_WIDTH) -> torch.Tensor:
-    """Cross-attention of the alignment heads -> the time in seconds at which each token starts.
-
-    weights: (B, heads, R, frames) or (heads, R, frames): the attention rows of the R tokens fed to the
-        decoder (the `num_input_ids` prompt tokens, then each generated token but the last), over the
-        encoder's frames (1500 for 30 s).
-    num_frames: mel frames of real audio (one int, or one per sequence); attention beyond
-        num_frames // 2 encoder frames is padding and is cut off.
-    Returns (B, R + 1) or (R + 1,) float32: 0 for the prompt tokens, the DTW time of each generated
-    token, and the last generated token (no attention row of its own) repeats the time before it.
-    Rows are normalised per head over tokens, smoothed by a median over frames, averaged over heads,
-    then aligned by `dtw` of their negation; a token's time is the frame where its path row starts.
-    Equals transformers' WhisperGenerationMixin._extract_token_timestamps without beam indices."""
-    single = weights.dim() == 3
-    if single:
-        weights = weights.unsqueeze(0)
-    if weights.dim() != 4:
-        raise InvalidInput(f"weights must have shape (B, heads, tokens, frames), not {tuple(weights.shape)}.")
-    batch, rows = weights.shape[0], weights.shape[2]
-    times = torch.zeros(batch, rows + 1, dtype=torch.float32)
-    frames_each = None  # audio frames per sequence, when given as a sequence
-    if isinstance(num_frames, int):
-        weights = weights[..., : num_frames // 2]  # two mel frames per encoder frame
-    elif num_frames is not None:
-        frames_each = [int(f) for f in (num_frames.tolist() if isinstance(num_frames, torch.Tensor) else num_frames)]
-        if len(set(frames_each)) == 1:
-            weights = weights[..., : frames_each[0] // 2]
-        # with several sequences per audio (num_return_sequences), each audio's count repeats
-        frames_each = [f for f in frames_each for _ in range(max(1, batch // len(frames_each)))]
-    weights = weights[:, :, num_input_ids:]  # the prompt is not aligned: its tokens are at 0 s
-    if weights.shape[2] == 0:  # one generated token: nothing to align
-        return times[0] if single else times
-    if frames_each is None:
-        weights = _normalise_and_smooth(weights, median_filter_width).mean(dim=1)  # (B, tokens, frames)
-    for b in range(batch):
-        if frames_each is None:
-            matrix = weights[b]
-        else:  # each sequence cut to its own audio, then normalised alone
-            matrix = _normalise_and_smooth(weights[b, ..., : frames_each[b] // 2], median_filter_width).mean(dim=0)
-        token_index, frame_index = dtw(-matrix.cpu().double().numpy())
-        starts = np.diff(token_index, prepend=-1).astype(bool)  # first step on each token's row
-        start_times = frame_index[starts] * time_precision
-        times[b] = torch.from_numpy(np.concatenate([np.zeros(num_input_ids), start_times, start_times[-1:]]))
-    return times[0] if single else times
-
-
-def _normalise_and_smooth(matrix: torch.Tensor, width: int) -> torch.Tensor:
-    """(..., heads, tokens, frames): each head standardised over tokens, then median-filtered over frames."""
-    std = torch.std(matrix, dim=-2, keepdim=True, unbiased=False)
-    mean = torch.mean(matrix, dim=-2, keepdim=True)
-    return median_filter((matrix - mean) / std, width)
