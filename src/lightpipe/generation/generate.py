@@ -295,12 +295,14 @@ class _Plan:
 
     input_ids: torch.Tensor  # (B, P)
     padding: torch.Tensor | None  # (B,) left padding per row
+    encoder_mask: torch.Tensor | None  # (B, S) real encoder tokens of a padded encoder batch, or None
     max_length: int
     processors: list
     criteria: list  # stopping criteria besides max length and end of sequence
 
 
 def generate(model, input_ids, config: GenerationConfig, *, encoder_hidden: torch.Tensor | None = None,
+             encoder_attention_mask: torch.Tensor | None = None,
              attention_mask: torch.Tensor | None = None, processors: Sequence[P.Processor] = (),
              stopping_criteria: Sequence[S.Criterion] = (), tokenizer=None,
              on_token: TokenCallback | None = None, generator: torch.Generator | None = None) -> GenerationOutput:
@@ -308,14 +310,15 @@ def generate(model, input_ids, config: GenerationConfig, *, encoder_hidden: torc
     start token), with `encoder_hidden` (B, S, C) from `model.encode`.
 
     input_ids may also be a list of token-id lists; lists of different lengths are left-padded. attention_mask
-    (B, P) marks real tokens with 1 and left padding with 0. `processors` are applied after the configured token
+    (B, P) marks real tokens with 1 and left padding with 0. encoder_attention_mask (B, S) marks the real tokens of
+    a padded encoder batch (1) and its padding (0); the model's new_cache takes it as `encoder_mask`. `processors` are applied after the configured token
     rules and before the sampling warpers; `stopping_criteria` are added to the configured ones (max length, end of
     sequence, config.max_time, config.stop_strings - which needs `tokenizer`, anything with decode(ids));
     `on_token` streams tokens (not with beam search); `generator` seeds sampling.
     """
     device = next(model.parameters()).device
-    plan = _plan(model, input_ids, attention_mask, config, encoder_hidden, processors, stopping_criteria, tokenizer,
-                 on_token, device)
+    plan = _plan(model, input_ids, attention_mask, config, encoder_hidden, encoder_attention_mask, processors,
+                 stopping_criteria, tokenizer, on_token, device)
     with torch.inference_mode():
         if config.num_beams > 1:
             return _beam_search(model, plan, config, encoder_hidden, generator)
@@ -326,8 +329,8 @@ def generate(model, input_ids, config: GenerationConfig, *, encoder_hidden: torc
 # Validation before compute
 
 
-def _plan(model, input_ids, attention_mask, config, encoder_hidden, processors, stopping_criteria, tokenizer,
-          on_token, device) -> _Plan:
+def _plan(model, input_ids, attention_mask, config, encoder_hidden, encoder_mask, processors, stopping_criteria,
+          tokenizer, on_token, device) -> _Plan:
     if not isinstance(config, GenerationConfig):
         raise InvalidInput(f"config must be a lightpipe GenerationConfig, not {type(config).__name__}.")
     input_ids, attention_mask = _as_prompt(input_ids, attention_mask, config, device)
@@ -348,6 +351,11 @@ def _plan(model, input_ids, attention_mask, config, encoder_hidden, processors, 
     if encoder_hidden is not None:
         if encoder_hidden.dim() != 3 or encoder_hidden.shape[0] != batch:
             raise InvalidInput(f"encoder_hidden must be (batch={batch}, S, C), not {tuple(encoder_hidden.shape)}.")
+    if encoder_mask is not None:
+        if encoder_hidden is None or tuple(encoder_mask.shape) != tuple(encoder_hidden.shape[:2]):
+            raise InvalidInput("encoder_attention_mask must be (batch, S), the shape of encoder_hidden's first two "
+                               "dimensions.")
+        encoder_mask = encoder_mask.to(device)
     if config.num_beams > 1 and on_token is not None:
         raise InvalidInput("token streaming (on_token) works with greedy decoding and sampling, not beam search: "
                            "use num_beams=1, or take the finished result.")
@@ -360,12 +368,12 @@ def _plan(model, input_ids, attention_mask, config, encoder_hidden, processors, 
                 raise InvalidInput(f"alignment head ({layer}, {head}) does not exist in a decoder of {num_layers} "
                                    f"layers with {heads} heads.")
     max_length = _max_length(model, config, prompt_length)
-    return _Plan(input_ids, padding, max_length,
+    return _Plan(input_ids, padding, encoder_mask, max_length,
                  P.build_processors(config, prompt_length, max_length, processors, beams=config.num_beams > 1),
-                 _criteria(config, stopping_criteria, tokenizer, prompt_length))
+                 _criteria(config, stopping_criteria, tokenizer))
 
 
-def _criteria(config: GenerationConfig, extra: Sequence[S.Criterion], tokenizer, prompt_length: int) -> list:
+def _criteria(config: GenerationConfig, extra: Sequence[S.Criterion], tokenizer) -> list:
     """The stopping criteria besides max length and end of sequence, which the loops check themselves."""
     criteria = []
     if config.max_time is not None:
@@ -375,7 +383,7 @@ def _criteria(config: GenerationConfig, extra: Sequence[S.Criterion], tokenizer,
             raise InvalidInput("stop_strings work with greedy decoding and sampling, not beam search (num_beams=1).")
         if tokenizer is None or not callable(getattr(tokenizer, "decode", None)):
             raise InvalidInput("stop_strings are matched on decoded text: pass the tokenizer to generate().")
-        criteria.append(S.StopStrings(config.stop_strings, tokenizer.decode, prompt_length))
+        criteria.append(S.StopStringCriterion(config.stop_strings, tokenizer.decode))
     for criterion in extra:
         if not callable(criterion):
             raise InvalidInput(f"a stopping criterion must be callable as criterion(tokens, new_tokens), "
@@ -429,8 +437,10 @@ def _max_length(model, config: GenerationConfig, prompt_length: int) -> int:
 
 
 def _new_cache(model, rows: int, plan: _Plan, config: GenerationConfig, encoder_hidden, repeat: int):
-    static = {"static": True} if config.cache_implementation == "static" else {}
-    cache = model.new_cache(rows, plan.max_length, encoder_hidden=encoder_hidden, **static)
+    options = {"static": True} if config.cache_implementation == "static" else {}
+    if plan.encoder_mask is not None:
+        options["encoder_mask"] = plan.encoder_mask
+    cache = model.new_cache(rows, plan.max_length, encoder_hidden=encoder_hidden, **options)
     if plan.padding is not None:
         cache.set_left_padding(plan.padding.repeat_interleave(repeat))
     return cache

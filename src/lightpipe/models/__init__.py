@@ -35,6 +35,7 @@ MODEL_TYPES: dict[str, str] = {
     "qwen2": "llama",
     "gpt2": "gpt2",
     "opt": "opt",
+    "bart": "bart",
 }
 
 # Head kinds a task can ask for.
@@ -44,6 +45,7 @@ TOKEN_CLASSIFICATION = "token-classification"
 QUESTION_ANSWERING = "question-answering"
 MASKED_LM = "masked-lm"
 CAUSAL_LM = "causal-lm"
+SEQ2SEQ_LM = "seq2seq-lm"  # text-to-text encoder-decoder with a language-model head (BART)
 
 
 def architecture_module(model_type: str) -> ModuleType:

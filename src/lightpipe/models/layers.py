@@ -196,32 +196,39 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tu
                                           enable_gqa=grouped)
 
 
-def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
     """Unmasked attention of one query per (row, head): (B, Hq, 1, D) over (B, Hkv, S, D) -> (B, Hq, 1, D).
 
     A greedy decode step has one query per row. SDPA's CPU kernel tiles for blocks of queries and takes about
     twice as long here as two matrix-vector products, which only stream the keys and values once (the cost
     that bounds this step). With grouped-query attention the query heads of one key/value head are stacked as
-    that head's rows. Same math, to float rounding.
+    that head's rows. Same math, to float rounding. mask: boolean, broadcastable to (B, 1, 1, S), True where
+    attended (an encoder's padding, for cross-attention), or None.
     """
     if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
     b, hq, _, d = q.shape
     hkv = k.shape[1]
     grouped = q.reshape(b, hkv, hq // hkv, d)  # (B, Hkv, G, D)
     scores = torch.matmul(grouped, k.transpose(-1, -2))  # (B, Hkv, G, S)
     if scale != 1.0:
         scores = scores * (d ** -0.5 if scale is None else scale)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(scores.softmax(dim=-1), v).reshape(b, hq, 1, d)
 
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
-                    heads: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    heads: list[int] | None = None,
+                    mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B*G, H, t, D) queries over (B, H, S, D) encoder keys/values, G rows (beams) per input -> (B*G, H, t, D).
 
     The G rows of one input are folded into its query axis, so the keys/values are never repeated. With
     `heads`, also returns those heads' attention probabilities, (B*G, len(heads), t, S), computed apart
-    (SDPA does not expose them).
+    (SDPA does not expose them). mask: (B, 1, 1, S) boolean, True at the encoder's real tokens (a padded
+    encoder batch, see EncoderDecoderCache.cross_mask), or None when nothing is padded.
     """
     rows, num_heads, t, dim = q.shape
     batch = k.shape[0]
@@ -229,9 +236,9 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     folded = q if groups == 1 else q.view(batch, groups, num_heads, t, dim).transpose(1, 2).reshape(
         batch, num_heads, groups * t, dim)  # (B, H, G*t, D)
     if folded.shape[2] == 1:
-        out = one_query_attention(folded, k, v, scale)
+        out = one_query_attention(folded, k, v, scale, mask)
     else:
-        out = F.scaled_dot_product_attention(folded, k, v, scale=scale)
+        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)
     if groups > 1:
         out = out.view(batch, num_heads, groups, t, dim).transpose(1, 2).reshape(rows, num_heads, t, dim)
     weights = None
@@ -239,6 +246,8 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
         index = torch.tensor(heads, device=q.device)
         scores = folded.index_select(1, index) @ k.index_select(1, index).transpose(-1, -2)  # (B, h, G*t, S)
         scores = scores * (dim ** -0.5 if scale is None else scale)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
         weights = scores.softmax(dim=-1)
         if groups > 1:
             weights = weights.view(batch, len(heads), groups, t, -1).transpose(1, 2).reshape(rows, len(heads), t, -1)
@@ -304,12 +313,15 @@ class EncoderDecoderCache(KVCache):
     """A decoder's self-attention cache plus its cross-attention keys/values, computed once from the encoder output.
 
     `cross[layer]` is (k, v), each (batch, H, S, D) with batch dividing the cache's rows (beams or samples of one
-    input share their input's entries, which therefore never move when beams are reordered).
+    input share their input's entries, which therefore never move when beams are reordered). `cross_mask` is
+    (batch, 1, 1, S) boolean, True at the encoder's real tokens, when the encoder batch was padded (BART's texts of
+    different lengths); None when every encoder position is real (Whisper's fixed 30 s windows).
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(self.keys)
+        self.cross_mask: torch.Tensor | None = None
 
     def reorder(self, index: torch.Tensor) -> None:
         if index.numel() != self.batch_size:
