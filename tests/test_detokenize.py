@@ -16,7 +16,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from helpers import bert_vocab_folder, bpe_vocab_folder, randomize
 from lightpipe import InvalidInput
-from lightpipe.processing.detokenize import REPLACEMENT, Detokenizer, StopMatch, StopStrings
+from lightpipe.generation.stopping import StopMatch, StopStrings
+from lightpipe.processing.detokenize import REPLACEMENT, Detokenizer
 from lightpipe.processing.text import Tokenizer
 
 # Characters of one, two, three and four UTF-8 bytes, so that tokens split them.

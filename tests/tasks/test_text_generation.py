@@ -68,11 +68,18 @@ def test_tensors_and_sampling_with_one_candidate(pair):
 def test_stop_strings_end_generation_where_transformers_does(gpt2):
     ours, ref, _ = gpt2
     text = ours(PROMPTS[0], return_full_text=False, **GREEDY)[0]["generated_text"]
-    stop = text[3:6]  # a piece of the reply, wherever its tokens start and end
-    expected = ref(PROMPTS[0], return_full_text=False, stop_sequence=stop, **GREEDY)
-    got = ours(PROMPTS[0], return_full_text=False, stop_strings=[stop], **GREEDY)
-    assert got == expected and stop in got[0]["generated_text"] and len(got[0]["generated_text"]) < len(text)
-    assert ours(PROMPTS[0], return_full_text=False, stop_sequence=stop, **GREEDY) == expected
+    ids = ours(PROMPTS[0], return_tensors=True, **GREEDY)[0]["generated_token_ids"]
+    pieces = [ours.tokenizer.decode([i]) for i in ids]
+    # Inside the reply, across token boundaries, starting in the prompt, never generated.
+    candidates = [text[3:6], text[1:2], pieces[-3][-1:] + pieces[-2][:1], PROMPTS[0][-2:] + text[:1], "never said"]
+    candidates = [c for c in dict.fromkeys(candidates) if c.strip() and "\ufffd" not in c]
+    assert len(candidates) >= 4
+    for stop in candidates:
+        expected = ref(PROMPTS[0], return_full_text=False, stop_sequence=stop, **GREEDY)
+        assert ours(PROMPTS[0], return_full_text=False, stop_strings=[stop], **GREEDY) == expected, stop
+    stop = text[3:6]
+    got = ours(PROMPTS[0], return_full_text=False, stop_sequence=stop, **GREEDY)
+    assert stop in got[0]["generated_text"] and len(got[0]["generated_text"]) < len(text)
 
 
 def test_checkpoint_generation_config_and_pipeline_defaults(tmp_path):

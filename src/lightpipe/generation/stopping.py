@@ -7,8 +7,10 @@ criterion of the list says so (`any_done`). Rows are the running rows only: rows
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -57,33 +59,84 @@ class MaxTime:
         return torch.full_like(new_tokens, time.monotonic() >= self.deadline, dtype=torch.bool)
 
 
-class StopStrings:
-    """A row is done when its generated text contains one of `stop_strings`, wherever token boundaries fall.
+@dataclasses.dataclass(frozen=True)
+class StopMatch:
+    """Where a stop string was found in a row's generated text: text[start:end] == stop. `start` is negative
+    when the match began in the prompt's tail."""
 
-    `decode(ids) -> str` turns token ids into text (the tokenizer's decode, special tokens kept so that a stop
-    string can never match across a hidden token). Only the generated part of a row (from `prompt_length`) is
-    searched, and only its tail: a stop string that was not in the text before this step must end in the newest
-    token's text, so the last `longest + len(newest text)` characters are enough.
+    stop: str
+    start: int
+    end: int
+
+
+class StopStrings:
+    """Stop strings matched on decoded text, so a string split over several tokens (or inside one) is found.
+
+    Generation stops after the token that completes a stop string, and the text returned keeps everything
+    decoded up to that token's end: the stop string and whatever else that last token holds - as
+    transformers' StopStringCriteria with its pipeline does. Use per row and step::
+
+        seen = len(detok.text)                   # text emitted before this step (already searched)
+        detok.add(token)
+        match = stops.find(detok.text + detok.pending, new_from=seen)
+        if match: stop this row; its text is detok.text + detok.finish()
+
+    Like transformers, which matches on the whole token sequence, a stop string may begin in the prompt: pass
+    the prompt's last characters as `prompt_tail` (decoded with its special tokens; `tail_length` of them are
+    enough). Only matches that end in the generated text count.
     """
 
-    def __init__(self, stop_strings: Sequence[str], decode: Callable[[list[int]], str], prompt_length: int):
+    def __init__(self, stop_strings: str | Iterable[str]):
         if isinstance(stop_strings, str):
             stop_strings = [stop_strings]
-        if not stop_strings or not all(isinstance(s, str) and s for s in stop_strings):
-            raise InvalidInput(f"stop_strings must be a non-empty string or a list of them, not {stop_strings!r}.")
-        self.stop_strings = list(stop_strings)
+        if not isinstance(stop_strings, Iterable):
+            raise InvalidInput("stop strings must be a string or a list of strings, "
+                               f"not {type(stop_strings).__name__}.")
+        stops = list(stop_strings)
+        if not stops or not all(isinstance(stop, str) and stop for stop in stops):
+            raise InvalidInput(f"stop strings must be non-empty strings; got {stops!r}.")
+        self.stops: tuple[str, ...] = tuple(dict.fromkeys(stops))
+        self.tail_length = max(len(stop) for stop in self.stops) - 1  # prompt characters a match can start in
+
+    def find(self, text: str, *, new_from: int = 0, prompt_tail: str = "") -> StopMatch | None:
+        """The stop string that ends first in `text` among matches ending after text[:new_from] (the part
+        searched before), or None. Matches may begin in `prompt_tail`, the text just before `text`."""
+        tail = prompt_tail[len(prompt_tail) - self.tail_length:] if self.tail_length else ""
+        searched = tail + text
+        offset = len(tail)  # searched[offset:] == text
+        start_at = max(0, offset + new_from - self.tail_length)
+        best: StopMatch | None = None
+        for stop in self.stops:
+            at = searched.find(stop, start_at)
+            while at != -1 and at + len(stop) <= offset + new_from:  # ends inside the part searched before
+                at = searched.find(stop, at + 1)
+            if at == -1:
+                continue
+            match = StopMatch(stop, at - offset, at - offset + len(stop))
+            if best is None or (match.end, match.start) < (best.end, best.start):
+                best = match
+        return best
+
+
+class StopStringCriterion:
+    """A row is done when a stop string ends in the text of its newest token, wherever token boundaries fall.
+
+    `decode(ids) -> str` turns token ids into text (the tokenizer's decode, special tokens kept). Each step decodes
+    only a window of the row's last tokens, long enough for the longest stop string even if every character took
+    four byte tokens; a match counts when it ends past the text the window had before its newest token, so it may
+    begin in the prompt (as transformers matches on the whole token sequence) but never lie wholly in it.
+    """
+
+    def __init__(self, stop_strings: str | Iterable[str], decode: Callable[[list[int]], str]):
+        self.matcher = StopStrings(stop_strings)
         self.decode = decode
-        self.prompt_length = prompt_length
+        self.window = 4 * max(len(stop) for stop in self.matcher.stops) + 4
 
     def __call__(self, tokens: torch.Tensor, new_tokens: torch.Tensor) -> torch.Tensor:
-        generated = tokens[:, self.prompt_length:].tolist()
-        return torch.tensor([self.matches(row) for row in generated], dtype=torch.bool, device=new_tokens.device)
+        tails = tokens[:, -self.window:].tolist()
+        return torch.tensor([self.ends_here(tail) for tail in tails], dtype=torch.bool, device=new_tokens.device)
 
-    def matches(self, generated: list[int]) -> bool:
-        text = self.decode(generated)
-        return any(s in text for s in self.stop_strings)
-
-    def cut(self, text: str) -> str:
-        """text up to and including the first stop string in it (all of it when none is)."""
-        ends = [text.find(s) + len(s) for s in self.stop_strings if s in text]
-        return text[:min(ends)] if ends else text
+    def ends_here(self, tail: list[int]) -> bool:
+        before, now = self.decode(tail[:-1]), self.decode(tail)
+        searched = len(os.path.commonprefix([before, now]))
+        return self.matcher.find(now, new_from=searched) is not None

@@ -1,4 +1,4 @@
-"""Incremental detokenisation for streaming, and stop strings matched on the decoded text.
+"""Incremental detokenisation for streaming.
 
 Decoding one token at a time and joining the pieces is wrong in three ways: byte-level tokens may hold a
 part of a UTF-8 character (decoded alone it is the replacement character U+FFFD), SentencePiece decoders
@@ -22,7 +22,6 @@ rules are applied to text cut only before a character none of them can match.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -147,62 +146,3 @@ def _token_id(value: Any) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # Stop strings
-
-
-@dataclasses.dataclass(frozen=True)
-class StopMatch:
-    """Where a stop string was found in a row's generated text: text[start:end] == stop. `start` is negative
-    when the match began in the prompt's tail."""
-
-    stop: str
-    start: int
-    end: int
-
-
-class StopStrings:
-    """Stop strings matched on decoded text, so a string split over several tokens (or inside one) is found.
-
-    Generation stops after the token that completes a stop string, and the text returned keeps everything
-    decoded up to that token's end: the stop string and whatever else that last token holds - as
-    transformers' StopStringCriteria with its pipeline does. Use per row and step::
-
-        seen = len(detok.text)                   # text emitted before this step (already searched)
-        detok.add(token)
-        match = stops.find(detok.text + detok.pending, new_from=seen)
-        if match: stop this row; its text is detok.text + detok.finish()
-
-    Like transformers, which matches on the whole token sequence, a stop string may begin in the prompt: pass
-    the prompt's last characters as `prompt_tail` (decoded with its special tokens; `tail_length` of them are
-    enough). Only matches that end in the generated text count.
-    """
-
-    def __init__(self, stop_strings: str | Iterable[str]):
-        if isinstance(stop_strings, str):
-            stop_strings = [stop_strings]
-        if not isinstance(stop_strings, Iterable):
-            raise InvalidInput("stop strings must be a string or a list of strings, "
-                               f"not {type(stop_strings).__name__}.")
-        stops = list(stop_strings)
-        if not stops or not all(isinstance(stop, str) and stop for stop in stops):
-            raise InvalidInput(f"stop strings must be non-empty strings; got {stops!r}.")
-        self.stops: tuple[str, ...] = tuple(dict.fromkeys(stops))
-        self.tail_length = max(len(stop) for stop in self.stops) - 1  # prompt characters a match can start in
-
-    def find(self, text: str, *, new_from: int = 0, prompt_tail: str = "") -> StopMatch | None:
-        """The stop string that ends first in `text` among matches ending after text[:new_from] (the part
-        searched before), or None. Matches may begin in `prompt_tail`, the text just before `text`."""
-        tail = prompt_tail[len(prompt_tail) - self.tail_length:] if self.tail_length else ""
-        searched = tail + text
-        offset = len(tail)  # searched[offset:] == text
-        start_at = max(0, offset + new_from - self.tail_length)
-        best: StopMatch | None = None
-        for stop in self.stops:
-            at = searched.find(stop, start_at)
-            while at != -1 and at + len(stop) <= offset + new_from:  # ends inside the part searched before
-                at = searched.find(stop, at + 1)
-            if at == -1:
-                continue
-            match = StopMatch(stop, at - offset, at - offset + len(stop))
-            if best is None or (match.end, match.start) < (best.end, best.start):
-                best = match
-        return best
