@@ -241,6 +241,42 @@ def test_forced_tokens_and_sampling(multilingual):
     assert sampled[0][:, :4].tolist() == [[SOT, EN, TRANSCRIBE, NO_TIMESTAMPS]] * 2
 
 
+@pytest.mark.parametrize("beams", [1, 3])
+def test_recorded_alignment_weights_equal_transformers(multilingual, beams):
+    """whisper_generate's alignment heads are recorded around the model (generation/ knows nothing of them) and
+    lined up along each returned sequence as transformers lines them up for word timestamps."""
+    model, heads = multilingual.model, [(0, 1), (1, 0), (1, 3)]
+    feats = features(2)
+    # SDPA gives no attention probabilities: the reference runs eager attention, through the plain generate().
+    reference = transformers.WhisperForConditionalGeneration.from_pretrained(multilingual.folder,
+                                                                             attn_implementation="eager").eval()
+    prompt = torch.tensor([[SOT, EN, TRANSCRIBE, NO_TIMESTAMPS]] * 2)
+    with torch.no_grad():
+        expected = transformers.GenerationMixin.generate(
+            reference, feats, decoder_input_ids=prompt, num_beams=beams, max_new_tokens=8, output_attentions=True,
+            return_dict_in_generate=True)
+    config = multilingual.config.replace(max_new_tokens=8, num_beams=beams)
+    out, got = whisper_generate(model, model.encode(feats), config, language="en", alignment_heads=heads)
+    assert out.sequences.tolist() == expected.sequences.tolist()
+    # transformers' own assembly (WhisperGenerationMixin._extract_token_timestamps): per layer along the steps,
+    # the alignment heads, then for beams the row that produced each token.
+    layers = [torch.cat([step[i] for step in expected.cross_attentions], dim=2) for i in range(2)]
+    weights = torch.stack([layers[layer][:, head] for layer, head in heads], dim=1)
+    if beams > 1:
+        indices = expected.beam_indices[:, :(expected.beam_indices != -1).sum(-1).max()]
+        indices = torch.cat([indices[:, :1].repeat(1, out.prompt_length - 1), indices], dim=1).clamp(min=0)
+        weights = torch.stack([weights[:, :, i].index_select(0, indices[:, i]) for i in range(indices.shape[1])], 2)
+    assert got.shape == weights.shape == (2, 3, out.sequences.shape[1] - 1, 50)
+    torch.testing.assert_close(got, weights, rtol=0, atol=1e-4)
+
+
+def test_alignment_heads_outside_the_decoder_are_refused(multilingual):
+    model = multilingual.model
+    with pytest.raises(InvalidInput, match="alignment head"):
+        whisper_generate(model, model.encode(features(1)), multilingual.config.replace(max_new_tokens=3),
+                         language="en", alignment_heads=[(2, 0)])
+
+
 # ----------------------------------------------------------------------------------------------
 # Prompts
 

@@ -216,6 +216,39 @@ def test_long_audio_without_timestamps_gives_the_text_of_the_timestamped_decodin
     assert got == {"text": ref(audio.copy(), max_new_tokens=MAX_NEW, return_timestamps=True)["text"]}
 
 
+@pytest.fixture(scope="module")
+def past_clip_pipes(tmp_path_factory):
+    """Another tiny checkpoint (seed 3), whose first window of a 0.19 s clip ends inside a segment at 0.9 s."""
+    folder = tiny_checkpoint(tmp_path_factory.mktemp("whisper-past-clip"), seed=3)
+    return (lightpipe.pipeline("automatic-speech-recognition", model=str(folder)),
+            transformers.pipeline("automatic-speech-recognition", model=str(folder)))
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_word_times_of_a_window_past_a_short_clip_match_transformers(past_clip_pipes, beams, monkeypatch):
+    """The window loop decodes a short clip (padded to the window) again from its last segment's time, which lies
+    past the end of the clip. transformers cuts that window's alignment at the (negative) frames left, twice,
+    which leaves no frames: its words are put one step before the window's start, within the window, rather than
+    beyond the audio. lightpipe gives the same times."""
+    from lightpipe.whisper import longform
+
+    ours, ref = past_clip_pipes
+    windows = []
+    decode = longform._SeekLoop._decode_window
+    monkeypatch.setattr(longform._SeekLoop, "_decode_window", lambda loop, active: (
+        windows.append((loop.seek[active[0]], loop.audio_frames[active[0]])), decode(loop, active))[1])
+    audio = clip(3000, 20)
+    params = {"max_new_tokens": MAX_NEW, "return_timestamps": "word", "generate_kwargs": {"num_beams": beams}}
+    got = ours(audio, **params)
+    same(got, ref(audio.copy(), **params))
+    assert len(windows) == 2
+    (_, audio_frames), (seek, _) = windows
+    assert seek > audio_frames  # the second window starts after the clip's last frame
+    frames_per_second = RATE // ours.feature_extractor.hop_length
+    before_window = round(seek / frames_per_second - 0.02, 2)
+    assert got["chunks"][-1]["timestamp"] == (before_window, before_window)
+
+
 def test_progress_follows_the_window_loop_of_long_audio(pipes, capsys, monkeypatch):
     """progress=True adds a bar in seconds of audio while long audio (one item of the pipeline's own bar) is
     decoded window by window; it changes no result."""
