@@ -49,6 +49,7 @@ import torch
 from ..config import read_json_object
 from ..errors import CheckpointError, UnsupportedModel
 from ..processing.audio import CHUNK_LENGTH, HOP_LENGTH, N_FFT, N_FRAMES, N_SAMPLES, SAMPLE_RATE
+from ..whisper.tokens import END_OF_TEXT, WhisperTokens
 
 MODEL_BIN = "model.bin"
 CONFIG_JSON = "config.json"
@@ -70,14 +71,7 @@ ACTIVATIONS = {0: "relu", 1: "gelu_new", 2: "silu", 3: "gelu", 4: "quick_gelu", 
 MAX_INITIAL_TIMESTAMP_INDEX = 50  # the first timestamp may be at most 1.0 s (50 x 20 ms), as in Whisper
 ENGLISH_ONLY_MAX_VOCAB = 51864  # CTranslate2 and faster-whisper call a vocabulary of 51865+ multilingual
 
-# Whisper's special tokens, found in the vocabulary by text (their ids differ between English-only
-# and multilingual models).
-END_OF_TEXT = "<|endoftext|>"
-START_OF_TRANSCRIPT = "<|startoftranscript|>"
-TRANSLATE = "<|translate|>"
-TRANSCRIBE = "<|transcribe|>"
-START_OF_PREV = "<|startofprev|>"
-NO_TIMESTAMPS = "<|notimestamps|>"
+# A language token of a Whisper vocabulary (the other special tokens: lightpipe.whisper.tokens).
 LANGUAGE_TOKEN = re.compile(r"^<\|[a-z]{2,3}(_[a-z]+)?\|>$")  # <|en|>, <|haw|>, <|yue|>
 
 
@@ -489,27 +483,13 @@ def read_ct2_config(folder: str | Path) -> dict[str, Any]:
     return raw
 
 
-@dataclasses.dataclass(frozen=True)
-class WhisperTokens:
-    """The ids of Whisper's special tokens in one vocabulary."""
-
-    end_of_text: int
-    start_of_transcript: int
-    translate: int | None
-    transcribe: int | None
-    start_of_prev: int | None
-    no_timestamps: int | None
-
-    @classmethod
-    def from_vocabulary(cls, vocabulary: list[str], source: Path) -> "WhisperTokens":
-        ids: dict[str, int] = {}
-        for index, token in enumerate(vocabulary):
-            ids.setdefault(token, index)
-        for needed in (END_OF_TEXT, START_OF_TRANSCRIPT):
-            if needed not in ids:
-                raise CheckpointError(f"the vocabulary of {source} lacks {needed}; it is not a Whisper vocabulary.")
-        return cls(ids[END_OF_TEXT], ids[START_OF_TRANSCRIPT], ids.get(TRANSLATE), ids.get(TRANSCRIBE),
-                   ids.get(START_OF_PREV), ids.get(NO_TIMESTAMPS))
+def _special_tokens(vocabulary: list[str], source: Path) -> WhisperTokens:
+    """Whisper's control tokens, found in the vocabulary by text (their ids differ between English-only and
+    multilingual models)."""
+    try:
+        return WhisperTokens.from_vocabulary(vocabulary)
+    except CheckpointError as e:
+        raise CheckpointError(f"{source}: {e}") from e
 
 
 def whisper_config(checkpoint: Ct2Checkpoint, ct2_config: dict[str, Any], vocabulary: list[str]) -> dict[str, Any]:
@@ -534,7 +514,7 @@ def whisper_config(checkpoint: Ct2Checkpoint, ct2_config: dict[str, Any], vocabu
         raise CheckpointError(f"{checkpoint.path} does not record the number of attention heads (encoder/num_heads).")
     encoder_layers = _layer_count(names, "encoder")
     decoder_layers = _layer_count(names, "decoder")
-    tokens = WhisperTokens.from_vocabulary(vocabulary, checkpoint.path.parent)
+    tokens = _special_tokens(vocabulary, checkpoint.path.parent)
     return {
         "architectures": ["WhisperForConditionalGeneration"],
         "model_type": "whisper",
@@ -543,20 +523,20 @@ def whisper_config(checkpoint: Ct2Checkpoint, ct2_config: dict[str, Any], vocabu
         "apply_spec_augment": False,
         "attention_dropout": 0.0,
         "begin_suppress_tokens": list(ct2_config.get("suppress_ids_begin") or []),
-        "bos_token_id": tokens.end_of_text,
+        "bos_token_id": tokens.eot,
         "classifier_proj_size": 256,
         "d_model": d_model,
         "decoder_attention_heads": int(decoder_heads),
         "decoder_ffn_dim": checkpoint.shape("decoder/layer_0/ffn/linear_0/weight")[0],
         "decoder_layerdrop": 0.0,
         "decoder_layers": decoder_layers,
-        "decoder_start_token_id": tokens.start_of_transcript,
+        "decoder_start_token_id": tokens.sot,
         "dropout": 0.0,
         "encoder_attention_heads": int(encoder_heads),
         "encoder_ffn_dim": checkpoint.shape("encoder/layer_0/ffn/linear_0/weight")[0],
         "encoder_layerdrop": 0.0,
         "encoder_layers": encoder_layers,
-        "eos_token_id": tokens.end_of_text,
+        "eos_token_id": tokens.eot,
         "init_std": 0.02,
         "is_encoder_decoder": True,
         "max_source_positions": checkpoint.shape("encoder/position_encodings/encodings")[0],
@@ -564,7 +544,7 @@ def whisper_config(checkpoint: Ct2Checkpoint, ct2_config: dict[str, Any], vocabu
         "median_filter_width": 7,
         "num_hidden_layers": encoder_layers,
         "num_mel_bins": checkpoint.shape("encoder/conv1/weight")[1],
-        "pad_token_id": tokens.end_of_text,
+        "pad_token_id": tokens.eot,
         "scale_embedding": bool(checkpoint.scalar("decoder/scale_embeddings", 0)),
         "suppress_tokens": list(ct2_config.get("suppress_ids") or []),
         "tie_word_embeddings": projection_is_tied(checkpoint),
@@ -586,7 +566,7 @@ def generation_config(config: dict[str, Any], ct2_config: dict[str, Any], vocabu
     """The generation_config.json transformers has for Whisper, from the HF-style `config` (see
     whisper_config), CTranslate2's config.json and the vocabulary. English-only models get no
     lang_to_id/task_to_id: transformers takes their presence as "detect the language"."""
-    tokens = WhisperTokens.from_vocabulary(vocabulary, Path(source))
+    tokens = _special_tokens(vocabulary, Path(source))
     heads = ct2_config.get("alignment_heads")
     if not heads:  # what CTranslate2's converter assumes: every head of the second half of the layers
         layers, per_layer = config["decoder_layers"], config["decoder_attention_heads"]
@@ -594,21 +574,22 @@ def generation_config(config: dict[str, Any], ct2_config: dict[str, Any], vocabu
     out: dict[str, Any] = {
         "alignment_heads": [[int(layer), int(head)] for layer, head in heads],
         "begin_suppress_tokens": list(ct2_config.get("suppress_ids_begin") or []),
-        "bos_token_id": tokens.end_of_text,
-        "decoder_start_token_id": tokens.start_of_transcript,
-        "eos_token_id": tokens.end_of_text,
+        "bos_token_id": tokens.eot,
+        "decoder_start_token_id": tokens.sot,
+        "eos_token_id": tokens.eot,
         "is_multilingual": is_multilingual(config["vocab_size"]),
         "max_initial_timestamp_index": MAX_INITIAL_TIMESTAMP_INDEX,
         "max_length": config["max_target_positions"],
         "no_timestamps_token_id": tokens.no_timestamps,
-        "pad_token_id": tokens.end_of_text,
-        "prev_sot_token_id": tokens.start_of_prev,
+        "pad_token_id": tokens.eot,
+        "prev_sot_token_id": tokens.sot_prev,
         "return_timestamps": False,
         "suppress_tokens": list(ct2_config.get("suppress_ids") or []),
     }
     if out["is_multilingual"]:
         out["lang_to_id"] = _languages(ct2_config, vocabulary, tokens)
-        out["task_to_id"] = {"transcribe": tokens.transcribe, "translate": tokens.translate}
+        tasks = dict(tokens.task_ids)
+        out["task_to_id"] = {"transcribe": tasks.get("transcribe"), "translate": tasks.get("translate")}
     return dict(sorted(out.items()))
 
 
@@ -618,7 +599,7 @@ def _languages(ct2_config: dict[str, Any], vocabulary: list[str], tokens: Whispe
     ids = ct2_config.get("lang_ids")
     if not ids:
         ids = list(itertools.takewhile(lambda i: i < len(vocabulary) and LANGUAGE_TOKEN.match(vocabulary[i]),
-                                       itertools.count(tokens.start_of_transcript + 1)))
+                                       itertools.count(tokens.sot + 1)))
     return {vocabulary[i]: int(i) for i in ids if 0 <= i < len(vocabulary)}
 
 

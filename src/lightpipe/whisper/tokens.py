@@ -169,8 +169,8 @@ class WhisperTokens:
                 found = lookup(token)
             if found is None and required:
                 raise CheckpointError(
-                    f"neither generation_config.json ({key}) nor the vocabulary ({token}) gives the id of {token}: "
-                    "this does not look like a Whisper checkpoint."
+                    f"the vocabulary has no {token} (nor does generation_config.json give its id as {key}): this "
+                    "does not look like a Whisper checkpoint."
                 )
             return found
 
