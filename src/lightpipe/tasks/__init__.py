@@ -44,6 +44,8 @@ TASKS: dict[str, TaskSpec] = {
                  ("image-classification",), "google/vit-base-patch16-224", "3f49326"),
         TaskSpec("image-feature-extraction", "image_feature_extraction:ImageFeatureExtractionPipeline",
                  ("base",), "google/vit-base-patch16-224", "3f49326"),
+        TaskSpec("zero-shot-classification", "zero_shot_classification:ZeroShotClassificationPipeline",
+                 ("sequence-classification",), "facebook/bart-large-mnli", "d7645e1"),
         TaskSpec("zero-shot-image-classification",
                  "zero_shot_image_classification:ZeroShotImageClassificationPipeline",
                  ("contrastive",), "openai/clip-vit-base-patch32", "3d74acf"),
