@@ -242,10 +242,13 @@ def test_smollm2_tokenizer_equals_transformers(smollm2):
 def test_smollm2_weights_equal_the_gguf_package(smollm2):
     """Three tensors of each stored kind (Q8_0 embeddings, Q4_1 projections with their Q/K rows put back in
     transformers' order, F32 norms) against the gguf package's dequantisation."""
-    reader = gguf.GGUFReader(str(smollm2))
-    stored = {t.name: np.array(gguf.quants.dequantize(t.data, t.tensor_type)) for t in reader.tensors
-              if t.name in ("token_embd.weight", "blk.3.attn_q.weight", "blk.3.attn_k.weight", "blk.3.ffn_down.weight",
-                            "blk.3.attn_norm.weight")}
+    parsed = lg.read(smollm2)
+    stored = {}
+    for name in ("token_embd.weight", "blk.3.attn_q.weight", "blk.3.attn_k.weight", "blk.3.ffn_down.weight",
+                 "blk.3.attn_norm.weight"):
+        info = parsed.tensors[name]
+        rows = parsed.raw(name).numpy().reshape(int(np.prod(info.shape[:-1])), -1)  # (rows, stored bytes per row)
+        stored[name] = np.array(gguf.quants.dequantize(rows, gguf.GGMLQuantizationType(info.ggml_type))).reshape(info.shape)
     state = lg.load_state_dict(smollm2)
     assert len(state) == 272 and "lm_head.weight" not in state  # tied embeddings
     assert torch.equal(state["model.embed_tokens.weight"], torch.from_numpy(stored["token_embd.weight"]))

@@ -18,8 +18,10 @@ permutation undone, GPT-2's Conv1D layout restored) and a lightpipe Tokenizer wi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import math
 import mmap
 import os
 import re
@@ -587,6 +589,35 @@ def unpermute_rows(tensor: torch.Tensor, heads: int) -> torch.Tensor:
     return tensor.reshape(heads, rows // heads // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest)
 
 
+# Below this many values a tensor is dequantised on one thread: its few elementwise passes are too short to
+# gain from more, and each would wait at a thread barrier (long waits on a busy machine).
+PARALLEL_MIN_VALUES = 1 << 22
+
+
+@contextlib.contextmanager
+def _one_thread_if(small: bool):
+    threads = torch.get_num_threads()
+    if not small or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _hf_tensor(gguf: GGUFFile, name: str, stem: str, arch: Architecture, config: dict[str, Any]) -> torch.Tensor:
+    """One tensor dequantised and put in transformers' layout."""
+    tensor = gguf.tensor(name)
+    if arch.unpermute_qk and stem in ("attn_q", "attn_k"):
+        heads = config["num_attention_heads"] if stem == "attn_q" else config["num_key_value_heads"]
+        tensor = unpermute_rows(tensor, heads)
+    if stem in arch.conv1d and tensor.dim() == 2:
+        tensor = tensor.t().contiguous()  # Conv1D keeps (in, out); llama.cpp stores (out, in)
+    return tensor
+
+
 def state_dict(gguf: GGUFFile, config: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
     """Every tensor under transformers' name and in its layout; quantised tensors dequantised to float32,
     float tensors as stored (views of the map when no reordering is needed)."""
@@ -594,20 +625,15 @@ def state_dict(gguf: GGUFFile, config: dict[str, Any] | None = None) -> dict[str
     config = config or config_dict(gguf)
     unknown = []
     state: dict[str, torch.Tensor] = {}
-    for name in gguf.tensors:
+    for name, info in gguf.tensors.items():
         target = hf_name(arch, name)
         if target is None:
             if name not in IGNORED_TENSORS:
                 unknown.append(name)
             continue
         key, stem = target
-        tensor = gguf.tensor(name)
-        if arch.unpermute_qk and stem in ("attn_q", "attn_k"):
-            heads = config["num_attention_heads"] if stem == "attn_q" else config["num_key_value_heads"]
-            tensor = unpermute_rows(tensor, heads)
-        if stem in arch.conv1d and tensor.dim() == 2:
-            tensor = tensor.t().contiguous()  # Conv1D keeps (in, out); llama.cpp stores (out, in)
-        state[key] = tensor
+        with _one_thread_if(math.prod(info.shape) < PARALLEL_MIN_VALUES):
+            state[key] = _hf_tensor(gguf, name, stem, arch, config)
     if unknown:
         raise CheckpointError(
             f"{gguf.path} holds tensors lightpipe does not know for a {gguf.architecture} model: "
