@@ -388,3 +388,14 @@ def test_missing_gguf_file_in_folder_is_model_not_found(folder):
         lightpipe.pipeline("text-generation", model=str(folder), gguf_file="missing.gguf")
     with pytest.raises(InvalidInput, match="gguf_file"):
         lightpipe.pipeline("text-generation", model=str(folder), gguf_file="")
+
+
+def test_gguf_found_by_magic_and_as_tokenizer_argument(folder, llama_files):
+    """A GGUF without the .gguf extension is recognised by its magic number; tokenizer= may name a GGUF too."""
+    import shutil
+
+    renamed = folder / "model.bin-from-llama-cpp"
+    shutil.copy(folder / llama_files(Q.F32), renamed)
+    pipe = lightpipe.pipeline("text-generation", model=str(renamed), tokenizer=str(folder / llama_files(Q.Q8_0)))
+    assert pipe.tokenizer.chat_template == CHAT_TEMPLATE
+    assert pipe.model.config.num_hidden_layers == 2

@@ -182,8 +182,8 @@ def _component(name: str, given, folder: Path | None, revision, token):
     if isinstance(given, cls):
         return given
     if isinstance(given, (str, os.PathLike)):
-        return cls.from_folder(hub.resolve(os.fspath(given), revision=revision, token=token))
-    if given is not None:
+        folder = hub.resolve(os.fspath(given), revision=revision, token=token)
+    elif given is not None:
         raise InvalidInput(f"{name} must be a folder, a Hub id or a lightpipe {class_name}, not {type(given).__name__}.")
     if folder is None:
         raise InvalidInput(f"the model was passed as an object without a folder to read its {name} from; pass {name}=.")

@@ -74,8 +74,11 @@ def resolve(model_id: str, revision: str | None = None, token: str | bool | None
         return _gguf_file(model_id, path, gguf_file, revision, token)
     if path.is_dir():
         return path
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        return path
+    if path.is_file():
+        from .formats import gguf  # imports torch: only for a file
+
+        if gguf.is_gguf_path(path):
+            return path
     if path.exists():
         raise ModelNotFound(f"{model_id} is a file; give the folder that holds config.json and the weights "
                             "(or a .gguf file).")

@@ -44,8 +44,18 @@ SUFFIX = ".gguf"
 
 
 def is_gguf_path(path: str | os.PathLike) -> bool:
-    """Whether `path` names a GGUF file (by its extension; the magic number is checked when it is read)."""
-    return str(path).lower().endswith(SUFFIX) and Path(path).is_file()
+    """Whether `path` is a GGUF file: a file named *.gguf (its magic number is checked when it is read, so
+    a wrong one is an error, not another format), or any file that starts with the magic number."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == SUFFIX:
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
 
 
 # ----------------------------------------------------------------------------------------------
