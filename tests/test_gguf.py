@@ -337,6 +337,10 @@ def test_unsupported_version_is_a_checkpoint_error(folder, llama_files):
     (folder / "v1.gguf").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="version 1"):
         lg.read(folder / "v1.gguf")
+    data[4:8] = struct.pack(">I", 3)
+    (folder / "big-endian.gguf").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="big-endian"):
+        lg.read(folder / "big-endian.gguf")
 
 
 def with_tensor_type(source, target, tensor: str, type_id: int):

@@ -138,12 +138,13 @@ class _Cursor:
     def __init__(self, buffer: memoryview, path: Path):
         self.buffer, self.path, self.pos, self.size = buffer, path, 0, len(buffer)
 
+    def truncated(self, end: int) -> CheckpointError:
+        return CheckpointError(f"{self.path} is truncated: its header needs bytes up to offset {end}, but the file "
+                               f"has {self.size} bytes. Download it again.")
+
     def take(self, n: int) -> memoryview:
         if n < 0 or self.pos + n > self.size:
-            raise CheckpointError(
-                f"{self.path} is truncated: its header needs bytes up to offset {self.pos + n}, but the file "
-                f"has {self.size} bytes. Download it again."
-            )
+            raise self.truncated(self.pos + n)
         chunk = self.buffer[self.pos:self.pos + n]
         self.pos += n
         return chunk
@@ -165,18 +166,16 @@ class _Cursor:
         try:
             for _ in range(count):
                 if pos + 8 > size:
-                    break
+                    raise self.truncated(pos + 8)
                 length = int.from_bytes(buffer[pos:pos + 8], "little")
                 pos += 8
                 if pos + length > size:
-                    break
+                    raise self.truncated(pos + length)
                 append(str(buffer[pos:pos + length], "utf-8"))
                 pos += length
         except UnicodeDecodeError as e:
             raise CheckpointError(f"{self.path} holds a string that is not UTF-8 near offset {pos}.") from e
         self.pos = pos
-        if len(out) < count:
-            self.take(size + 1)  # raises the truncation error
         return out
 
 
@@ -246,6 +245,9 @@ def _read_cached(path_name: str, size: int, mtime_ns: int) -> GGUFFile:
         )
     version = cursor.unpack(U32)
     if version not in VERSIONS:
+        if int.from_bytes(version.to_bytes(4, "little"), "big") in VERSIONS:
+            raise CheckpointError(f"{path} is a big-endian GGUF file; lightpipe reads little-endian ones, as "
+                                  "llama.cpp writes them by default. Convert it again without --bigendian.")
         raise CheckpointError(f"{path} is GGUF version {version}; lightpipe reads versions {VERSIONS}. "
                               "Convert it again with a current llama.cpp.")
     tensor_count, kv_count = cursor.unpack(U64), cursor.unpack(U64)
@@ -273,7 +275,7 @@ def _tensor_info(path: Path, name: str, shape: tuple[int, ...], type_id: int, st
             f"{path}: tensor {name!r} is stored as {ggml_type_label(type_id)}, which lightpipe cannot dequantise "
             f"(supported: {supported}). Convert or quantise the model again with one of those types."
         )
-    elements = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    elements = math.prod(shape)  # Python integers: a corrupt table cannot overflow into a small size
     row = shape[-1] if shape else 1
     if row % kind.block_elements:
         raise CheckpointError(f"{path}: tensor {name!r} has rows of {row} values, not a whole number of "
