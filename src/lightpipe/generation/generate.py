@@ -16,7 +16,6 @@ generation stops at max length or when every row has ended. Results equal transf
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +25,8 @@ from typing import Any
 
 import torch
 
+from .. import checks
+from ..config import known_keys, read_config_json, read_json_object
 from ..errors import CheckpointError, InvalidInput
 from . import processors as P
 from . import stopping as S
@@ -134,19 +135,11 @@ class GenerationConfig:
         """A checkpoint folder's generation_config.json; without one, the generation options that config.json
         holds (older checkpoints kept them there, and transformers falls back to them)."""
         path = Path(folder) / "generation_config.json"
-        if path.is_file():
-            try:
-                raw = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{path} is not valid JSON: {e}") from e
-            if not isinstance(raw, dict):
-                raise CheckpointError(f"{path} must hold a JSON object.")
-        else:
-            from ..config import read_config_json
-
+        raw = read_json_object(path)
+        if raw is None:
             path = Path(folder) / "config.json"
             options = {f.name for f in dataclasses.fields(cls)} | {"forced_decoder_ids"}
-            raw = {k: v for k, v in read_config_json(Path(folder)).items() if k in options}
+            raw = known_keys(read_config_json(Path(folder)), options)
         try:
             return cls.from_dict(raw)
         except InvalidInput as e:
@@ -177,54 +170,33 @@ class GenerationConfig:
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
-        def positive_int(name, allow_none=True, allow_zero=False):
-            value = getattr(self, name)
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if allow_zero else 1):
-                kind = "a non-negative" if allow_zero else "a positive"
-                raise InvalidInput(f"{name} must be {kind} integer, not {value!r}.")
-
-        def number(name):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise InvalidInput(f"{name} must be a number, not {value!r}.")
-
-        positive_int("max_new_tokens")
-        positive_int("max_length")
-        positive_int("min_new_tokens", allow_zero=True)
-        positive_int("min_length", allow_none=False, allow_zero=True)
-        positive_int("num_beams", allow_none=False)
-        positive_int("num_return_sequences", allow_none=False)
-        positive_int("top_k", allow_zero=True)
-        positive_int("no_repeat_ngram_size", allow_none=False, allow_zero=True)
-        for name in ("temperature", "top_p", "repetition_penalty", "length_penalty"):
-            number(name)
-        if not isinstance(self.do_sample, bool):
-            raise InvalidInput(f"do_sample must be True or False, not {self.do_sample!r}.")
+        for name in ("max_new_tokens", "max_length"):
+            checks.positive_int(name, getattr(self, name), allow_none=True)
+        checks.positive_int("min_new_tokens", self.min_new_tokens, allow_none=True, allow_zero=True)
+        checks.positive_int("top_k", self.top_k, allow_none=True, allow_zero=True)
+        for name in ("min_length", "no_repeat_ngram_size"):
+            checks.positive_int(name, getattr(self, name), allow_zero=True)
+        for name in ("num_beams", "num_return_sequences"):
+            checks.positive_int(name, getattr(self, name))
+        for name in ("temperature", "top_p", "typical_p", "repetition_penalty", "length_penalty"):
+            checks.number(name, getattr(self, name))
+        checks.flag("do_sample", self.do_sample, allow_none=False)
+        checks.probability("min_p", self.min_p, allow_none=True)
+        checks.number("max_time", self.max_time, allow_none=True, positive=True, unit="seconds")
         if self.do_sample and not self.temperature > 0:
             raise InvalidInput(f"temperature must be > 0 when sampling, not {self.temperature}; "
                                "use do_sample=False for greedy decoding.")
-        if not 0 < self.top_p <= 1:
-            raise InvalidInput(f"top_p must be in (0, 1], not {self.top_p}.")
-        if not 0 < self.typical_p <= 1:
-            raise InvalidInput(f"typical_p must be in (0, 1], not {self.typical_p}.")
-        if self.min_p is not None and (isinstance(self.min_p, bool) or not isinstance(self.min_p, (int, float))
-                                       or not 0 <= self.min_p <= 1):
-            raise InvalidInput(f"min_p must be a number in [0, 1], not {self.min_p!r}.")
-        if self.max_time is not None and (isinstance(self.max_time, bool) or not isinstance(self.max_time, (int, float))
-                                          or not self.max_time > 0):
-            raise InvalidInput(f"max_time must be a positive number of seconds, not {self.max_time!r}.")
+        for name in ("top_p", "typical_p"):
+            if not 0 < getattr(self, name) <= 1:
+                raise InvalidInput(f"{name} must be in (0, 1], not {getattr(self, name)}.")
         if self.cache_implementation not in CACHE_IMPLEMENTATIONS:
             raise InvalidInput(f"cache_implementation must be one of {', '.join(CACHE_IMPLEMENTATIONS)}, "
                                f"not {self.cache_implementation!r}.")
         stops = (self.stop_strings,) if isinstance(self.stop_strings, str) else self.stop_strings
         if stops is not None and (not stops or not all(isinstance(x, str) and x for x in stops)):
             raise InvalidInput(f"stop_strings must be a non-empty string or a list of them, not {self.stop_strings!r}.")
-        if self.bad_words_ids is not None and not (
-                self.bad_words_ids and all(isinstance(seq, tuple) and seq and all(
-                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in seq)
-                    for seq in self.bad_words_ids)):
+        if self.bad_words_ids is not None and not (self.bad_words_ids and all(
+                isinstance(seq, tuple) and seq and all(_is_token_id(i) for i in seq) for seq in self.bad_words_ids)):
             raise InvalidInput(f"bad_words_ids must be a non-empty list of non-empty token-id lists, "
                                f"not {self.bad_words_ids!r}.")
         if not self.repetition_penalty > 0:
@@ -242,7 +214,7 @@ class GenerationConfig:
                      "forced_eos_token_id"):
             value = getattr(self, name)
             ids = value if isinstance(value, tuple) else (value,)
-            if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            if value is not None and not all(_is_token_id(i) for i in ids):
                 raise InvalidInput(f"{name} must be a token id (a non-negative integer), not {value!r}.")
         for name in _TOKEN_LISTS:
             value = getattr(self, name)
@@ -256,6 +228,10 @@ class GenerationConfig:
                 raise InvalidInput(f"{name} must be a list of (int, int) pairs, not {value!r}.")
         if self.output_cross_attentions and not self.alignment_heads:
             raise InvalidInput("output_cross_attentions needs alignment_heads: the (layer, head) pairs to collect.")
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 @dataclasses.dataclass
@@ -352,6 +328,7 @@ def _plan(model, input_ids, attention_mask, config, encoder_hidden, encoder_mask
         if encoder_hidden.dim() != 3 or encoder_hidden.shape[0] != batch:
             raise InvalidInput(f"encoder_hidden must be (batch={batch}, S, C), not {tuple(encoder_hidden.shape)}.")
     if encoder_mask is not None:
+        encoder_mask = torch.as_tensor(encoder_mask)
         if encoder_hidden is None or tuple(encoder_mask.shape) != tuple(encoder_hidden.shape[:2]):
             raise InvalidInput("encoder_attention_mask must be (batch, S), the shape of encoder_hidden's first two "
                                "dimensions.")

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from .. import checks
 from ..errors import InvalidInput
 from ..generation import GenerationConfig, generate
 from ..processing import chat as chat_templates
@@ -72,12 +73,8 @@ class TextGenerationPipeline(TextPipeline):
                 params.get("return_tensors"):
             raise InvalidInput("return_tensors is mutually exclusive with return_full_text and return_text.")
         for name in ("return_full_text", "return_tensors", "return_text", "truncation", "add_special_tokens",
-                     "skip_special_tokens"):
-            if params.get(name) is not None and not isinstance(params[name], bool):
-                raise InvalidInput(f"{name} must be True or False, not {params[name]!r}.")
-        cont = params.get("continue_final_message")
-        if cont is not None and not isinstance(cont, bool):
-            raise InvalidInput(f"continue_final_message must be True or False, not {cont!r}.")
+                     "skip_special_tokens", "continue_final_message"):
+            checks.flag(name, params.get(name))
         if params.get("prefix") is not None and not isinstance(params["prefix"], str):
             raise InvalidInput(f"prefix must be a string, not {type(params['prefix']).__name__}.")
         long = params.get("handle_long_generation")
@@ -118,9 +115,7 @@ class TextGenerationPipeline(TextPipeline):
         if not merged_sampling:
             added = {k: v for k, v in added.items() if k not in SAMPLING_OPTIONS}
         chosen = {k: v for k, v in {**added, **options}.items() if v is not None}
-        seed = other.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise InvalidInput(f"seed must be an integer, not {seed!r}.")
+        checks.positive_int("seed", other.get("seed"), allow_none=True, allow_zero=True)
         streamer = other.get("streamer")
         if streamer is not None and not (callable(getattr(streamer, "put", None))
                                          and callable(getattr(streamer, "end", None))):
