@@ -312,6 +312,21 @@ def test_split_trims_sequences_to_each_item(side):
     assert [o["pooled"].item() for o in per_item] == [3.0, 1.0, 2.0]  # not a sequence: untouched
 
 
+def test_split_hands_out_ragged_outputs_per_item():
+    """A forward may return a list with one entry per item (generated tokens of different lengths) instead of a
+    tensor padded only to be split: each item gets its own entry, tensors in it moved to the CPU."""
+    items = [item(3), item(1), item(2)]
+    padding = Padding(PADDING)
+    outputs = {"tokens": [[7, 8, 9], [], [5]], "times": [torch.zeros(3), torch.zeros(0), torch.ones(1)],
+               "pooled": torch.tensor([3.0, 1.0, 2.0])}
+    per_item = split(outputs, items, padding)
+    assert [o["tokens"] for o in per_item] == [[7, 8, 9], [], [5]]
+    assert [o["times"].tolist() for o in per_item] == [[0.0, 0.0, 0.0], [], [1.0]]
+    assert [o["pooled"].item() for o in per_item] == [3.0, 1.0, 2.0]
+    with pytest.raises(AssertionError, match="2 entries"):
+        split({"tokens": [[1], [2]]}, items, padding)
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_runner_list_order_and_unpadded_results(side):
     """Runner.run_list sorts by length for batching and hands outputs back in item order."""

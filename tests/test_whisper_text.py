@@ -292,7 +292,8 @@ def gen_random(rng: random.Random, case: Case) -> list[dict]:
             elif kind < 0.85:
                 tokens.append(case.ours.tokens.timestamp_begin + rng.randrange(0, 1501))
             elif case.use_languages:
-                tokens.append(rng.choice(case.languages + [case.ours.tokens.eot, case.ours.tokens.no_timestamps, case.ours.tokens.sot]))
+                special = case.ours.tokens
+                tokens.append(rng.choice(case.languages + [special.eot, special.no_timestamps, special.sot]))
         times = sorted(round(rng.uniform(0.0, 30.0), 2) for _ in tokens)
         stride = None
         if n > 1 or rng.random() < 0.3:
@@ -402,7 +403,8 @@ def test_word_times_may_stop_before_padding(synthetic):
     rng = random.Random(4)
     for _ in range(10):
         outputs = gen_chunked(rng, synthetic)
-        padded = [{**o, "tokens": torch.cat([o["tokens"], torch.full((1, rng.randint(1, 5)), synthetic.ours.tokens.eot)], dim=1)}
+        eot = synthetic.ours.tokens.eot
+        padded = [{**o, "tokens": torch.cat([o["tokens"], torch.full((1, rng.randint(1, 5)), eot)], dim=1)}
                   for o in outputs]
         expected = assert_same_asr(synthetic, padded, return_timestamps="word", return_language=True)
         assert expected == decode_asr(synthetic.ours, outputs, return_timestamps="word", return_language=True)
@@ -516,7 +518,8 @@ def test_long_form_offsets_continue_across_windows(synthetic):
     """Timestamps restart in each 30 s window; offsets keep counting from where the last window ended."""
     ts = lambda s: _ts(synthetic, s)  # noqa: E731
     hello = synthetic.words[0]
-    ids = [ts(0.0)] + hello + [ts(10.0), ts(10.0)] + hello + [ts(20.0)] + [ts(1.0)] + hello + [ts(5.0), synthetic.ours.tokens.eot]
+    ids = ([ts(0.0)] + hello + [ts(10.0), ts(10.0)] + hello + [ts(20.0)] + [ts(1.0)] + hello
+           + [ts(5.0), synthetic.ours.tokens.eot])
     offsets = decode_with_offsets(synthetic.ours, ids)["offsets"]
     assert [o["timestamp"] for o in offsets] == [(0.0, 10.0), (10.0, 20.0), (31.0, 35.0)]
     assert offsets == synthetic.theirs.decode(ids, output_offsets=True)["offsets"]
@@ -528,7 +531,9 @@ def test_vocabulary_ids(synthetic, tmp_path):
     vocab = synthetic.ours
     assert vocab.tokens.eot == tokenizer.token_to_id("<|endoftext|>") == synthetic.theirs.eos_token_id
     assert vocab.tokens.timestamp_begin == tokenizer.token_to_id("<|notimestamps|>") + 1
-    assert vocab.tokens.is_control(vocab.tokens.sot) and vocab.tokens.is_timestamp(vocab.tokens.timestamp_begin) and vocab.tokens.is_text(vocab.tokens.eot - 1)
+    special = vocab.tokens
+    assert special.is_control(special.sot) and special.is_timestamp(special.timestamp_begin)
+    assert special.is_text(special.eot - 1)
     assert dict(vocab.tokens.language_ids) == {c: tokenizer.token_to_id(f"<|{c}|>") for c in LANGS}
     assert dict(vocab.tokens.task_ids) == {t: tokenizer.token_to_id(f"<|{t}|>") for t in ("translate", "transcribe")}
     assert vocab.tokens.languages[dict(vocab.tokens.language_ids)["zh"]] == "chinese"

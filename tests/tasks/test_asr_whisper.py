@@ -249,6 +249,44 @@ def test_word_times_of_a_window_past_a_short_clip_match_transformers(past_clip_p
     assert got["chunks"][-1]["timestamp"] == (before_window, before_window)
 
 
+def test_options_are_resolved_once_per_call_not_per_batch(pipes, monkeypatch):
+    """generate_kwargs and the other decoding options are checked and resolved before any batch runs: their number
+    does not grow with the number of batches."""
+    from lightpipe.tasks.automatic_speech_recognition import WhisperDecoding
+
+    ours, _ = pipes()
+    resolved = []
+    options = WhisperDecoding.options
+    monkeypatch.setattr(WhisperDecoding, "options",
+                        lambda self, *a, **k: (resolved.append(1), options(self, *a, **k))[1])
+    params = {"max_new_tokens": MAX_NEW, "generate_kwargs": {"num_beams": 2, "language": "en"}}
+    counts = []
+    for audios in ([clip(4000, 1)], [clip(4000, 1), clip(11000, 2), clip(14000, 3)]):
+        resolved.clear()
+        ours(audios, batch_size=1, **params)
+        counts.append(len(resolved))
+    assert counts[0] == counts[1] <= 2  # checked once, resolved once: never per batch
+
+
+def test_checkpoint_folder_is_a_declared_input(pipes, tmp_path):
+    """The pipeline reads generation_config.json from the folder it is given (pipeline() passes the checkpoint's),
+    never from an attribute of the model."""
+    from lightpipe import loading
+    from lightpipe.processing.audio import FeatureExtractor
+    from lightpipe.processing.text import Tokenizer
+    from lightpipe.tasks.automatic_speech_recognition import AutomaticSpeechRecognitionPipeline
+
+    ours, ref = pipes()
+    folder = Path(ours.folder)
+    model = loading.load_model(folder, "speech-seq2seq")
+    model.name_or_path = str(tmp_path / "elsewhere")
+    pipe = AutomaticSpeechRecognitionPipeline(model, Tokenizer.from_folder(folder),
+                                              feature_extractor=FeatureExtractor.from_folder(folder), folder=folder)
+    params = {"max_new_tokens": MAX_NEW, "return_timestamps": True, "generate_kwargs": {"language": "de"}}
+    audio = clip(11000, 2)
+    same(pipe(audio, **params), ref(audio.copy(), **params))
+
+
 def test_progress_follows_the_window_loop_of_long_audio(pipes, capsys, monkeypatch):
     """progress=True adds a bar in seconds of audio while long audio (one item of the pipeline's own bar) is
     decoded window by window; it changes no result."""

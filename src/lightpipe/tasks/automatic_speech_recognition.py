@@ -569,16 +569,18 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
                                "preprocessor_config.json); pass its folder as feature_extractor=.")
         self.model, self.tokenizer, self.feature_extractor = model, tokenizer, feature_extractor
         folder = Path(folder) if folder else None
+        # Where the tokenizer was read from: a CTC vocabulary lives beside it (a tokenizer given apart has its own);
+        # it also stands in for the checkpoint folder of a model given without one.
+        tokenizer_folder = Path(tokenizer.name_or_path) if getattr(tokenizer, "name_or_path", "") else None
         head = _head_of(model)
         if head == "ctc":
-            # The character vocabulary lives beside the tokenizer's files (a tokenizer given apart has its own).
-            vocabulary_folder = getattr(tokenizer, "name_or_path", "") or folder
-            if not vocabulary_folder:
+            vocabulary_folder = tokenizer_folder or folder
+            if vocabulary_folder is None:
                 raise InvalidInput("a CTC model needs its vocabulary (vocab.json): pass the checkpoint's folder as "
                                    "tokenizer=.")
             self.decoding = CTCDecoding(self, CTCVocabulary.from_folder(vocabulary_folder))
         elif head == "speech-seq2seq":
-            self.decoding = seq2seq_decoding(self, folder)
+            self.decoding = seq2seq_decoding(self, folder or tokenizer_folder)
         else:
             raise UnsupportedModel(f"automatic-speech-recognition needs a CTC or speech-seq2seq model, not "
                                    f"{type(model).__name__}.")
