@@ -16,6 +16,7 @@ SMOLLM2_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
                  "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+USER_DEFINED = ["<think>", "</think>"]  # llama.cpp's user-defined tokens: added whole, but not special
 Q = gguf.GGMLQuantizationType
 
 # Which types gguf.quants can write from floats; the others (K-quants) get random blocks with sane scales.
@@ -76,7 +77,7 @@ def add_byte_level_tokenizer(writer: gguf.GGUFWriter, tokens: list[str], merges:
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
-    writer.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+    writer.add_token_types([3 if t in SPECIALS else 4 if t in USER_DEFINED else 1 for t in tokens])
     writer.add_token_merges(merges)
     writer.add_bos_token_id(tokens.index("<|im_start|>"))
     writer.add_eos_token_id(tokens.index("<|im_end|>"))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from gguf_helpers import (CHAT_TEMPLATE, Q, QUANTIZABLE, SMOLLM2_NAME, add_byte_level_tokenizer,
+from gguf_helpers import (CHAT_TEMPLATE, Q, QUANTIZABLE, SMOLLM2_NAME, USER_DEFINED, add_byte_level_tokenizer,
                           add_sentencepiece_tokenizer, byte_level_vocab, random_blocks, sentencepiece_vocab,
                           smollm2_folder, tiny_gpt2, tiny_llama, tiny_qwen2, write_gpt2_gguf, write_llama_gguf)
 
@@ -178,9 +178,10 @@ def assert_same_tokenizer(ours, reference, texts=TEXTS):
     assert ours.vocab_size == len(reference)
 
 
-@pytest.mark.parametrize("pre", ["default", "llama-bpe", "qwen2"])
+@pytest.mark.parametrize("pre", ["default", "llama-bpe", "qwen2", "tekken"])
 def test_byte_level_tokenizer_equals_transformers(folder, pre):
     tokens, merges = byte_level_vocab()
+    tokens = tokens + USER_DEFINED
     name = f"tokenizer-bpe-{pre}.gguf"
     writer = gguf.GGUFWriter(str(folder / name), "llama")
     add_byte_level_tokenizer(writer, tokens, merges, pre=pre, add_bos=None)
@@ -189,7 +190,8 @@ def test_byte_level_tokenizer_equals_transformers(folder, pre):
         write()
     reference = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
     ours = lg.load_tokenizer(folder / name)
-    assert_same_tokenizer(ours, reference, TEXTS + ["don't stop 12345 abc's", "x\r\ny   \n"])
+    assert_same_tokenizer(ours, reference, TEXTS + ["don't stop 12345 abc's", "x\r\ny   \n", "CamelCase wordsHere a/b",
+                                             "<think>why</think> so"])
     assert ours.chat_template == CHAT_TEMPLATE == reference.chat_template
 
 
@@ -403,3 +405,20 @@ def test_gguf_found_by_magic_and_as_tokenizer_argument(folder, llama_files):
     pipe = lightpipe.pipeline("text-generation", model=str(renamed), tokenizer=str(folder / llama_files(Q.Q8_0)))
     assert pipe.tokenizer.chat_template == CHAT_TEMPLATE
     assert pipe.model.config.num_hidden_layers == 2
+
+
+def test_per_layer_head_counts_that_differ_are_unsupported(folder):
+    path = folder / "per-layer-heads.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_context_length(64)
+    writer.add_embedding_length(32)
+    writer.add_feed_forward_length(64)
+    writer.add_head_count(4)
+    writer.add_head_count_kv([2, 4])
+    writer.add_vocab_size(8)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file, writer.close):
+        write()
+    with pytest.raises(UnsupportedModel, match=r"llama.attention.head_count_kv per layer"):
+        lg.load_config(path)

@@ -490,19 +490,19 @@ def architecture_of(gguf: GGUFFile) -> Architecture:
     return ARCHITECTURES[arch]
 
 
-def _required(gguf: GGUFFile, key: str) -> Any:
-    value = gguf.arch_value(key)
+def _count(gguf: GGUFFile, key: str, default: int | None = None) -> int:
+    """An integer under the architecture's prefix (llama.block_count ...); a per-layer array must hold one value
+    throughout (some converters write head counts so). Missing without a default: a CheckpointError."""
+    value = gguf.arch_value(key, default)
     if value is None:
         raise CheckpointError(f"{gguf.path} lacks the metadata {gguf.architecture}.{key}, which the model needs.")
-    return value
-
-
-def _scalar(value: Any) -> Any:
-    """A per-layer array with one value throughout (some converters write head counts so) -> that value."""
     if isinstance(value, np.ndarray):
         values = set(value.tolist())
-        return values.pop() if len(values) == 1 else max(values)
-    return value
+        if len(values) != 1:
+            raise UnsupportedModel(f"{gguf.path} gives {gguf.architecture}.{key} per layer with different values "
+                                   f"({sorted(values)}); lightpipe's {gguf.architecture} model has one for all layers.")
+        value = values.pop()
+    return int(value)
 
 
 def _special_ids(gguf: GGUFFile) -> dict[str, int]:
@@ -542,22 +542,22 @@ def config_dict(gguf: GGUFFile) -> dict[str, Any]:
               "dtype": "float32",
               **_special_ids(gguf)}
     if arch.model_type == "gpt2":
-        context = int(_required(gguf, "context_length"))
-        return {**common, "n_layer": int(_required(gguf, "block_count")), "n_embd": int(_required(gguf, "embedding_length")),
-                "n_head": int(_scalar(_required(gguf, "attention.head_count"))), "n_positions": context, "n_ctx": context,
-                "n_inner": int(_required(gguf, "feed_forward_length")),
+        context = _count(gguf, "context_length")
+        return {**common, "n_layer": _count(gguf, "block_count"), "n_embd": _count(gguf, "embedding_length"),
+                "n_head": _count(gguf, "attention.head_count"), "n_positions": context, "n_ctx": context,
+                "n_inner": _count(gguf, "feed_forward_length"),
                 "layer_norm_epsilon": float(gguf.arch_value("attention.layer_norm_epsilon", 1e-5))}
-    heads = int(_scalar(_required(gguf, "attention.head_count")))
+    heads = _count(gguf, "attention.head_count")
     rope_theta = float(gguf.arch_value("rope.freq_base", 10000.0))
     config = {
         **common,
-        "hidden_size": int(_required(gguf, "embedding_length")),
-        "intermediate_size": int(_required(gguf, "feed_forward_length")),
-        "num_hidden_layers": int(_required(gguf, "block_count")),
+        "hidden_size": _count(gguf, "embedding_length"),
+        "intermediate_size": _count(gguf, "feed_forward_length"),
+        "num_hidden_layers": _count(gguf, "block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(_scalar(gguf.arch_value("attention.head_count_kv", heads))),
+        "num_key_value_heads": _count(gguf, "attention.head_count_kv", heads),
         "rms_norm_eps": float(gguf.arch_value("attention.layer_norm_rms_epsilon", 1e-6)),
-        "max_position_embeddings": int(gguf.arch_value("context_length", 2048)),
+        "max_position_embeddings": _count(gguf, "context_length", 2048),
         "rope_theta": rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
         "hidden_act": "silu",
@@ -637,6 +637,10 @@ def state_dict(gguf: GGUFFile, config: dict[str, Any] | None = None) -> dict[str
     config = config or config_dict(gguf)
     unknown = []
     state: dict[str, torch.Tensor] = {}
+    if "rope_freqs.weight" in gguf.tensors:
+        logger.warning("%s holds llama.cpp's precomputed rotary frequency factors (rope_freqs, Llama 3.1 style "
+                       "scaling); they are not used, as in transformers, so long-context outputs may differ from "
+                       "llama.cpp's.", gguf.path.name)
     for name, info in gguf.tensors.items():
         target = hf_name(arch, name)
         if target is None:
@@ -666,7 +670,11 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+                r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZER_SPLITS = {
+    "tekken": TEKKEN_SPLIT,  # Mistral Nemo, written as a llama model
     "llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT, "llama-bpe": LLAMA3_SPLIT, "smaug-bpe": LLAMA3_SPLIT,
     "dbrx": LLAMA3_SPLIT, "falcon3": LLAMA3_SPLIT, "pixtral": LLAMA3_SPLIT,
     "qwen2": QWEN2_SPLIT, "deepseek-r1-qwen": QWEN2_SPLIT, "megrez": QWEN2_SPLIT,
@@ -700,7 +708,7 @@ def _byte_level_backend(gguf: GGUFFile, tokens: list[str]):
     # A token outside the alphabet (some converters write added tokens in plain UTF-8) is respelled.
     vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
              for i, t in enumerate(tokens)}
-    merges = _merges(gguf, vocab)
+    merges = _merges(gguf, vocab, tokens)
     backend = Backend(models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
     split = PRE_TOKENIZER_SPLITS.get(str(gguf.metadata.get("tokenizer.ggml.pre", "")))
     if split is None:
@@ -719,8 +727,7 @@ def _sentencepiece_backend(gguf: GGUFFile, tokens: list[str]):
     from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers
 
     vocab = {t: i for i, t in enumerate(tokens)}
-    scores = gguf.metadata.get("tokenizer.ggml.scores")
-    merges = _merges(gguf, vocab, scores)
+    merges = _merges(gguf, vocab, tokens, gguf.metadata.get("tokenizer.ggml.scores"))
     backend = Backend(models.BPE(vocab, merges, fuse_unk=True, byte_fallback=True))
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
@@ -728,7 +735,7 @@ def _sentencepiece_backend(gguf: GGUFFile, tokens: list[str]):
     return backend, None
 
 
-def _merges(gguf: GGUFFile, vocab: dict[str, int], scores=None) -> list[tuple[str, str]]:
+def _merges(gguf: GGUFFile, vocab: dict[str, int], tokens: list[str], scores=None) -> list[tuple[str, str]]:
     """The file's merges, or (SentencePiece files carry none) those its vocabulary implies: every split of a
     token into two tokens, best-scored token first."""
     merges = gguf.metadata.get("tokenizer.ggml.merges")
@@ -737,7 +744,7 @@ def _merges(gguf: GGUFFile, vocab: dict[str, int], scores=None) -> list[tuple[st
     if scores is None:
         raise CheckpointError(f"{gguf.path} has a BPE vocabulary without merges or scores; it cannot be tokenized.")
     found = []
-    for token, score in zip(vocab, np.asarray(scores).tolist()):
+    for token, score in dict(zip(tokens, np.asarray(scores).tolist())).items():  # a repeated token: its last score
         pairs = [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in vocab and token[k:] in vocab]
         pairs.sort(key=lambda p: (vocab[p[0]], vocab[p[1]]))
         found.extend((left, right, score) for left, right in pairs)
@@ -767,11 +774,11 @@ def tokenizer(gguf: GGUFFile):
     # Control tokens (<|im_end|>) stay whole as special tokens, user-defined ones (<think>) as plain added
     # tokens. In a byte-level vocabulary a "control" token outside the byte alphabet is a converter's
     # mislabel that no model id stands behind, so it is left out, as transformers does.
-    control = [AddedToken(tokens[i], normalized=False, special=True) for i in np.flatnonzero(types == CONTROL)
-               if alphabet is None or set(tokens[i]) <= alphabet]
-    backend.add_special_tokens(control)
-    backend.add_tokens([AddedToken(tokens[i], normalized=False, special=False)
-                        for i in np.flatnonzero(types == USER_DEFINED)])
+    def spelled(kind: int) -> list[str]:
+        return [tokens[i] for i in np.flatnonzero(types == kind) if alphabet is None or set(tokens[i]) <= alphabet]
+
+    backend.add_special_tokens([AddedToken(token, normalized=False, special=True) for token in spelled(CONTROL)])
+    backend.add_tokens([AddedToken(token, normalized=False, special=False) for token in spelled(USER_DEFINED)])
     special = {name: tokens[int(gguf.metadata[f"tokenizer.ggml.{key}"])] for name, key in SPECIAL_IDS.items()
                if f"tokenizer.ggml.{key}" in gguf.metadata and int(gguf.metadata[f"tokenizer.ggml.{key}"]) < len(tokens)}
     # The named special tokens (an <unk> typed "unknown", not "control") are special too.
