@@ -34,7 +34,7 @@ def lightpipe_stages(path: Path) -> str:
     from lightpipe import loading
     from lightpipe.formats import gguf
 
-    gguf._read_cached.cache_clear()
+    gguf.clear_cache()
     marks = [("start", time.perf_counter())]
     parsed = gguf.read(path)
     marks.append(("header", time.perf_counter()))
@@ -75,7 +75,7 @@ def main() -> None:
     def fresh(fn):
         """Each lightpipe run parses the file again, as a new process would."""
         def run():
-            gguf._read_cached.cache_clear()
+            gguf.clear_cache()
             return fn()
         return run
 

@@ -422,3 +422,20 @@ def test_per_layer_head_counts_that_differ_are_unsupported(folder):
         write()
     with pytest.raises(UnsupportedModel, match=r"llama.attention.head_count_kv per layer"):
         lg.load_config(path)
+
+
+def test_weights_changed_in_place_do_not_leak_into_the_next_load(folder, llama_files):
+    """F32 weights are copy-on-write views of the file's map: each load maps the file afresh."""
+    path = folder / llama_files(Q.F32)
+    first = loading.load_model(path, "causal-lm")
+    norm = first.model.norm.weight
+    original = norm.detach().clone()
+    with torch.no_grad():
+        norm.mul_(0).add_(7.0)
+    again = lg.load_state_dict(path)["model.norm.weight"]
+    assert torch.equal(again, original)
+
+
+def test_hub_id_with_gguf_file_offline_is_model_not_found():
+    with pytest.raises(ModelNotFound, match="model.Q4_0.gguf"):
+        lightpipe.pipeline("text-generation", model="nobody-here/missing-GGUF", gguf_file="model.Q4_0.gguf")

@@ -199,8 +199,9 @@ def _read_value(cursor: _Cursor, value_type: int, key: str) -> Any:
         item_type, count = cursor.unpack(U32), cursor.unpack(U64)
         if item_type in SCALAR_TYPES:
             dtype = np.dtype(SCALAR_TYPES[item_type][0])
+            # Numeric arrays (scores, token types) stay numpy, copied out of the map.
             values = np.frombuffer(cursor.take(count * dtype.itemsize), dtype=dtype)
-            return values.astype(bool) if item_type == 7 else values  # numeric arrays stay numpy (scores, types)
+            return values.astype(bool) if item_type == 7 else values.copy()
         if item_type == STRING:
             return cursor.strings(count)
         if item_type == ARRAY:
@@ -220,20 +221,28 @@ def _open_map(path: Path) -> mmap.mmap:
 
 
 def read(path: str | os.PathLike) -> GGUFFile:
-    """Parse a GGUF file's header and tensor table (the tensor data stays mapped, unread).
+    """Parse a GGUF file's header and tensor table; the tensor data is mapped afresh, unread.
 
-    Cached per file (path, size and modification time): config, weights and tokenizer of one
-    pipeline all come from one parse."""
+    The parse is cached per file (path, size and modification time): config, weights and tokenizer of one
+    pipeline come from one parse. The map is not shared: a model that changes its weights in place (they
+    are copy-on-write views of the map) cannot change what the next load of the file reads."""
     path = Path(path)
     try:
         stat = path.stat()
     except OSError as e:
         raise CheckpointError(f"{path} could not be read: {e}") from e
-    return _read_cached(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    version, metadata, tensors = _parse(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    return GGUFFile(path, version, metadata, tensors, np.frombuffer(_open_map(path), dtype=np.uint8))
+
+
+def clear_cache() -> None:
+    """Forget the parsed headers, so that the next read parses its file again (as a new process would)."""
+    _parse.cache_clear()
 
 
 @functools.lru_cache(maxsize=2)
-def _read_cached(path_name: str, size: int, mtime_ns: int) -> GGUFFile:
+def _parse(path_name: str, size: int, mtime_ns: int) -> tuple[int, dict[str, Any], dict[str, TensorInfo]]:
+    """(version, metadata, tensor table) of a GGUF file."""
     path = Path(path_name)
     mapped = _open_map(path)
     cursor = _Cursor(memoryview(mapped), path)
@@ -264,7 +273,7 @@ def _read_cached(path_name: str, size: int, mtime_ns: int) -> GGUFFile:
     data_start = -(-cursor.pos // alignment) * alignment
     tensors = {name: _tensor_info(path, name, shape, type_id, data_start + offset, size)
                for name, shape, type_id, offset in table}
-    return GGUFFile(path, version, metadata, tensors, np.frombuffer(mapped, dtype=np.uint8))
+    return version, metadata, tensors
 
 
 def _tensor_info(path: Path, name: str, shape: tuple[int, ...], type_id: int, start: int, file_size: int) -> TensorInfo:
