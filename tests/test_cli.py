@@ -68,8 +68,10 @@ def test_demo_runs_offline_as_a_module():
     lines = result.stdout.splitlines()
     assert lines[0].startswith("transcript of sample.flac:") and "speech recognition" in lines[0].lower()
     assert lines[1].startswith("query:")
-    scores = [float(line.split()[0]) for line in lines[2:]]
+    chat = lines.index("chat: What is the capital of France?")
+    scores = [float(line.split()[0]) for line in lines[2:chat]]
     assert scores == sorted(scores, reverse=True) and len(scores) >= 5
+    assert "Paris" in lines[chat + 1]
 
 
 @pytest.fixture(scope="module")

@@ -147,8 +147,9 @@ def cmd_tasks(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Transcribe the bundled spoken sample with the task's default (offline) speech model, then embed the
-    bundled sentences with the real all-MiniLM-L6-v2 weights, offline, and rank them by similarity."""
+    """Transcribe the bundled spoken sample with the task's default (offline) speech model, embed the bundled
+    sentences with the real all-MiniLM-L6-v2 weights and rank them by similarity, then ask the default (offline)
+    chat model a question - no network."""
     import torch
 
     from . import pipeline
@@ -168,6 +169,12 @@ def cmd_demo(args) -> int:
     order = similarity[query].argsort(descending=True).tolist()
     for i in order[1:]:
         print(f"  {similarity[query, i]:.3f}  {sentences[i]}")
+    chat = pipeline("text-generation")
+    question = "What is the capital of France?"
+    print(f"chat: {question}\n  ", end="", flush=True)
+    for piece in chat.stream([{"role": "user", "content": question}], do_sample=False, max_new_tokens=40):
+        print(piece, end="", flush=True)
+    print()
     return 0
 
 
