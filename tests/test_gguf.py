@@ -223,18 +223,13 @@ def smollm2():
     return smollm2_folder() / SMOLLM2_NAME
 
 
-def test_smollm2_config_equals_transformers(smollm2):
-    reference = transformers.AutoConfig.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name)
-    config = lg.load_config(smollm2)
-    for key in ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "max_position_embeddings",
-                "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "head_dim"):
-        assert config[key] == getattr(reference, key), key
-    assert config["rope_parameters"]["rope_theta"] == reference.rope_parameters["rope_theta"] == 100000.0
+@pytest.fixture(scope="module")
+def smollm2_reference_tokenizer(smollm2):
+    return transformers.AutoTokenizer.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name)
 
 
-def test_smollm2_tokenizer_equals_transformers(smollm2):
-    reference = transformers.AutoTokenizer.from_pretrained(str(smollm2.parent), gguf_file=smollm2.name)
+def test_smollm2_tokenizer_equals_transformers(smollm2, smollm2_reference_tokenizer):
+    reference = smollm2_reference_tokenizer
     ours = lg.load_tokenizer(smollm2)
     assert_same_tokenizer(ours, reference, TEXTS + ["def f(x):\n    return x ** 2  # comment", "Ünïcødé façade 東京 😀"])
     assert ours.chat_template == reference.chat_template
@@ -277,6 +272,32 @@ def test_smollm2_pipeline_loads_fast(smollm2):
     # the folder + gguf_file spelling of transformers reads the same file
     other = lightpipe.pipeline("text-generation", model=str(smollm2.parent), gguf_file=smollm2.name)
     assert other.model.config == pipe.model.config
+
+
+def test_smollm2_config_and_chat_generation_equal_transformers(smollm2, smollm2_reference_tokenizer):
+    """The golden test on real weights, with one load of transformers' model (its slowest oracle): the config,
+    then greedy chat answers of the pipeline, two chats batched, against transformers' generate() chat by chat."""
+    reference = reference_model(smollm2.parent, smollm2.name)
+    config = lg.load_config(smollm2)
+    for key in ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "max_position_embeddings",
+                "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "head_dim"):
+        assert config[key] == getattr(reference.config, key), key
+    assert config["rope_parameters"]["rope_theta"] == reference.config.rope_parameters["rope_theta"] == 100000.0
+
+    tokenizer = smollm2_reference_tokenizer
+    chats = [[{"role": "user", "content": "What is the capital of France?"}],
+             [{"role": "user", "content": "Write a haiku about the sea."}]]
+    expected = []
+    for chat in chats:
+        ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt",
+                                            return_dict=True)["input_ids"]
+        out = reference.generate(ids, max_new_tokens=16, do_sample=False)
+        expected.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    pipe = lightpipe.pipeline("text-generation", model=str(smollm2))
+    results = pipe(chats, max_new_tokens=16, do_sample=False, batch_size=2)
+    assert [r[0]["generated_text"][-1]["content"] for r in results] == expected
+    assert expected[0].startswith("The capital of France is Paris")
 
 
 # ----------------------------------------------------------------------------------------------
