@@ -20,7 +20,8 @@ from lightpipe import loading
 from lightpipe.errors import CheckpointError, InvalidInput, ModelNotFound, UnsupportedModel
 from lightpipe.formats import gguf as lg
 
-SUPPORTED = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K]
+SUPPORTED = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
+             Q.IQ4_NL, Q.IQ4_XS]
 TEXTS = ["Hello world", " leading space", "Paris is the capital of France.", "héllo wörld 你好 🤗 €100",
          "a  b   c\n\nd\t e  ", "<|im_start|>user\nhi<|im_end|>\n", "The river flows<|endoftext|>at night", ""]
 
@@ -102,7 +103,7 @@ def test_unpermute_undoes_llama_cpp_permutation():
 # Weights and config against transformers' GGUF loading
 
 
-@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K],
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS],
                          ids=lambda q: q.name)
 def test_llama_state_dict_equals_transformers(folder, llama_files, qtype):
     name = llama_files(qtype)

@@ -424,6 +424,30 @@ def _q6_k(blocks):
     return (d * q).view(n, 256)
 
 
+# IQ4_NL / IQ4_XS: 4-bit indices into one fixed non-uniform grid of int8 levels, denser near zero.
+IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def _iq4_levels(q: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(IQ4_LEVELS, dtype=torch.float32)[q.long()]
+
+
+def _iq4_nl(blocks):
+    return _iq4_levels(_nibbles(blocks[:, 2:])).mul_(_half(blocks, 0))  # (n, 32)
+
+
+def _iq4_xs(blocks):
+    n = blocks.shape[0]
+    low = _nibbles(blocks[:, 4:8])  # 4 low bits of the 8 six-bit scales: (n, 8) in (byte, nibble) order ...
+    low = torch.stack([low[:, :4], low[:, 4:]], dim=-1).reshape(n, 8)  # ... sub-block 2i low, 2i + 1 high
+    high_bits = blocks[:, 2:4].contiguous().view(torch.int16).to(torch.int32)  # (n, 1) 16-bit mask
+    high = (high_bits >> torch.arange(0, 16, 2, dtype=torch.int32)) & 3  # (n, 8)
+    scales = (low.to(torch.int32) | (high << 4)) - 32
+    dl = (_half(blocks, 0) * scales.float()).view(n, 8, 1)
+    q = _nibbles(blocks[:, 8:136].reshape(n, 8, 16))  # (n, 8 sub-blocks, 32)
+    return (dl * _iq4_levels(q)).view(n, 256)
+
+
 def _floats(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda raw: raw.view(dtype)
 
@@ -432,7 +456,7 @@ def _floats(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
 DEQUANTIZERS: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
     0: _floats(torch.float32), 1: _floats(torch.float16), 30: _floats(torch.bfloat16),
     2: _q4_0, 3: _q4_1, 6: _q5_0, 7: _q5_1, 8: _q8_0,
-    10: _q2_k, 11: _q3_k, 12: _q4_k, 13: _q5_k, 14: _q6_k,
+    10: _q2_k, 11: _q3_k, 12: _q4_k, 13: _q5_k, 14: _q6_k, 20: _iq4_nl, 23: _iq4_xs,
 }
 FLOAT_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
 
