@@ -480,7 +480,7 @@ class Architecture:
     names: dict[str, str]  # top-level GGUF tensor stem -> transformers' module path
     block_names: dict[str, str]  # per-block GGUF stem -> module path inside a block
     block_prefix: str  # transformers' path of block i, with {i}
-    unpermute_qk: bool = False  # llama.cpp reorders Q/K rows for its rotary layout (llama, mistral)
+    unpermute_qk: bool = False  # llama.cpp reorders Q/K rows for its rotary layout (llama)
     conv1d: tuple[str, ...] = ()  # GGUF stems whose weight transformers stores transposed (GPT-2's Conv1D)
 
 
@@ -491,10 +491,9 @@ LLAMA_BLOCK = {
     "attn_output": "self_attn.o_proj",
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
+# llama.cpp writes Mistral's models (7B, Nemo) as "llama": there is no "mistral" architecture in GGUF files.
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("llama", "LlamaForCausalLM", LLAMA_TOP, LLAMA_BLOCK, "model.layers.{i}", unpermute_qk=True),
-    "mistral": Architecture("mistral", "MistralForCausalLM", LLAMA_TOP, LLAMA_BLOCK, "model.layers.{i}",
-                            unpermute_qk=True),
     # llama.cpp runs Qwen2 with NeoX-style rotary embeddings: its Q/K rows are stored as transformers has them.
     "qwen2": Architecture("qwen2", "Qwen2ForCausalLM", LLAMA_TOP, LLAMA_BLOCK, "model.layers.{i}"),
     "gpt2": Architecture(
@@ -606,8 +605,6 @@ def config_dict(gguf: GGUFFile) -> dict[str, Any]:
     if arch.model_type == "llama":
         config["attention_bias"] = "blk.0.attn_q.bias" in gguf.tensors
         config["mlp_bias"] = "blk.0.ffn_up.bias" in gguf.tensors
-    if arch.model_type == "mistral":
-        config["sliding_window"] = gguf.arch_value("attention.sliding_window")
     return config
 
 
