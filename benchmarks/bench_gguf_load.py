@@ -84,7 +84,8 @@ def main() -> None:
          lambda: transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)),
         ("model (float32)", fresh(lambda: loading.load_model(path, "causal-lm")),
          lambda: transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)),
-        ("text-generation pipeline, call to ready", fresh(lambda: lightpipe.pipeline("text-generation", model=str(path))),
+        ("text-generation pipeline, call to ready",
+         fresh(lambda: lightpipe.pipeline("text-generation", model=str(path))),
          lambda: transformers.pipeline(  # its pipeline() takes no gguf_file: the parts are loaded as its docs show
              "text-generation", model=transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name),
              tokenizer=transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name))),

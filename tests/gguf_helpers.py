@@ -14,7 +14,8 @@ from helpers import BPE_CORPUS, STD
 
 SMOLLM2_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHAT_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-                 "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+                 "'<|im_end|>' + '\n'}}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 USER_DEFINED = ["<think>", "</think>"]  # llama.cpp's user-defined tokens: added whole, but not special
 Q = gguf.GGMLQuantizationType
@@ -24,6 +25,14 @@ QUANTIZABLE = {Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0}
 # Byte offsets of the float16 scales in each block (d, and the min or dmin where the type has one); others: (0,).
 SCALE_OFFSETS = {Q.Q4_1: (0, 2), Q.Q5_1: (0, 2), Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2),
                  Q.Q6_K: (208,)}
+
+
+def finish(writer: gguf.GGUFWriter) -> None:
+    """Write the header, the metadata and the tensors, and close the file."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def smollm2_folder() -> Path:
@@ -158,10 +167,7 @@ def write_llama_gguf(path: Path, model, qtype=Q.F32, *, name: str = "tiny llama"
         data = encode_tensor(values, kind, seed=index)
         plain = data.dtype in (np.float32, np.float16)  # the writer infers F32/F16 from the array itself
         writer.add_tensor(gguf_name(key), data, raw_dtype=None if plain else kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     return path
 
 
@@ -259,8 +265,5 @@ def write_gpt2_gguf(path: Path, model, qtype=Q.F32) -> Path:
         kind = qtype if values.ndim == 2 and name != "position_embd.weight" else Q.F32
         data = encode_tensor(values, kind, seed=index)
         writer.add_tensor(name, data, raw_dtype=None if data.dtype in (np.float32, np.float16) else kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish(writer)
     return path

@@ -12,12 +12,14 @@ import pytest
 import torch
 import transformers
 from gguf_helpers import (CHAT_TEMPLATE, Q, QUANTIZABLE, SMOLLM2_NAME, USER_DEFINED, add_byte_level_tokenizer,
-                          add_sentencepiece_tokenizer, byte_level_vocab, random_blocks, sentencepiece_vocab,
-                          smollm2_folder, tiny_gpt2, tiny_llama, tiny_qwen2, write_gpt2_gguf, write_llama_gguf)
+                          add_sentencepiece_tokenizer, byte_level_vocab, finish, llama_permute, random_blocks,
+                          sentencepiece_vocab, smollm2_folder, tiny_gpt2, tiny_llama, tiny_qwen2, write_gpt2_gguf,
+                          write_llama_gguf)
 
 import lightpipe
 from lightpipe import loading
 from lightpipe.errors import CheckpointError, InvalidInput, ModelNotFound, UnsupportedModel
+from lightpipe.formats import ggml
 from lightpipe.formats import gguf as lg
 
 SUPPORTED = [Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K,
@@ -73,7 +75,7 @@ def test_dequantize_is_bit_exact(qtype):
     for seed in range(3):
         data = stored_bytes(qtype, seed=seed)
         expected = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(data, qtype), dtype=np.float32))
-        got = lg.dequantize(torch.from_numpy(data.reshape(-1)), int(qtype), (6, 512)).float()
+        got = ggml.dequantize(torch.from_numpy(data.reshape(-1)), int(qtype), (6, 512)).float()
         assert got.shape == expected.shape
         assert torch.equal(bits(got), bits(expected))
 
@@ -83,14 +85,12 @@ def test_dequantize_round_trip_of_quantised_floats(qtype):
     values = np.random.default_rng(1).normal(0, 0.2, (8, 256)).astype(np.float32)
     data = gguf.quants.quantize(values, qtype)
     expected = torch.from_numpy(gguf.quants.dequantize(data, qtype).astype(np.float32))
-    got = lg.dequantize(torch.from_numpy(data.reshape(-1).copy()), int(qtype), (8, 256)).float()
+    got = ggml.dequantize(torch.from_numpy(data.reshape(-1).copy()), int(qtype), (8, 256)).float()
     assert torch.equal(bits(got), bits(expected))
     assert (got - torch.from_numpy(values)).abs().max() < 0.1  # and the values are near the originals
 
 
 def test_unpermute_undoes_llama_cpp_permutation():
-    from gguf_helpers import llama_permute
-
     weight = np.random.default_rng(0).normal(size=(4 * 16, 12)).astype(np.float32)
     permuted = llama_permute(weight, 4)
     assert not np.array_equal(permuted, weight)
@@ -187,8 +187,7 @@ def test_byte_level_tokenizer_equals_transformers(folder, pre):
     writer = gguf.GGUFWriter(str(folder / name), "llama")
     add_byte_level_tokenizer(writer, tokens, merges, pre=pre, add_bos=None)
     writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 32), dtype=np.float32))
-    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file, writer.close):
-        write()
+    finish(writer)
     reference = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
     ours = lg.load_tokenizer(folder / name)
     assert_same_tokenizer(ours, reference, TEXTS + ["don't stop 12345 abc's", "x\r\ny   \n", "CamelCase wordsHere a/b",
@@ -207,8 +206,7 @@ def test_sentencepiece_tokenizer_equals_transformers(folder, add_bos):
     if add_bos is not None:
         writer.add_add_bos_token(add_bos)
     writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 32), dtype=np.float32))
-    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file, writer.close):
-        write()
+    finish(writer)
     reference = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
     ours = lg.load_tokenizer(folder / name)
     assert_same_tokenizer(ours, reference, TEXTS + ["<s> x </s>", "ZQX unseen ŷ"])
@@ -232,7 +230,8 @@ def smollm2_reference_tokenizer(smollm2):
 def test_smollm2_tokenizer_equals_transformers(smollm2, smollm2_reference_tokenizer):
     reference = smollm2_reference_tokenizer
     ours = lg.load_tokenizer(smollm2)
-    assert_same_tokenizer(ours, reference, TEXTS + ["def f(x):\n    return x ** 2  # comment", "Ünïcødé façade 東京 😀"])
+    assert_same_tokenizer(ours, reference,
+                          TEXTS + ["def f(x):\n    return x ** 2  # comment", "Ünïcødé façade 東京 😀"])
     assert ours.chat_template == reference.chat_template
     assert "<|im_start|>" in ours.chat_template
 
@@ -246,12 +245,14 @@ def test_smollm2_weights_equal_the_gguf_package(smollm2):
                  "blk.3.attn_norm.weight"):
         info = parsed.tensors[name]
         rows = parsed.raw(name).numpy().reshape(int(np.prod(info.shape[:-1])), -1)  # (rows, stored bytes per row)
-        stored[name] = np.array(gguf.quants.dequantize(rows, gguf.GGMLQuantizationType(info.ggml_type))).reshape(info.shape)
+        values = gguf.quants.dequantize(rows, gguf.GGMLQuantizationType(info.ggml_type))
+        stored[name] = np.array(values).reshape(info.shape)
     state = lg.load_state_dict(smollm2)
     assert len(state) == 272 and "lm_head.weight" not in state  # tied embeddings
     assert torch.equal(state["model.embed_tokens.weight"], torch.from_numpy(stored["token_embd.weight"]))
     assert torch.equal(state["model.layers.3.mlp.down_proj.weight"], torch.from_numpy(stored["blk.3.ffn_down.weight"]))
-    assert torch.equal(state["model.layers.3.input_layernorm.weight"], torch.from_numpy(stored["blk.3.attn_norm.weight"]))
+    assert torch.equal(state["model.layers.3.input_layernorm.weight"],
+                       torch.from_numpy(stored["blk.3.attn_norm.weight"]))
     for stem, heads in (("q", 9), ("k", 3)):
         gguf_rows = torch.from_numpy(stored[f"blk.3.attn_{stem}.weight"])
         ours = state[f"model.layers.3.self_attn.{stem}_proj.weight"]
@@ -379,7 +380,8 @@ def with_tensor_type(source, target, tensor: str, type_id: int):
 
 @pytest.mark.parametrize("type_id, label", [(16, "IQ2_XXS"), (99, "ggml type 99")])
 def test_unknown_quantisation_type_is_unsupported_model(folder, llama_files, type_id, label):
-    path = with_tensor_type(folder / llama_files(Q.Q8_0), folder / f"type-{type_id}.gguf", "blk.0.attn_q.weight", type_id)
+    path = with_tensor_type(folder / llama_files(Q.Q8_0), folder / f"type-{type_id}.gguf", "blk.0.attn_q.weight",
+                            type_id)
     with pytest.raises(UnsupportedModel, match=label) as error:
         lg.read(path)
     assert "blk.0.attn_q.weight" in str(error.value) and "Q4_K" in str(error.value)
@@ -390,8 +392,7 @@ def test_unsupported_architecture_is_named(folder):
     writer = gguf.GGUFWriter(str(path), "falcon")
     writer.add_block_count(1)
     writer.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
-    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file, writer.close):
-        write()
+    finish(writer)
     with pytest.raises(UnsupportedModel, match="'falcon'") as error:
         lg.load_config(path)
     assert "llama" in str(error.value) and "qwen2" in str(error.value) and "gpt2" in str(error.value)
@@ -405,8 +406,7 @@ def test_unsupported_tokenizer_kind_is_named(folder):
     writer.add_tokenizer_model("t5")
     writer.add_token_list(["<pad>", "</s>", "a"])
     writer.add_tensor("token_embd.weight", np.zeros((3, 32), dtype=np.float32))
-    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file, writer.close):
-        write()
+    finish(writer)
     with pytest.raises(UnsupportedModel, match="'t5' tokenizer"):
         lg.load_tokenizer(path)
 
@@ -440,8 +440,7 @@ def test_per_layer_head_counts_that_differ_are_unsupported(folder):
     writer.add_head_count_kv([2, 4])
     writer.add_vocab_size(8)
     writer.add_tensor("token_embd.weight", np.zeros((8, 32), dtype=np.float32))
-    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file, writer.close):
-        write()
+    finish(writer)
     with pytest.raises(UnsupportedModel, match=r"llama.attention.head_count_kv per layer"):
         lg.load_config(path)
 

@@ -8,12 +8,13 @@ A GGUF file is one self-contained checkpoint, little-endian throughout:
     padding up to `general.alignment` (32), then the tensor data
 
 Tensors are stored as ggml types: plain floats (F32, F16, BF16) or quantised blocks (Q8_0, Q4_K, ...),
-which this module dequantises with torch, all blocks of a tensor at once. The file is memory-mapped:
-nothing but the metadata is read until a tensor is asked for.
+dequantised by formats/ggml.py. The file is memory-mapped: nothing but the metadata is read until a tensor
+is asked for.
 
 `read(path)` parses the header; `config_dict`, `state_dict` and `tokenizer` turn it into config.json's
 keys (transformers' names), weights under transformers' names and layouts (llama.cpp's Q/K row
-permutation undone, GPT-2's Conv1D layout restored) and a lightpipe Tokenizer with the chat template.
+permutation undone, GPT-2's Conv1D layout restored) and a lightpipe Tokenizer with the chat template
+(formats/gguf_tokenizer.py).
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from ..errors import CheckpointError, InvalidInput, UnsupportedModel
+from .ggml import DEQUANTIZERS, GGML_TYPES, dequantize, ggml_type_label
 
 logger = logging.getLogger(__name__)
 
@@ -56,38 +58,6 @@ def is_gguf_path(path: str | os.PathLike) -> bool:
             return f.read(len(MAGIC)) == MAGIC
     except OSError:
         return False
-
-
-# ----------------------------------------------------------------------------------------------
-# ggml types: id -> name, elements per block, bytes per block
-
-
-@dataclass(frozen=True)
-class GGMLType:
-    name: str
-    block_elements: int
-    block_bytes: int
-
-
-GGML_TYPES: dict[int, GGMLType] = {
-    0: GGMLType("F32", 1, 4), 1: GGMLType("F16", 1, 2),
-    2: GGMLType("Q4_0", 32, 18), 3: GGMLType("Q4_1", 32, 20),
-    6: GGMLType("Q5_0", 32, 22), 7: GGMLType("Q5_1", 32, 24),
-    8: GGMLType("Q8_0", 32, 34), 9: GGMLType("Q8_1", 32, 40),
-    10: GGMLType("Q2_K", 256, 84), 11: GGMLType("Q3_K", 256, 110), 12: GGMLType("Q4_K", 256, 144),
-    13: GGMLType("Q5_K", 256, 176), 14: GGMLType("Q6_K", 256, 210), 15: GGMLType("Q8_K", 256, 292),
-    16: GGMLType("IQ2_XXS", 256, 66), 17: GGMLType("IQ2_XS", 256, 74), 18: GGMLType("IQ3_XXS", 256, 98),
-    19: GGMLType("IQ1_S", 256, 50), 20: GGMLType("IQ4_NL", 32, 18), 21: GGMLType("IQ3_S", 256, 110),
-    22: GGMLType("IQ2_S", 256, 82), 23: GGMLType("IQ4_XS", 256, 136),
-    24: GGMLType("I8", 1, 1), 25: GGMLType("I16", 1, 2), 26: GGMLType("I32", 1, 4), 27: GGMLType("I64", 1, 8),
-    28: GGMLType("F64", 1, 8), 29: GGMLType("IQ1_M", 256, 56), 30: GGMLType("BF16", 1, 2),
-    34: GGMLType("TQ1_0", 256, 54), 35: GGMLType("TQ2_0", 256, 66), 39: GGMLType("MXFP4", 32, 17),
-}
-
-
-def ggml_type_label(type_id: int) -> str:
-    known = GGML_TYPES.get(type_id)
-    return f"{known.name} (ggml type {type_id})" if known else f"ggml type {type_id}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,7 +127,8 @@ class _Cursor:
         try:
             return str(raw, "utf-8")
         except UnicodeDecodeError as e:
-            raise CheckpointError(f"{self.path} holds a string that is not UTF-8 at offset {self.pos - len(raw)}.") from e
+            raise CheckpointError(f"{self.path} holds a string that is not UTF-8 at offset "
+                                  f"{self.pos - len(raw)}.") from e
 
     def strings(self, count: int) -> list[str]:
         """`count` strings in a row (a vocabulary, a merge list): the hot loop of reading a header."""
@@ -296,177 +267,6 @@ def _tensor_info(path: Path, name: str, shape: tuple[int, ...], type_id: int, st
             f"{file_size} bytes. Download it again."
         )
     return TensorInfo(name, shape, type_id, start, nbytes)
-
-
-# ----------------------------------------------------------------------------------------------
-# Dequantisation: (n_blocks * block_bytes,) uint8 -> float values, every block of a tensor at once.
-# Each formula keeps the order of operations of ggml's reference code in float32, so results are bit-exact.
-
-
-def _blocks(raw: torch.Tensor, kind: GGMLType) -> torch.Tensor:
-    return raw.view(-1, kind.block_bytes)  # (n_blocks, block_bytes)
-
-
-def _half(blocks: torch.Tensor, start: int) -> torch.Tensor:
-    """The float16 at byte `start` of every block, as float32: (n_blocks, 1)."""
-    return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
-
-
-def _nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """(n, k) bytes -> (n, 2k): the low nibbles of all bytes, then their high nibbles (ggml's order)."""
-    return torch.cat([packed & 0x0F, packed >> 4], dim=-1)
-
-
-def _bits(packed: torch.Tensor) -> torch.Tensor:
-    """(..., k) bytes -> (..., 8, k): bit j of every byte along a new axis (ggml's high-bit planes)."""
-    shifts = torch.arange(8, dtype=torch.uint8).view(8, 1)
-    return (packed.unsqueeze(-2) >> shifts) & 1
-
-
-def _crumbs(packed: torch.Tensor) -> torch.Tensor:
-    """(..., k) bytes -> (..., 4, k): the 2-bit fields at shifts 0, 2, 4, 6 along a new axis."""
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8).view(4, 1)
-    return (packed.unsqueeze(-2) >> shifts) & 3
-
-
-def _scaled(q: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
-    """d * q (+ m), in place on the float copy of q; d and m broadcast over each block's values."""
-    out = q.to(torch.float32)
-    out.mul_(d)
-    return out.add_(m) if m is not None else out
-
-
-def _q8_0(blocks):
-    return _scaled(blocks[:, 2:].view(torch.int8), _half(blocks, 0))  # (n, 32)
-
-
-def _q4_0(blocks):
-    return _scaled(_nibbles(blocks[:, 2:]).view(torch.int8) - 8, _half(blocks, 0))
-
-
-def _q4_1(blocks):
-    return _scaled(_nibbles(blocks[:, 4:]), _half(blocks, 0), _half(blocks, 2))
-
-
-def _five_bit(low_packed: torch.Tensor, high_packed: torch.Tensor) -> torch.Tensor:
-    """Q5_0/Q5_1 values 0..31: 4 low bits from nibbles, bit 4 from a little-endian 32-bit mask."""
-    high = _bits(high_packed).transpose(-1, -2).reshape(high_packed.shape[0], 32)  # bit j of the mask -> value j
-    return _nibbles(low_packed) | (high << 4)
-
-
-def _q5_0(blocks):
-    return _scaled(_five_bit(blocks[:, 6:], blocks[:, 2:6]).view(torch.int8) - 16, _half(blocks, 0))
-
-
-def _q5_1(blocks):
-    return _scaled(_five_bit(blocks[:, 8:], blocks[:, 4:8]), _half(blocks, 0), _half(blocks, 2))
-
-
-def _q2_k(blocks):
-    n = blocks.shape[0]
-    scales, d, dmin = blocks[:, :16], _half(blocks, 80), _half(blocks, 82)
-    dl = (d * (scales & 0x0F).float()).view(n, 16, 1)
-    ml = (dmin * (scales >> 4).float()).view(n, 16, 1)
-    q = _crumbs(blocks[:, 16:80].reshape(n, 2, 32)).reshape(n, 16, 16).float()  # (n, 16 groups, 16)
-    return (dl * q - ml).view(n, 256)
-
-
-def _q3_k(blocks):
-    n = blocks.shape[0]
-    d = _half(blocks, 108)
-    low = _nibbles(blocks[:, 96:104])  # 4 low bits of the 16 six-bit scales
-    high = _crumbs(blocks[:, 104:108]).reshape(n, 16)  # their 2 high bits
-    scales = ((low | (high << 4)).view(torch.int8) - 32).float()
-    dl = (d * scales).view(n, 16, 1)
-    q_low = _crumbs(blocks[:, 32:96].reshape(n, 2, 32)).reshape(n, 16, 16)
-    q_high = _bits(blocks[:, :32]).reshape(n, 16, 16) ^ 1  # a set mask bit means no -4 offset
-    q = (q_low.view(torch.int8) - (q_high << 2).view(torch.int8)).float()
-    return (dl * q).view(n, 256)
-
-
-def _k_scales(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K/Q5_K: 12 bytes -> 8 six-bit scales and 8 six-bit mins per super-block, (n, 8) each."""
-    first, second, third = packed[:, 0:4], packed[:, 4:8], packed[:, 8:12]
-    scales = torch.cat([first & 0x3F, (third & 0x0F) | ((first >> 2) & 0x30)], dim=-1)
-    mins = torch.cat([second & 0x3F, (third >> 4) | ((second >> 2) & 0x30)], dim=-1)
-    return scales, mins
-
-
-def _k_scaled(q: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """(n, 8, 32) values of Q4_K/Q5_K -> d * scale * q - dmin * min, (n, 256)."""
-    n = blocks.shape[0]
-    scales, mins = _k_scales(blocks[:, 4:16])
-    d = (_half(blocks, 0) * scales.float()).view(n, 8, 1)
-    dm = (_half(blocks, 2) * mins.float()).view(n, 8, 1)
-    return (d * q.float() - dm).view(n, 256)
-
-
-def _q4_k(blocks):
-    n = blocks.shape[0]
-    q = _nibbles(blocks[:, 16:144].reshape(n, 4, 32)).view(n, 8, 32)  # 32 bytes give two groups of 32
-    return _k_scaled(q, blocks)
-
-
-def _q5_k(blocks):
-    n = blocks.shape[0]
-    low = _nibbles(blocks[:, 48:176].reshape(n, 4, 32)).view(n, 8, 32)
-    high = _bits(blocks[:, 16:48]).view(n, 8, 32)
-    return _k_scaled(low | (high << 4), blocks)
-
-
-def _q6_k(blocks):
-    n = blocks.shape[0]
-    scales = blocks[:, 192:208].view(torch.int8).float()
-    d = (_half(blocks, 208) * scales).view(n, 16, 1)
-    low = _nibbles(blocks[:, :128].reshape(n, 2, 64)).view(n, 8, 32)
-    high = _crumbs(blocks[:, 128:192].reshape(n, 2, 32)).reshape(n, 8, 32)
-    q = ((low | (high << 4)).view(torch.int8) - 32).view(n, 16, 16).float()
-    return (d * q).view(n, 256)
-
-
-# IQ4_NL / IQ4_XS: 4-bit indices into one fixed non-uniform grid of int8 levels, denser near zero.
-IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
-
-
-def _iq4_levels(q: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(IQ4_LEVELS, dtype=torch.float32)[q.long()]
-
-
-def _iq4_nl(blocks):
-    return _iq4_levels(_nibbles(blocks[:, 2:])).mul_(_half(blocks, 0))  # (n, 32)
-
-
-def _iq4_xs(blocks):
-    n = blocks.shape[0]
-    low = _nibbles(blocks[:, 4:8])  # 4 low bits of the 8 six-bit scales: (n, 8) in (byte, nibble) order ...
-    low = torch.stack([low[:, :4], low[:, 4:]], dim=-1).reshape(n, 8)  # ... sub-block 2i low, 2i + 1 high
-    high_bits = blocks[:, 2:4].contiguous().view(torch.int16).to(torch.int32)  # (n, 1) 16-bit mask
-    high = (high_bits >> torch.arange(0, 16, 2, dtype=torch.int32)) & 3  # (n, 8)
-    scales = (low.to(torch.int32) | (high << 4)) - 32
-    dl = (_half(blocks, 0) * scales.float()).view(n, 8, 1)
-    q = _nibbles(blocks[:, 8:136].reshape(n, 8, 16))  # (n, 8 sub-blocks, 32)
-    return (dl * _iq4_levels(q)).view(n, 256)
-
-
-def _floats(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda raw: raw.view(dtype)
-
-
-# ggml type id -> bytes (n_blocks, block_bytes) -> values (n_blocks, block_elements); float types take raw bytes.
-DEQUANTIZERS: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
-    0: _floats(torch.float32), 1: _floats(torch.float16), 30: _floats(torch.bfloat16),
-    2: _q4_0, 3: _q4_1, 6: _q5_0, 7: _q5_1, 8: _q8_0,
-    10: _q2_k, 11: _q3_k, 12: _q4_k, 13: _q5_k, 14: _q6_k, 20: _iq4_nl, 23: _iq4_xs,
-}
-FLOAT_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
-
-
-def dequantize(raw: torch.Tensor, type_id: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Stored bytes of one tensor -> its values in `shape`: float types as stored, quantised ones as float32."""
-    if type_id in FLOAT_TYPES:
-        return DEQUANTIZERS[type_id](raw).view(shape)
-    kind = GGML_TYPES[type_id]
-    return DEQUANTIZERS[type_id](_blocks(raw, kind)).view(shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -688,151 +488,11 @@ def state_dict(gguf: GGUFFile, config: dict[str, Any] | None = None) -> dict[str
     return state
 
 
-# ----------------------------------------------------------------------------------------------
-# Tokenizer: tokenizer.ggml.* metadata -> a `tokenizers` backend, as transformers' GGUF converter builds it
-
-CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types
-SPECIAL_IDS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
-               "pad_token": "padding_token_id"}
-# Split patterns of the byte-level vocabularies whose merges were learned on another split than GPT-2's,
-# by tokenizer.ggml.pre (the pretokenizer llama.cpp names).
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-TEKKEN_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-                r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-                r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-PRE_TOKENIZER_SPLITS = {
-    "tekken": TEKKEN_SPLIT,  # Mistral Nemo, written as a llama model
-    "llama3": LLAMA3_SPLIT, "llama-v3": LLAMA3_SPLIT, "llama-bpe": LLAMA3_SPLIT, "smaug-bpe": LLAMA3_SPLIT,
-    "dbrx": LLAMA3_SPLIT, "falcon3": LLAMA3_SPLIT, "pixtral": LLAMA3_SPLIT,
-    "qwen2": QWEN2_SPLIT, "deepseek-r1-qwen": QWEN2_SPLIT, "megrez": QWEN2_SPLIT,
-}
-
-
-@functools.lru_cache(maxsize=1)
-def byte_alphabet() -> dict[int, str]:
-    """GPT-2's byte -> printable character table: printable Latin-1 bytes map to themselves, the other
-    bytes to the characters from U+0100 on, in byte order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {b: chr(b) for b in printable}, 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
-def _token_types(gguf: GGUFFile, count: int) -> np.ndarray:
-    types = gguf.metadata.get("tokenizer.ggml.token_type")
-    return np.asarray(types) if types is not None else np.zeros(count, dtype=np.int32)
-
-
-def _byte_level_backend(gguf: GGUFFile, tokens: list[str]):
-    """Byte-level BPE (GPT-2, SmolLM, Qwen2, Llama 3): the vocabulary spelled in GPT-2's byte alphabet."""
-    from tokenizers import Regex, Tokenizer as Backend, decoders, models, pre_tokenizers
-
-    spelling = byte_alphabet()
-    alphabet = set(spelling.values())
-    # A token outside the alphabet (some converters write added tokens in plain UTF-8) is respelled.
-    vocab = {(t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))): i
-             for i, t in enumerate(tokens)}
-    merges = _merges(gguf, vocab, tokens)
-    backend = Backend(models.BPE(vocab, merges, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
-    split = PRE_TOKENIZER_SPLITS.get(str(gguf.metadata.get("tokenizer.ggml.pre", "")))
-    if split is None:
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    else:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(split), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
-    backend.decoder = decoders.ByteLevel()
-    return backend, alphabet
-
-
-def _sentencepiece_backend(gguf: GGUFFile, tokens: list[str]):
-    """SentencePiece-style BPE (Llama 1/2, Mistral): "▁" for spaces, byte fallback for unknown characters."""
-    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers
-
-    vocab = {t: i for i, t in enumerate(tokens)}
-    merges = _merges(gguf, vocab, tokens, gguf.metadata.get("tokenizer.ggml.scores"))
-    backend = Backend(models.BPE(vocab, merges, fuse_unk=True, byte_fallback=True))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(content=" ", left=1)])
-    return backend, None
-
-
-def _merges(gguf: GGUFFile, vocab: dict[str, int], tokens: list[str], scores=None) -> list[tuple[str, str]]:
-    """The file's merges, or (SentencePiece files carry none) those its vocabulary implies: every split of a
-    token into two tokens, best-scored token first."""
-    merges = gguf.metadata.get("tokenizer.ggml.merges")
-    if merges is not None:
-        return [tuple(m.split(" ", 1)) for m in merges]
-    if scores is None:
-        raise CheckpointError(f"{gguf.path} has a BPE vocabulary without merges or scores; it cannot be tokenized.")
-    found = []
-    for token, score in dict(zip(tokens, np.asarray(scores).tolist())).items():  # a repeated token: its last score
-        pairs = [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in vocab and token[k:] in vocab]
-        pairs.sort(key=lambda p: (vocab[p[0]], vocab[p[1]]))
-        found.extend((left, right, score) for left, right in pairs)
-    found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
-    return [(left, right) for left, right, _ in found]
-
-
-TOKENIZER_BUILDERS = {"gpt2": _byte_level_backend, "llama": _sentencepiece_backend}
-
-
 def tokenizer(gguf: GGUFFile):
-    """The file's own tokenizer (vocabulary, merges, special tokens, BOS/EOS flags, chat template), as a
-    lightpipe Tokenizer equal to the one transformers builds with `AutoTokenizer.from_pretrained(gguf_file=)`."""
-    from tokenizers import AddedToken
+    """The file's own tokenizer as a lightpipe Tokenizer (see formats/gguf_tokenizer.py)."""
+    from .gguf_tokenizer import build_tokenizer
 
-    from ..processing.text import Tokenizer
-
-    kind = str(gguf.metadata.get("tokenizer.ggml.model", ""))
-    tokens = gguf.metadata.get("tokenizer.ggml.tokens")
-    if kind not in TOKENIZER_BUILDERS or tokens is None:
-        raise UnsupportedModel(
-            f"{gguf.path} has a {kind or 'missing'!r} tokenizer; lightpipe builds GGUF tokenizers of the kinds "
-            f"{', '.join(sorted(TOKENIZER_BUILDERS))}. Pass tokenizer= a Hugging Face tokenizer folder."
-        )
-    backend, alphabet = TOKENIZER_BUILDERS[kind](gguf, tokens)
-    types = _token_types(gguf, len(tokens))
-    # Control tokens (<|im_end|>) stay whole as special tokens, user-defined ones (<think>) as plain added
-    # tokens. In a byte-level vocabulary a "control" token outside the byte alphabet is a converter's
-    # mislabel that no model id stands behind, so it is left out, as transformers does.
-    def spelled(kind: int) -> list[str]:
-        return [tokens[i] for i in np.flatnonzero(types == kind) if alphabet is None or set(tokens[i]) <= alphabet]
-
-    backend.add_special_tokens([AddedToken(token, normalized=False, special=True) for token in spelled(CONTROL)])
-    backend.add_tokens([AddedToken(token, normalized=False, special=False) for token in spelled(USER_DEFINED)])
-    special = {name: tokens[int(gguf.metadata[f"tokenizer.ggml.{key}"])] for name, key in SPECIAL_IDS.items()
-               if f"tokenizer.ggml.{key}" in gguf.metadata and int(gguf.metadata[f"tokenizer.ggml.{key}"]) < len(tokens)}
-    # The named special tokens (an <unk> typed "unknown", not "control") are special too.
-    backend.add_special_tokens([AddedToken(token, normalized=False, special=True) for token in special.values()])
-    # llama.cpp adds BOS to SentencePiece vocabularies unless the file says otherwise.
-    add_bos = bool(gguf.metadata.get("tokenizer.ggml.add_bos_token", kind == "llama")) and "bos_token" in special
-    add_eos = bool(gguf.metadata.get("tokenizer.ggml.add_eos_token", False)) and "eos_token" in special
-    backend.post_processor = _template(backend, special, add_bos, add_eos)
-    return Tokenizer(backend, special, returns_token_type_ids=False, name_or_path=str(gguf.path),
-                     chat_template=gguf.metadata.get("tokenizer.chat_template"))
-
-
-def _template(backend, special: dict[str, str], add_bos: bool, add_eos: bool):
-    from tokenizers import processors
-
-    bos, eos = special.get("bos_token"), special.get("eos_token")
-    first = f"{bos}:0 " if add_bos else ""
-    last = f" {eos}:0" if add_eos else ""
-    pair_first = f" {bos}:1" if add_bos else ""
-    pair_last = f" {eos}:1" if add_eos else ""
-    used = ([(bos, backend.token_to_id(bos))] if add_bos else []) + ([(eos, backend.token_to_id(eos))] if add_eos else [])
-    return processors.TemplateProcessing(single=f"{first}$A:0{last}",
-                                         pair=f"{first}$A:0{last}{pair_first} $B:1{pair_last}",
-                                         special_tokens=used)
+    return build_tokenizer(gguf)
 
 
 # ----------------------------------------------------------------------------------------------
