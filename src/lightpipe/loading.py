@@ -249,7 +249,7 @@ def load_model(folder: Path, head: str, *, dtype: Any = "auto", device: Any = No
     module = models.architecture_module(config.model_type)
     model = build_model(config, head)
     if gguf.is_gguf_path(folder):
-        state = gguf.load_state_dict(folder)
+        state = gguf.load_state_dict(folder, resolve_dtype(dtype, config))  # cast tensor by tensor: a lower peak
     else:
         state = ct2.load_ct2_state_dict(folder) if ct2.is_ct2_folder(folder) else read_state_dict(weight_files(folder))
     load_weights(model, state, module, resolve_dtype(dtype, config, state), str(folder))

@@ -460,9 +460,11 @@ def _hf_tensor(gguf: GGUFFile, name: str, stem: str, arch: Architecture, config:
     return tensor
 
 
-def state_dict(gguf: GGUFFile, config: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+def state_dict(gguf: GGUFFile, config: dict[str, Any] | None = None,
+               dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Every tensor under transformers' name and in its layout; quantised tensors dequantised to float32,
-    float tensors as stored (views of the map when no reordering is needed)."""
+    float tensors as stored (views of the map when no reordering is needed). With `dtype`, each tensor is
+    cast as soon as it is dequantised, so a half-precision load never holds the whole model in float32."""
     arch = architecture_of(gguf)
     config = config or config_dict(gguf)
     unknown = []
@@ -479,7 +481,8 @@ def state_dict(gguf: GGUFFile, config: dict[str, Any] | None = None) -> dict[str
             continue
         key, stem = target
         with _one_thread_if(math.prod(info.shape) < PARALLEL_MIN_VALUES):
-            state[key] = _hf_tensor(gguf, name, stem, arch, config)
+            tensor = _hf_tensor(gguf, name, stem, arch, config)
+            state[key] = tensor if dtype is None else tensor.to(dtype)
     if unknown:
         raise CheckpointError(
             f"{gguf.path} holds tensors lightpipe does not know for a {gguf.architecture} model: "
@@ -503,8 +506,8 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
     return config_dict(read(path))
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    return state_dict(read(path))
+def load_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    return state_dict(read(path), dtype=dtype)
 
 
 def load_tokenizer(path: str | os.PathLike):
