@@ -465,3 +465,33 @@ def test_weights_changed_in_place_do_not_leak_into_the_next_load(folder, llama_f
 def test_hub_id_with_gguf_file_offline_is_model_not_found():
     with pytest.raises(ModelNotFound, match="model.Q4_0.gguf"):
         lightpipe.pipeline("text-generation", model="nobody-here/missing-GGUF", gguf_file="model.Q4_0.gguf")
+
+
+def test_metadata_of_every_value_type(folder):
+    """Each GGUF metadata type (8 integer widths, floats, bool, string, arrays of them, arrays of arrays) reads
+    back as the gguf package wrote it."""
+    path = folder / "metadata.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    values = {"u8": (writer.add_uint8, 200), "i8": (writer.add_int8, -100), "u16": (writer.add_uint16, 60000),
+              "i16": (writer.add_int16, -30000), "u32": (writer.add_uint32, 4_000_000_000),
+              "i32": (writer.add_int32, -2_000_000_000), "u64": (writer.add_uint64, 2**63 + 5),
+              "i64": (writer.add_int64, -(2**62)), "f32": (writer.add_float32, 0.5), "f64": (writer.add_float64, 1e-300),
+              "bool": (writer.add_bool, True), "str": (writer.add_string, "héllo ✓")}
+    for key, (add, value) in values.items():
+        add(f"test.{key}", value)
+    writer.add_array("test.ints", [1, -2, 3])
+    writer.add_array("test.floats", [0.25, -1.5])
+    writer.add_array("test.strings", ["a", "", "ü"])
+    writer.add_array("test.bools", [True, False])
+    writer.add_array("test.nested", [[1, 2], [3]])
+    writer.add_tensor("token_embd.weight", np.zeros((4, 32), dtype=np.float32))
+    finish(writer)
+    metadata = lg.read(path).metadata
+    for key, (_, value) in values.items():
+        assert metadata[f"test.{key}"] == value, key
+    assert metadata["test.ints"].tolist() == [1, -2, 3]
+    assert metadata["test.floats"].tolist() == [0.25, -1.5]
+    assert metadata["test.strings"] == ["a", "", "ü"]
+    assert metadata["test.bools"].tolist() == [True, False]
+    assert [a.tolist() for a in metadata["test.nested"]] == [[1, 2], [3]]
+    assert metadata["general.architecture"] == "llama"
