@@ -476,7 +476,8 @@ def test_metadata_of_every_value_type(folder):
               "i16": (writer.add_int16, -30000), "u32": (writer.add_uint32, 4_000_000_000),
               "i32": (writer.add_int32, -2_000_000_000), "u64": (writer.add_uint64, 2**63 + 5),
               "i64": (writer.add_int64, -(2**62)), "f32": (writer.add_float32, 0.5),
-              "f64": (writer.add_float64, 1e-300), "bool": (writer.add_bool, True), "str": (writer.add_string, "héllo ✓")}
+              "f64": (writer.add_float64, 1e-300), "bool": (writer.add_bool, True),
+              "str": (writer.add_string, "héllo ✓")}
     for key, (add, value) in values.items():
         add(f"test.{key}", value)
     writer.add_array("test.ints", [1, -2, 3])
