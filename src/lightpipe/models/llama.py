@@ -206,17 +206,19 @@ class RotaryEmbedding:
             self._inv_freq = inverse_frequencies(self.settings, self.dim, self.max_positions)
         return self._inv_freq
 
-    def __call__(self, positions: torch.Tensor, end: int, dtype: torch.dtype) -> torch.Tensor:
-        """positions (B, t), all below `end` -> (B, t, 1, 2D) [cos | signed sin] rows in `dtype`."""
+    def __call__(self, positions: torch.Tensor, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, t), all below `end` -> cos and signed sin, each (B, t, 1, D) in `dtype`, for apply_rope."""
+        rows = None
         if self.dynamic and end > self.max_positions:
             seq_len = int(positions.max()) + 1  # transformers scales by the longest row's length
             if seq_len > self.max_positions:
-                rows = _cos_sin(positions, self.inv_freq(seq_len).to(positions.device))
-                return rows.to(dtype)[:, :, None, :]
-        table = self._table
-        if table is None or table.shape[0] < end or table.dtype != dtype or table.device != positions.device:
-            table = self._table = self._build(end, dtype, positions.device)
-        return F.embedding(positions, table)[:, :, None, :]
+                rows = _cos_sin(positions, self.inv_freq(seq_len).to(positions.device)).to(dtype)
+        if rows is None:
+            table = self._table
+            if table is None or table.shape[0] < end or table.dtype != dtype or table.device != positions.device:
+                table = self._table = self._build(end, dtype, positions.device)
+            rows = F.embedding(positions, table)  # (B, t, 2D)
+        return rows[:, :, None, :self.dim], rows[:, :, None, self.dim:]
 
     def _build(self, end: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         size = max(256, 1 << (end - 1).bit_length())  # doubling: a long generation rebuilds it a few times only
@@ -226,13 +228,11 @@ class RotaryEmbedding:
         return _cos_sin(positions, self.inv_freq()).to(device=device, dtype=dtype)
 
 
-def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, t, H, D) heads by (B, t, 1, 2D) [cos | signed sin]: x * cos + rotate_half(x) * sin.
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, t, H, D) heads by (B, t, 1, D) cos and signed sin: x * cos + rotate_half(x) * sin.
 
     rotate_half(x) * sin = [-x2, x1] * [s, s] = [x2, x1] * [-s, s], so the sine's sign lives in the table."""
-    d = x.shape[-1]
-    half = d // 2
-    cos, signed_sin = cos_sin[..., :d], cos_sin[..., d:]
+    half = x.shape[-1] // 2
     swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)  # [x2, x1]
     return x * cos + swapped * signed_sin
 
@@ -270,12 +270,13 @@ class LlamaAttention(nn.Module):
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.output_bias)
         self._qkv = FusedProjection()
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, cache: KVCache, index: int, mask) -> torch.Tensor:
-        """x: (B, t, C) the new positions -> (B, t, C)."""
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, index: int,
+                mask) -> torch.Tensor:
+        """x: (B, t, C) the new positions -> (B, t, C). rope: cos and signed sin, each (B, t, 1, D)."""
         b, t, _ = x.shape
         qkv = linear(x, self._qkv.refresh((self.q_proj, self.k_proj, self.v_proj)))
         qkv = qkv.view(b, t, -1, self.head_dim)  # (B, t, Hq + 2 Hkv, D)
-        rotated = apply_rope(qkv[:, :, :self.num_heads + self.num_kv_heads], cos_sin)  # (B, t, Hq + Hkv, D)
+        rotated = apply_rope(qkv[:, :, :self.num_heads + self.num_kv_heads], *rope)  # (B, t, Hq + Hkv, D)
         q = rotated[:, :, :self.num_heads].transpose(1, 2)  # (B, Hq, t, D)
         k = rotated[:, :, self.num_heads:].transpose(1, 2)  # (B, Hkv, t, D)
         v = qkv[:, :, self.num_heads + self.num_kv_heads:].transpose(1, 2)  # (B, Hkv, t, D)
@@ -296,7 +297,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = linear(x, self._gate_up.refresh((self.gate_proj, self.up_proj))).chunk(2, dim=-1)  # (B, t, I) each
-        return linear(self.act(gate) * up, self.down_proj)
+        return linear(self.act(gate).mul_(up), self.down_proj)  # in place on act's fresh output
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -308,8 +309,9 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, cache: KVCache, index: int, mask) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos_sin, cache, index, mask)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache, index: int,
+                mask) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, index, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -367,11 +369,11 @@ class LlamaModel(nn.Module):
         t = tokens.shape[1]
         cache.check_room(t)
         x = self.embed_tokens(tokens)  # (B, t, C)
-        cos_sin = self.rotary(cache.positions(t), cache.length + t, x.dtype)  # (B, t, 1, 2D)
+        rope = self.rotary(cache.positions(t), cache.length + t, x.dtype)  # cos, signed sin: (B, t, 1, D) each
         causal = cache.attention_mask(t)
         masks = {None: causal, **{w: sliding_window_mask(cache, t, w, causal) for w in self.windows}}
         for index, layer in enumerate(self.layers):
-            x = layer(x, cos_sin, cache, index, masks[layer.window])
+            x = layer(x, rope, cache, index, masks[layer.window])
         cache.advance(t)
         return self.norm(x)
 
