@@ -210,3 +210,15 @@ def test_new_cache_checks_its_inputs(generator):
         model.new_cache(2, 8, encoder_hidden=hidden, encoder_mask=torch.ones(2, 4))
     with pytest.raises(InvalidInput, match="at most 64"):
         model.new_cache(2, 65, encoder_hidden=hidden)
+
+
+def test_generate_checks_the_encoder_mask_shape(generator):
+    model = load_model(generator, "seq2seq-lm")
+    batch = encode(generator, TEXTS[:2])
+    hidden = model.encode(batch["input_ids"], batch["attention_mask"])
+    config = GenerationConfig(max_new_tokens=3, decoder_start_token_id=2, eos_token_id=2, pad_token_id=1)
+    with pytest.raises(InvalidInput, match="encoder_attention_mask"):
+        generate(model, torch.full((2, 1), 2), config, encoder_hidden=hidden,
+                 encoder_attention_mask=batch["attention_mask"][:, :-1])
+    with pytest.raises(InvalidInput, match="encoder_attention_mask"):
+        generate(model, torch.full((2, 1), 2), config, encoder_attention_mask=batch["attention_mask"])

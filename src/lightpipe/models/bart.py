@@ -176,9 +176,10 @@ class BartDecoderLayer(nn.Module):
 
 
 def check_length(length: int, config: BartConfig) -> None:
+    """Encoder inputs and decoder sequences alike read learned positions: at most max_position_embeddings."""
     if length > config.max_position_embeddings:
-        raise InvalidInput(f"BART takes at most {config.max_position_embeddings} tokens, not {length}: "
-                           "shorten the input or pass truncation=True.")
+        raise InvalidInput(f"BART's positions take at most {config.max_position_embeddings} tokens, not {length}: "
+                           "shorten the input (truncation=True) or ask for fewer new tokens.")
 
 
 class BartEncoder(nn.Module):
