@@ -244,14 +244,15 @@ class _SeekLoop:
         pending, index_of = rows, {r: i for i, r in enumerate(rows)}
         for attempt, temperature in enumerate(temperatures):
             picked = [index_of[r] for r in pending]
-            out = whisper_generate(
+            decoded = whisper_generate(
                 self.model, hidden[picked], config, language=self.language, task=self.task,
                 return_timestamps=self.timestamps,
                 prompt_ids=None if prompts[rows[0]] is None else [prompts[r] for r in pending],
                 temperature=temperature,
                 detected_language=None if self.detected is None else [self.detected[r] for r in pending],
                 tokens=self.tokens, alignment_heads=self.alignment_heads)
-            out, weights = out if self.word_timestamps else (out, None)
+            # With alignment heads, the cross-attention weights come along (for word times).
+            out, weights = decoded if self.word_timestamps else (decoded, None)
             last = attempt == len(temperatures) - 1
             silence = self._no_speech_probs(out, hidden[picked])
             retry = []
