@@ -1,9 +1,10 @@
 """GPT-2 (and distilgpt2): a decoder-only transformer with learned positions, run on lightpipe's decoding contract.
 
 Attribute names equal the keys of Hugging Face GPT-2 checkpoints. Those store their projections as `Conv1D`
-layers, (in, out) matrices; `sanitize` transposes them once at load time into nn.Linear's (out, in), so every
-product runs through `layers.linear`. Query, key and value stay fused in `c_attn` as the checkpoint has them:
-one product per layer and step instead of three.
+layers, (in, out) matrices; `sanitize` views them in nn.Linear's (out, in) shape without moving them, so every
+product runs through `layers.linear`, and a batch-1 decode step reads them in the (in, out) layout it streams
+fastest. Query, key and value stay fused in `c_attn` as the checkpoint has them: one product per layer and step
+instead of three.
 
 Decoding (see lightpipe.generation.generate): `new_cache`, then `decode_step` with the whole prompt (prefill) and
 one token per row after that. Under left padding every row counts its positions from its first real token, as
@@ -250,21 +251,33 @@ class GPT2LMHeadModel(nn.Module):
 
 # Conv1D layers of Hugging Face checkpoints, stored (in, out).
 _CONV1D = re.compile(r"(^|\.)(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
+# The token embeddings, which are also the language-model head, and an untied head.
+_VOCABULARY = re.compile(r"(^|\.)wte\.weight$|^lm_head\.weight$")
 # Causal-mask buffers older checkpoints saved beside the weights.
 _BUFFERS = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
 
 
+def by_input_rows(matrix: torch.Tensor) -> torch.Tensor:
+    """The same (out, in) matrix with its memory laid out (in, out): a batch-1 decode step reads it fastest so
+    (see layers.linear). Embedding lookups still work on it (a strided gather of a few rows per step)."""
+    return matrix.t().contiguous().t()
+
+
 def sanitize(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Conv1D weights transposed to nn.Linear's (out, in) layout; the saved causal-mask buffers dropped.
-    `lm_head.weight`, which checkpoints omit, comes from the tied token embeddings (see `tied_weights`)."""
+    """Conv1D weights become nn.Linear's (out, in) shape as views of the checkpoint's own (in, out) memory, the
+    layout one-row decode steps read fastest; the token embeddings (the tied head) are laid out the same way; the
+    saved causal-mask buffers are dropped. `lm_head.weight`, which checkpoints omit, comes from the tied token
+    embeddings (see `tied_weights`)."""
     out = {}
     for key, tensor in state_dict.items():
         if _BUFFERS.search(key):
             continue
-        out[key] = tensor.t().contiguous() if _CONV1D.search(key) else tensor
+        if _CONV1D.search(key):
+            tensor = tensor.t()
+        elif _VOCABULARY.search(key):
+            tensor = by_input_rows(tensor)
+        out[key] = tensor
     return out
-
-
 ARCHITECTURES = {
     "GPT2LMHeadModel": GPT2LMHeadModel,
     "GPT2Model": GPT2Model,

@@ -20,7 +20,7 @@ from torch import nn
 from ..config import BaseConfig
 from ..errors import InvalidInput, UnsupportedModel
 from ..generation.cache import KVCache
-from .gpt2 import check_length, full_sequence_cache
+from .gpt2 import by_input_rows, check_length, full_sequence_cache
 from .layers import Embedding, activation, cached_attention, linear, merge_heads, split_heads, vocab_logits
 
 POSITION_OFFSET = 2  # position p reads row p + 2 of embed_positions
@@ -223,10 +223,13 @@ class OPTForCausalLM(nn.Module):
 
 
 def sanitize(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Hugging Face OPT checkpoints already use these names; checkpoints of the base model (keys under
-    `decoder.`) gain the `model.` prefix in the loader, and `lm_head.weight`, which they omit, comes from the tied
-    token embeddings (see `tied_weights`)."""
-    return state_dict
+    """Hugging Face OPT checkpoints already use these names. Every matrix (the linear layers, the token embeddings
+    that are also the tied head) is laid out (in, out) in memory, the layout a batch-1 decode step reads fastest
+    (see layers.linear); the position table stays as it is. Checkpoints of the base model (keys under `decoder.`)
+    gain the `model.` prefix in the loader, and `lm_head.weight`, which they omit, comes from the tied token
+    embeddings (see `tied_weights`)."""
+    return {key: by_input_rows(tensor) if tensor.dim() == 2 and "embed_positions" not in key else tensor
+            for key, tensor in state_dict.items()}
 
 
 ARCHITECTURES = {
