@@ -93,6 +93,22 @@ def test_old_checkpoint_with_conv1d_layout_and_mask_buffers(tmp_path, gpt2):
         assert (ours(ids)["logits"] - ref(input_ids=ids).logits).abs().max() <= 1e-4
 
 
+def test_one_row_steps_read_the_weights_as_laid_out_in_memory(gpt2):
+    """Conv1D matrices keep the checkpoint's (in, out) memory and the tied embeddings are laid out so: one-row decode
+    steps take layers.linear's BLAS path on them, several rows oneDNN's; both give the full forward's logits."""
+    model = load_model(gpt2, "causal-lm")
+    for weight in (model.transformer.h[0].attn.c_attn.weight, model.transformer.h[1].mlp.c_proj.weight,
+                   model.lm_head.weight):
+        assert weight.t().is_contiguous()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    ids = torch.tensor(PROMPTS[:1])
+    with torch.inference_mode():
+        full = model(ids)["logits"][0]
+        cache = model.new_cache(1, ids.shape[1])
+        steps = torch.cat([model.decode_step(ids[:, i:i + 1], cache) for i in range(ids.shape[1])], dim=1)[0]
+        assert (steps - full).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("static", [False, True])
 def test_cached_decode_steps_equal_full_forward(gpt2, static):
     assert_cached_decoding_equals_forward(gpt2, static=static)

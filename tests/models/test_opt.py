@@ -45,6 +45,9 @@ def test_config_shapes_are_read(tmp_path):
     assert decoder.final_layer_norm is None
     assert decoder.embed_positions.weight.shape == (64 + 2, 32)
     assert model.lm_head.weight is decoder.embed_tokens.weight
+    # Matrices laid out (in, out) for one-row decode steps (layers.linear); the position table left as it is.
+    assert decoder.layers[0].fc1.weight.t().is_contiguous() and model.lm_head.weight.t().is_contiguous()
+    assert decoder.embed_positions.weight.is_contiguous()
 
 
 def test_logits_without_padding(opt):
