@@ -108,12 +108,17 @@ def _fusable(x: torch.Tensor, layer) -> bool:
             and not torch.is_grad_enabled() and _fused_linear_works())
 
 
+def _laid_out_by_input_rows(weight: torch.Tensor) -> bool:
+    """An (out, in) matrix whose memory is laid out (in, out): `weight.t()` is contiguous."""
+    return weight.dim() == 2 and weight.stride(0) == 1 and weight.stride(1) == weight.shape[0]
+
+
 def _one_row_by_input_rows(x: torch.Tensor, layer) -> bool:
     """One row of input (a batch-1 decode step) against a weight whose memory is laid out (in, out), seen as (out, in)
     (`weight.t()` contiguous: GPT-2's Conv1D layout, which gpt2.sanitize keeps, or a storage transposed at load)."""
     weight = layer.weight
-    return (x.device.type == "cpu" and x.numel() == x.shape[-1] and weight.dim() == 2 and weight.stride(0) == 1
-            and weight.stride(1) == weight.shape[0] and x.dtype == weight.dtype)
+    return (x.device.type == "cpu" and x.numel() == x.shape[-1] and _laid_out_by_input_rows(weight)
+            and x.dtype == weight.dtype)
 
 
 def linear(x: torch.Tensor, layer, act: str | None = None) -> torch.Tensor:
@@ -160,7 +165,12 @@ class FusedProjection:
         if source != self.source:
             # Built outside inference mode: inference tensors have no version counter to cache on.
             with torch.inference_mode(False), torch.no_grad():
-                self.weight = torch.cat([layer.weight for layer in layers])
+                weights = [layer.weight for layer in layers]
+                if all(_laid_out_by_input_rows(w) for w in weights):
+                    # Keep the (in, out) memory layout one-row products read fastest (see linear).
+                    self.weight = torch.cat([w.t() for w in weights], dim=1).t()
+                else:
+                    self.weight = torch.cat(weights)
                 biases = [layer.bias for layer in layers]
                 self.bias = None if all(b is None for b in biases) else torch.cat(
                     [b if b is not None else layer.weight.new_zeros(layer.out_features)
@@ -336,6 +346,8 @@ class EncoderDecoderCache(KVCache):
     (batch, 1, 1, S) boolean, True at the encoder's real tokens, when the encoder batch was padded (BART's texts of
     different lengths); None when every encoder position is real (Whisper's fixed 30 s windows).
     """
+
+    can_drop_rows = False  # rows share their input's cross-attention entries
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

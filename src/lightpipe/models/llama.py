@@ -30,7 +30,7 @@ from torch import nn
 from ..config import BaseConfig
 from ..errors import InvalidInput, UnsupportedModel
 from ..generation.cache import KVCache
-from .gpt2 import full_sequence_cache
+from .gpt2 import by_input_rows, full_sequence_cache
 from .layers import Embedding, FusedProjection, activation, cached_attention, linear, merge_heads, vocab_logits
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -448,9 +448,12 @@ class LlamaForSequenceClassification(nn.Module):
 
 
 def sanitize(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Checkpoints use these names already; older ones also saved RoPE's inverse frequencies, which are computed
+    """Checkpoints use these names already. Every matrix (the linear layers, the token embeddings that may also be
+    the head) is laid out (in, out) in memory, the layout a batch-1 decode step reads fastest (see layers.linear;
+    fused q/k/v and gate/up keep it). Older checkpoints also saved RoPE's inverse frequencies, which are computed
     here. `lm_head.weight`, which tied checkpoints omit, comes from the token embeddings (see `tied_weights`)."""
-    return {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
+    return {key: by_input_rows(tensor) if tensor.dim() == 2 else tensor
+            for key, tensor in state_dict.items() if not key.endswith("rotary_emb.inv_freq")}
 
 
 ARCHITECTURES = {
