@@ -30,6 +30,9 @@ class KVCache:
     once, `update(layer, k, v)` in every layer, and `advance(t)` at the end.
     """
 
+    # Whether rows may leave (reorder with a shorter index): generation then drops the rows that are done.
+    can_drop_rows = True
+
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_length: int, *,
                  dtype: torch.dtype, device: torch.device | str, static: bool = False):
         shape = (batch_size, num_kv_heads, max_length, head_dim)

@@ -4,8 +4,7 @@
 
 - `model.new_cache(rows, max_length, encoder_hidden=None) -> KVCache`: an empty cache for `rows`
   sequences (cross-attention keys/values computed here, once, for encoder-decoder models);
-- `model.decode_step(tokens (rows, t), cache, positions=None, *, alignment_heads=None, last_only=False)`
-  -> logits (rows, t or 1, V), or (logits, cross-attention probabilities) when alignment_heads is given;
+- `model.decode_step(tokens (rows, t), cache, *, last_only=False)` -> logits (rows, t or 1, V);
 - optionally `model.max_positions`, the longest sequence its position embeddings allow.
 
 The first step (prefill) feeds the whole prompt; each later step feeds one token per row. A list of
@@ -64,7 +63,7 @@ class GenerationConfig:
 
     Lengths: max_new_tokens counts generated tokens; max_length counts the whole decoder sequence, prompt
     included (used when max_new_tokens is None; 20 new tokens when both are None). Keys of generation_config.json
-    that are not options here (Whisper's lang_to_id, task_to_id, no_timestamps_token_id, ...) are kept in `extra`.
+    that are not options here (a model's own settings, such as language tables or special ids) are kept in `extra`.
     """
 
     max_new_tokens: int | None = None
@@ -97,15 +96,13 @@ class GenerationConfig:
     begin_suppress_tokens: tuple[int, ...] | None = None
     forced_tokens: tuple[tuple[int, int], ...] | None = None  # (position in the sequence, token) pairs
     output_scores: bool = False
-    alignment_heads: tuple[tuple[int, int], ...] | None = None  # (decoder layer, head) pairs
-    output_cross_attentions: bool = False  # collect the alignment heads' cross-attention probabilities
     extra: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     # The options the source (generation_config.json) set explicitly, whatever their value: defaults of a pipeline
     # apply only to the others, as in transformers.
     set_options: frozenset = dataclasses.field(default=frozenset(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("suppress_tokens", "begin_suppress_tokens", "forced_tokens", "alignment_heads", "extra",
+        for name in ("suppress_tokens", "begin_suppress_tokens", "forced_tokens", "extra",
                      "bad_words_ids", "stop_strings"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
         for name in ("eos_token_id", "forced_eos_token_id"):
@@ -220,14 +217,11 @@ class GenerationConfig:
             value = getattr(self, name)
             if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
                 raise InvalidInput(f"{name} must be a list of token ids, not {value!r}.")
-        for name in ("forced_tokens", "alignment_heads"):
-            value = getattr(self, name)
-            pairs_ok = value is None or all(
-                isinstance(p, tuple) and len(p) == 2 and all(isinstance(i, int) and i >= 0 for i in p) for p in value)
-            if not pairs_ok:
-                raise InvalidInput(f"{name} must be a list of (int, int) pairs, not {value!r}.")
-        if self.output_cross_attentions and not self.alignment_heads:
-            raise InvalidInput("output_cross_attentions needs alignment_heads: the (layer, head) pairs to collect.")
+        pairs_ok = self.forced_tokens is None or all(
+            isinstance(p, tuple) and len(p) == 2 and all(isinstance(i, int) and i >= 0 for i in p)
+            for p in self.forced_tokens)
+        if not pairs_ok:
+            raise InvalidInput(f"forced_tokens must be a list of (int, int) pairs, not {self.forced_tokens!r}.")
 
 
 def _is_token_id(value: Any) -> bool:
@@ -243,8 +237,6 @@ class GenerationOutput:
         search: log-probabilities of the running beams, see beam_indices), when output_scores.
     sequences_scores: (N,) length-penalised log-probabilities of beam search hypotheses.
     beam_indices: (N, T - prompt_length) the row of `scores` that chose each generated token (-1 past the end).
-    cross_attentions: (N, len(alignment_heads), T - 1, S) cross-attention probabilities of the alignment heads
-        for every decoder input position (the last token is never fed back), when output_cross_attentions.
     """
 
     sequences: torch.Tensor
@@ -252,7 +244,6 @@ class GenerationOutput:
     scores: tuple[torch.Tensor, ...] | None = None
     sequences_scores: torch.Tensor | None = None
     beam_indices: torch.Tensor | None = None
-    cross_attentions: torch.Tensor | None = None
 
     @property
     def generated(self) -> torch.Tensor:
@@ -337,13 +328,6 @@ def _plan(model, input_ids, attention_mask, config, encoder_hidden, encoder_mask
         raise InvalidInput("token streaming (on_token) works with greedy decoding and sampling, not beam search: "
                            "use num_beams=1, or take the finished result.")
     P.check_processors(processors)
-    if config.output_cross_attentions:
-        num_layers = getattr(getattr(model, "config", None), "decoder_layers", None)
-        heads = getattr(getattr(model, "config", None), "decoder_attention_heads", None)
-        for layer, head in config.alignment_heads:
-            if (num_layers is not None and layer >= num_layers) or (heads is not None and head >= heads):
-                raise InvalidInput(f"alignment head ({layer}, {head}) does not exist in a decoder of {num_layers} "
-                                   f"layers with {heads} heads.")
     max_length = _max_length(model, config, prompt_length)
     return _Plan(input_ids, padding, encoder_mask, max_length,
                  P.build_processors(config, prompt_length, max_length, processors, beams=config.num_beams > 1),
@@ -423,13 +407,9 @@ def _new_cache(model, rows: int, plan: _Plan, config: GenerationConfig, encoder_
     return cache
 
 
-def _decode(model, tokens, cache, heads):
-    """One forward pass -> (rows, V) float32 scores of the next token, and the alignment weights (or None)."""
-    if heads:
-        logits, weights = model.decode_step(tokens, cache, alignment_heads=heads, last_only=True)
-    else:
-        logits, weights = model.decode_step(tokens, cache, last_only=True), None
-    return logits[:, -1].float(), weights
+def _decode(model, tokens, cache) -> torch.Tensor:
+    """One forward pass -> (rows, V) float32 scores of the next token."""
+    return model.decode_step(tokens, cache, last_only=True)[:, -1].float()
 
 
 def _sample(model, plan: _Plan, config: GenerationConfig, encoder_hidden, on_token, generator) -> GenerationOutput:
@@ -442,26 +422,23 @@ def _sample(model, plan: _Plan, config: GenerationConfig, encoder_hidden, on_tok
     device = prompt.device
     select = Sample(generator) if config.do_sample else Greedy()
     fill = config.fill_token_id
-    heads = list(config.alignment_heads) if config.output_cross_attentions else None
     criteria = ([S.EndOfSequence(config.eos_token_ids)] if config.eos_token_ids else []) + plan.criteria
 
     tokens = torch.full((rows, plan.max_length), fill, dtype=torch.long, device=device)
     tokens[:, :prompt_length] = prompt
     cache = _new_cache(model, rows, plan, config, encoder_hidden, repeat)
-    drops_rows = not hasattr(cache, "cross") and heads is None
+    drops_rows = cache.can_drop_rows
     running = torch.ones(rows, dtype=torch.bool, device=device)
     active: torch.Tensor | None = None  # rows the cache holds, in its order; None = all rows
-    all_scores, all_weights = [], []
+    all_scores = []
     length, step_input = prompt_length, prompt
     while True:
-        scores, weights = _decode(model, step_input, cache, heads)  # (rows in the cache, V)
+        scores = _decode(model, step_input, cache)  # (rows in the cache, V)
         history = tokens[:, :length] if active is None else tokens[active, :length]
         scores = P.apply(plan.processors, history, scores)
         if config.output_scores:
             all_scores.append(scores if active is None else
                               scores.new_full((rows, scores.shape[1]), -math.inf).index_copy_(0, active, scores))
-        if weights is not None:
-            all_weights.append(weights)
         chosen = select(scores)
         if active is None:
             chosen = torch.where(running, chosen, fill) if criteria else chosen
@@ -487,7 +464,6 @@ def _sample(model, plan: _Plan, config: GenerationConfig, encoder_hidden, on_tok
     return GenerationOutput(
         sequences=tokens[:, :length], prompt_length=prompt_length,
         scores=tuple(all_scores) if config.output_scores else None,
-        cross_attentions=torch.cat(all_weights, dim=2) if heads else None,
     )
 
 
@@ -499,20 +475,17 @@ def _beam_search(model, plan: _Plan, config: GenerationConfig, encoder_hidden, g
     beams = config.num_beams
     prompt = plan.input_ids.repeat_interleave(beams, dim=0)  # (B*N, P), the beams of one input adjacent
     rows, prompt_length = prompt.shape
-    heads = list(config.alignment_heads) if config.output_cross_attentions else None
     search = BeamSearch(prompt, plan.input_ids.shape[0], beams, plan.max_length, config.eos_token_ids,
                         config.fill_token_id, config.length_penalty, config.early_stopping, config.do_sample,
                         generator)
     cache = _new_cache(model, rows, plan, config, encoder_hidden, beams)
-    all_scores, all_weights = [], []
+    all_scores = []
     step_input = prompt
     while True:
-        logits, weights = _decode(model, step_input, cache, heads)
+        logits = _decode(model, step_input, cache)
         log_probs = P.apply(plan.processors, search.tokens(), logits.log_softmax(dim=-1))
         if config.output_scores:
             all_scores.append(log_probs)
-        if weights is not None:
-            all_weights.append(weights)
         parents = search.step(log_probs)
         if search.finished or _out_of_time(plan.criteria, search):
             break
@@ -523,7 +496,6 @@ def _beam_search(model, plan: _Plan, config: GenerationConfig, encoder_hidden, g
         sequences=sequences, prompt_length=prompt_length,
         scores=tuple(all_scores) if config.output_scores else None,
         sequences_scores=sequence_scores, beam_indices=beam_indices,
-        cross_attentions=_beam_weights(all_weights, beam_indices) if heads else None,
     )
 
 
@@ -533,14 +505,3 @@ def _out_of_time(criteria: list, search: BeamSearch) -> bool:
         return False
     tokens = search.tokens()
     return bool(S.any_done(criteria, tokens, tokens[:, -1]).all())
-
-
-def _beam_weights(steps: list[torch.Tensor], beam_indices: torch.Tensor) -> torch.Tensor:
-    """Per-step (rows, h, t, S) weights of the running beams -> (N, h, T - 1, S) along each returned hypothesis.
-
-    Step s ran the row beam_indices[:, s] for the hypothesis' token s; the prompt positions come from the first
-    step. Past a hypothesis' end the index is -1 and row 0 stands in (those positions are not part of it)."""
-    rows = beam_indices.clamp(min=0)
-    parts = [steps[0].index_select(0, rows[:, 0])]
-    parts += [steps[s].index_select(0, rows[:, s]) for s in range(1, beam_indices.shape[1])]
-    return torch.cat(parts, dim=2)

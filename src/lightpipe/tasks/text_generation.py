@@ -31,7 +31,7 @@ from .base import TextPipeline
 PIPELINE_DEFAULTS = {"max_new_tokens": 256, "do_sample": True, "temperature": 0.7}
 SAMPLING_OPTIONS = {"temperature", "top_k", "top_p", "min_p", "typical_p"}
 GENERATION_OPTIONS = tuple(f.name for f in dataclasses.fields(GenerationConfig)
-                           if f.name not in ("extra", "set_options", "alignment_heads", "output_cross_attentions", "forced_tokens",
+                           if f.name not in ("extra", "set_options", "forced_tokens",
                                              "output_scores"))
 IGNORED_OPTIONS = ("use_cache", "return_dict_in_generate")  # always on / always a dict in lightpipe
 
