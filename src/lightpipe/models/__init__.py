@@ -36,6 +36,8 @@ MODEL_TYPES: dict[str, str] = {
     "gpt2": "gpt2",
     "opt": "opt",
     "bart": "bart",
+    "t5": "t5",
+    "deberta-v2": "deberta_v2",
 }
 
 # Head kinds a task can ask for.
@@ -45,7 +47,7 @@ TOKEN_CLASSIFICATION = "token-classification"
 QUESTION_ANSWERING = "question-answering"
 MASKED_LM = "masked-lm"
 CAUSAL_LM = "causal-lm"
-SEQ2SEQ_LM = "seq2seq-lm"  # text-to-text encoder-decoder with a language-model head (BART)
+SEQ2SEQ_LM = "seq2seq-lm"  # text-to-text encoder-decoder with a language-model head (BART, T5)
 
 
 def architecture_module(model_type: str) -> ModuleType:
