@@ -28,8 +28,9 @@ HEADS = {
 }
 
 
-def unigram_tokenizer_folder(folder: Path) -> Path:
-    """A Unigram vocabulary trained on a small corpus, wrapped by transformers' DebertaV2Tokenizer and saved."""
+def unigram_tokenizer_folder(folder: Path, model_max_length: int = 128) -> Path:
+    """A Unigram vocabulary trained on a small corpus, wrapped by transformers' DebertaV2Tokenizer and saved
+    (model_max_length: the tiny models' max_position_embeddings, as the Hub's v3 checkpoints have 512 for both)."""
     import transformers
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
@@ -42,7 +43,7 @@ def unigram_tokenizer_folder(folder: Path) -> Path:
     pieces = json.loads(trainer_tok.to_str())["model"]["vocab"]
     vocab = [(s, 0.0) for s in SPECIALS] + [(p, float(score)) for p, score in pieces if p not in SPECIALS]
     tokenizer = transformers.DebertaV2Tokenizer(vocab=vocab)
-    tokenizer.model_max_length = 512
+    tokenizer.model_max_length = model_max_length
     tokenizer.save_pretrained(str(folder))
     return folder
 

@@ -3,6 +3,7 @@ right-padded batch, and every row of right- and left-padded batches against the 
 for variants of the disentangled attention (absolute positions, separate position projections, one relative
 term, no buckets, no relative attention, token types, the convolution layer, a narrow embedding)."""
 
+import numpy as np
 import pytest
 import torch
 import transformers  # noqa: F401  (the oracle)
@@ -116,3 +117,38 @@ def test_configs_that_cannot_be_built_are_refused():
         DebertaV2Config(hidden_size=32, num_attention_heads=4, pooler_hidden_size=16)
     with pytest.raises(UnsupportedModel, match="activation"):
         DebertaV2Config(hidden_size=32, num_attention_heads=4, hidden_act="nope")
+
+
+def assert_results_equal(got, want):
+    """Plain pipeline results: equal structure, texts, labels and offsets; floats within 1e-4."""
+    if isinstance(want, (list, tuple)):
+        assert isinstance(got, list) and len(got) == len(want)
+        for g, w in zip(got, want):
+            assert_results_equal(g, w)
+    elif isinstance(want, dict):
+        assert set(got) == set(want)
+        for key in want:
+            assert_results_equal(got[key], want[key])
+    elif isinstance(want, (float, np.floating)):
+        assert abs(got - float(want)) <= 1e-4
+    else:
+        assert got == want
+
+
+PIPELINE_CALLS = [
+    ("text-classification", "sequence-classification", TEXTS, dict(top_k=None)),
+    ("text-classification", "sequence-classification", [{"text": TEXTS[1], "text_pair": PAIRS[1]}], {}),
+    ("token-classification", "token-classification", TEXTS, dict(ignore_labels=[])),
+    ("token-classification", "token-classification", TEXTS, dict(aggregation_strategy="simple", ignore_labels=[])),
+    ("fill-mask", "masked-lm", ["Paris is the [MASK] of France.", "John [MASK] at Google."], {}),
+    ("feature-extraction", "base", TEXTS, {}),
+]
+
+
+@pytest.mark.parametrize("task, head, inputs, params", PIPELINE_CALLS)
+def test_bert_family_pipelines_equal_transformers(deberta, task, head, inputs, params):
+    import lightpipe
+
+    folder = str(deberta(head))
+    ours, ref = lightpipe.pipeline(task, model=folder), transformers.pipeline(task, model=folder)
+    assert_results_equal(ours(inputs, batch_size=4, **params), ref(inputs, **params))
