@@ -152,3 +152,42 @@ def test_bert_family_pipelines_equal_transformers(deberta, task, head, inputs, p
     folder = str(deberta(head))
     ours, ref = lightpipe.pipeline(task, model=folder), transformers.pipeline(task, model=folder)
     assert_results_equal(ours(inputs, batch_size=4, **params), ref(inputs, **params))
+
+
+def question_answering_tests():
+    """The question-answering tests' module (its transformers 5.2.0 oracle and cases), loaded from its file."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tasks" / "test_question_answering.py"
+    spec = importlib.util.spec_from_file_location("question_answering_oracle", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_question_answering_pipeline_equals_transformers(deberta, tmp_path):
+    """Answers, offsets (SentencePiece pieces carry their leading space) and scores against transformers 5.2.0,
+    the last release with this pipeline, over windows, lists of questions and odd text."""
+    import lightpipe
+
+    qa = question_answering_tests()
+    names = ["short-top3", "short-impossible-top3", "odd-text", "no-align", "windows-top3", "question-list",
+             "pairwise-lists"]
+    calls = [qa.CASES[name][0] for name in names]
+    folder = deberta("question-answering")
+    [reference] = qa.run_oracle([{"model": str(folder), "calls": calls}], tmp_path)
+    ours = lightpipe.pipeline("question-answering", model=str(folder))
+    for name, call, want in zip(names, calls, reference):
+        assert "ok" in want, (name, want)
+        qa.assert_same(ours(**call, batch_size=4), want["ok"])
+
+
+def test_a_sentencepiece_model_without_tokenizer_json_says_how_to_convert_it(tmp_path):
+    from lightpipe.errors import CheckpointError
+    from lightpipe.processing.text import Tokenizer
+
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "DebertaV2Tokenizer"}')
+    (tmp_path / "spm.model").write_bytes(b"\x0a\x00")
+    with pytest.raises(CheckpointError, match=r"spm\.model.*save_pretrained"):
+        Tokenizer.from_folder(tmp_path)

@@ -116,6 +116,13 @@ class Tokenizer:
         elif (folder / "vocab.json").is_file() and str(config.get("tokenizer_class") or "Wav2Vec2").startswith("Wav2Vec2"):
             # A vocab.json alone is Wav2Vec2CTCTokenizer's layout (older Hub checkpoints do not name the class).
             backend = _characters_from_vocab(folder / "vocab.json", config, special)
+        elif any(folder.glob("*.model")):
+            # A SentencePiece model alone (spm.model of some DeBERTa-v3 or T5 repositories) is not read here.
+            raise CheckpointError(
+                f"{folder} has a SentencePiece model ({next(folder.glob('*.model')).name}) but no tokenizer.json, "
+                "which lightpipe needs; write one once with transformers: "
+                "AutoTokenizer.from_pretrained(folder).save_pretrained(folder)."
+            )
         else:
             raise CheckpointError(
                 f"{folder} has no tokenizer: expected tokenizer.json, vocab.txt, or vocab.json + merges.txt."
