@@ -191,3 +191,24 @@ def test_a_sentencepiece_model_without_tokenizer_json_says_how_to_convert_it(tmp
     (tmp_path / "spm.model").write_bytes(b"\x0a\x00")
     with pytest.raises(CheckpointError, match=r"spm\.model.*save_pretrained"):
         Tokenizer.from_folder(tmp_path)
+
+
+def test_extra_weights_of_hub_v3_checkpoints_are_ignored(deberta, tmp_path):
+    """v3 pretraining leftovers: an absolute position table although position_biased_input is false, and the
+    replaced-token-detection head (mask_predictions.*); transformers ignores both."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = deberta("sequence-classification")
+    copy = tmp_path / "with-extras"
+    shutil.copytree(folder, copy)
+    state = load_file(str(copy / "model.safetensors"))
+    state["deberta.embeddings.position_embeddings.weight"] = torch.randn(128, 32)
+    state["mask_predictions.dense.weight"] = torch.randn(32, 32)
+    save_file(state, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    batch = encode(folder, TEXTS, PAIRS)
+    with torch.inference_mode():
+        got = load_model(copy, "sequence-classification")(**batch)["logits"]
+        want = load_model(folder, "sequence-classification")(**batch)["logits"]
+    assert torch.equal(got, want)
