@@ -302,8 +302,8 @@ class DebertaV2Encoder(nn.Module):
         self.layer = nn.ModuleList(DebertaV2Layer(config) for _ in range(config.num_hidden_layers))
         if config.relative_attention:
             self.rel_embeddings = Embedding(2 * config.attention_span, config.hidden_size)
-        norms = [part.strip() for part in config.norm_rel_ebd.lower().split("|")]
-        if "layer_norm" in norms:
+        self.normalises_positions = "layer_norm" in [part.strip() for part in config.norm_rel_ebd.lower().split("|")]
+        if self.normalises_positions:
             self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.conv = ConvLayer(config) if config.conv_kernel_size > 0 else None
 
@@ -311,7 +311,7 @@ class DebertaV2Encoder(nn.Module):
         """(R, C): the rows of the relative embeddings this pass reads, normalised if the config says so
         (LayerNorm acts on each row alone, so normalising the rows read equals slicing the normalised table)."""
         rel = index.rows(self.rel_embeddings.weight)
-        return self.LayerNorm(rel) if hasattr(self, "LayerNorm") else rel
+        return self.LayerNorm(rel) if self.normalises_positions else rel
 
     def forward(self, x, attention_mask):
         """x: (B, T, C) embeddings -> (B, T, C); the layers run on real tokens only (see Unpadder)."""
