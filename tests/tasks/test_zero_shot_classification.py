@@ -107,9 +107,9 @@ def test_batch_sizes_give_the_same_results(nli):
         assert_same(ours(TEXTS, candidate_labels=SEED_LABELS, batch_size=batch_size), alone)
 
 
-def test_the_labels_of_a_text_run_as_one_batch(bart_mnli):
-    """batch_size counts texts: at batch_size=1 each text's five pairs go through the model together (transformers
-    runs five passes), at batch_size=2 two texts' ten pairs."""
+def test_batch_size_counts_texts(bart_mnli):
+    """At batch_size=1 the model sees batches of five pairs (one text's worth; transformers runs five passes of one
+    pair), at batch_size=2 of ten."""
     ours = lightpipe.pipeline("zero-shot-classification", model=str(bart_mnli))
     rows = []
     forward = ours.model.forward

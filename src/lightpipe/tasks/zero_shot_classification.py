@@ -7,9 +7,9 @@ entailment logit scores the label. Scores follow transformers: a softmax of the 
 with `multi_label` (or a single label), a softmax of [contradiction, entailment] for each label alone.
 
 How the pairs are batched. transformers runs one forward pass per (text, label) pair unless batch_size is set. Here
-the unit of work is a text with all its labels: `batch_size` counts texts, and a batch holds the pairs of
-batch_size texts (batch_size x labels rows), ordered by length so that padding costs little (the BERT-family
-encoders and BART's encoder skip padded slots anyway). An NLI model is a cross-encoder: every layer attends across
+the unit of work is a text with all its labels: `batch_size` counts texts, and a batch holds batch_size x labels
+pairs, ordered by length so that padding costs little (the pairs of one text, of nearly equal lengths, fall
+together; the BERT-family encoders and BART's encoder skip padded slots anyway). An NLI model is a cross-encoder: every layer attends across
 premise and hypothesis, so the premise's states differ for every label and no layer's work can be shared exactly
 between labels; what a text's labels do share is the pass itself - one read of the weights and one wide matrix
 product instead of one narrow pass per label - and the per-call work (labels parsed, template checked) done once.
@@ -99,7 +99,7 @@ class ZeroShotClassificationPipeline(TextPipeline):
         return super().__call__(sequences, **params)
 
     def _route(self, call_params: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
-        """batch_size counts texts: a batch holds the pairs of that many texts, all labels of each."""
+        """batch_size counts texts: a batch holds batch_size x labels (text, label) pairs."""
         runtime, pre, fwd, post = super()._route(call_params)
         labels = parse_labels(pre["candidate_labels"])
         runtime = {**runtime, "batch_size": (runtime.get("batch_size") or 1) * len(labels)}
