@@ -138,8 +138,8 @@ class BartEncoderLayer(nn.Module):
 
 
 def _clamp_half(x: torch.Tensor) -> torch.Tensor:
-    # float16 activations can overflow in the encoder; keep them finite, as the reference does.
-    if x.dtype == torch.float16:
+    # float16 activations can overflow in the encoder; keep them finite, as the reference does (only then).
+    if x.dtype == torch.float16 and not bool(torch.isfinite(x).all()):
         limit = torch.finfo(torch.float16).max - 1000
         return x.clamp(min=-limit, max=limit)
     return x
