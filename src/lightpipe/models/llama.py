@@ -12,9 +12,10 @@ the family differ only in details read from config.json:
 - Qwen2: always q/k/v biases, no o_proj bias; a sliding window only with `use_sliding_window`, and then only in
   the layers `layer_types` (or `max_window_layers`) names.
 
-Attribute names equal the keys of Hugging Face checkpoints (model.layers.0.self_attn.q_proj ...). At inference
-q/k/v run as one product and gate/up as another (layers.FusedProjection): a decode step is bound by reading the
-weights and by the number of calls, and fusing saves both.
+Attribute names equal the keys of Hugging Face checkpoints (model.layers.0.self_attn.q_proj ...). A decode step
+is bound by reading the weights and by the number of calls: at inference q/k/v run as one product and gate/up as
+another (layers.FusedProjection), and `sanitize` lays every matrix out (in, out) in memory, which a batch-1 step
+streams fastest (see layers.linear).
 """
 
 from __future__ import annotations
@@ -251,7 +252,7 @@ class LlamaRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one kernel, same numbers
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # fewer calls, same numbers
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
