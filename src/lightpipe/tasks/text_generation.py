@@ -177,16 +177,17 @@ class TextGenerationPipeline(TextPipeline):
                                "pass truncation=True to keep its end.")
         return ids[len(ids) - limit + 1:]
 
-    def forward(self, batch, **params):
+    def prepare_forward(self, params: dict[str, Any]) -> dict[str, Any]:
         config, other = self.generation_options(params)
+        return {"config": config, **other}
+
+    def forward(self, batch, config: GenerationConfig, streamer=None, seed=None):
         prompt_length = batch["input_ids"].shape[1]
         limit = getattr(self.model, "max_positions", None)
         if limit is not None and config.max_new_tokens is not None and prompt_length + config.max_new_tokens > limit:
             # The prompts fit; ask for no more than the context leaves (transformers would fail inside the model).
             config = config.replace(max_new_tokens=limit - prompt_length)
-        generator = None if other.get("seed") is None else torch.Generator(
-            device=batch["input_ids"].device).manual_seed(other["seed"])
-        streamer = other.get("streamer")
+        generator = None if seed is None else torch.Generator(device=batch["input_ids"].device).manual_seed(seed)
         on_token = None
         if streamer is not None:
             streamer.put(batch["input_ids"].cpu())
