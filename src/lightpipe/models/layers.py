@@ -358,3 +358,60 @@ class EncoderDecoderCache(KVCache):
         if index.numel() != self.batch_size:
             raise InvalidInput("an encoder-decoder cache keeps its rows: beams are reordered, never dropped.")
         super().reorder(index)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoder-only models: inputs, the cache of one full pass, the weight layout of decode steps
+
+
+def left_padding(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor | None:
+    """(B, T) 1/0 attention mask -> (B,) count of leading zeros per row, or None when no row is left-padded.
+
+    Padding may sit on the left (as generation pads) or on the right (as tokenizers pad by default): in a causal
+    model no real token ever attends to later slots, so right padding changes nothing for the real positions.
+    Zeros between real tokens cannot be expressed by a cache and are refused.
+    """
+    if not isinstance(attention_mask, torch.Tensor):
+        attention_mask = torch.as_tensor(attention_mask)
+    if attention_mask.shape != input_ids.shape:
+        raise InvalidInput(f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
+                           f"{tuple(input_ids.shape)}: they must match.")
+    real = attention_mask.to(input_ids.device).bool()  # (B, T)
+    slots = torch.arange(real.shape[1], device=real.device)[None, :]  # (1, T)
+    first = torch.where(real, slots, real.shape[1]).amin(dim=1)  # (B,) first real slot; T for an empty row
+    count = real.sum(dim=1)  # (B,)
+    contiguous = (slots >= first[:, None]) & (slots < (first + count)[:, None])
+    if not torch.equal(contiguous, real):
+        raise InvalidInput("attention_mask must mark one run of real tokens per row (1s), with padding (0s) only on "
+                           "the left or the right; a causal model cannot take holes between real tokens.")
+    return first if bool(first.any()) else None
+
+
+def check_tokens(input_ids: torch.Tensor, vocab_size: int) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise InvalidInput("input_ids must be a non-empty (batch, length) tensor of token ids.")
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise InvalidInput(f"input_ids must hold integer token ids, not {input_ids.dtype}.")
+    if bool(((input_ids < 0) | (input_ids >= vocab_size)).any()):
+        raise InvalidInput(f"input_ids hold token ids outside the vocabulary [0, {vocab_size}).")
+
+
+def full_sequence_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> KVCache:
+    """A fresh cache for one pass over the whole of input_ids (B, T), its left padding read from the mask."""
+    check_tokens(input_ids, model.config.vocab_size)
+    cache = model.new_cache(input_ids.shape[0], input_ids.shape[1])
+    if attention_mask is not None:
+        cache.set_left_padding(left_padding(attention_mask, input_ids))
+    return cache
+
+
+def check_length(max_length: int, limit: int, name: str) -> None:
+    if max_length > limit:
+        raise InvalidInput(f"this model has {limit} positions ({name} in config.json): a sequence of {max_length} "
+                           "tokens does not fit. Shorten the prompt or ask for fewer new tokens.")
+
+
+def by_input_rows(matrix: torch.Tensor) -> torch.Tensor:
+    """The same (out, in) matrix with its memory laid out (in, out): a batch-1 decode step reads it fastest so
+    (see layers.linear). Embedding lookups still work on it (a strided gather of a few rows per step)."""
+    return matrix.t().contiguous().t()

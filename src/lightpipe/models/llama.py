@@ -31,8 +31,8 @@ from torch import nn
 from ..config import BaseConfig
 from ..errors import InvalidInput, UnsupportedModel
 from ..generation.cache import KVCache
-from .gpt2 import by_input_rows, full_sequence_cache
-from .layers import Embedding, FusedProjection, activation, cached_attention, linear, merge_heads, vocab_logits
+from .layers import (Embedding, FusedProjection, activation, by_input_rows, cached_attention, full_sequence_cache, linear,
+                     merge_heads, vocab_logits)
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 DEFAULT_ROPE_THETA = 10000.0

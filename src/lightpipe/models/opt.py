@@ -20,8 +20,8 @@ from torch import nn
 from ..config import BaseConfig
 from ..errors import InvalidInput, UnsupportedModel
 from ..generation.cache import KVCache
-from .gpt2 import by_input_rows, check_length, full_sequence_cache
-from .layers import Embedding, activation, cached_attention, linear, merge_heads, split_heads, vocab_logits
+from .layers import (Embedding, activation, by_input_rows, cached_attention, check_length, full_sequence_cache, linear,
+                     merge_heads, split_heads, vocab_logits)
 
 POSITION_OFFSET = 2  # position p reads row p + 2 of embed_positions
 
