@@ -6,13 +6,11 @@ import pytest
 import transformers
 
 import lightpipe
+from zero_shot_helpers import SEED_LABELS, SEED_TEXT, TEXTS, assert_same, both
 from bart_helpers import NLI_LABELS, tiny_bart
 from lightpipe.errors import InvalidInput, UnsupportedModel
 from lightpipe.tasks import get_task
 
-SEED_TEXT = "I have a problem with my iphone that needs to be resolved asap!!"
-SEED_LABELS = ["urgent", "not urgent", "phone", "tablet", "computer"]
-TEXTS = [SEED_TEXT, "Paris is the capital of France.", "a", "John Smith works at Google in London, England."]
 ARCHS = ("bart", "bert", "roberta", "distilbert", "xlm-roberta")
 
 
@@ -27,26 +25,6 @@ def nli(bart_mnli, checkpoint):
     def make(arch: str):
         return bart_mnli if arch == "bart" else checkpoint(arch, "sequence-classification", labels=NLI_LABELS)
     return make
-
-
-def both(folder):
-    return (lightpipe.pipeline("zero-shot-classification", model=str(folder)),
-            transformers.pipeline("zero-shot-classification", model=str(folder)))
-
-
-def assert_same(got, want):
-    """Same structure, texts and label order; scores within 1e-4."""
-    if isinstance(want, list):
-        assert isinstance(got, list) and len(got) == len(want)
-        for g, w in zip(got, want):
-            assert_same(g, w)
-        return
-    assert set(got) == {"sequence", "labels", "scores"}
-    assert got["sequence"] == want["sequence"]
-    assert got["labels"] == want["labels"]
-    assert all(isinstance(s, float) for s in got["scores"])
-    assert max(abs(a - b) for a, b in zip(got["scores"], want["scores"])) <= 1e-4
-    assert got["scores"] == sorted(got["scores"], reverse=True)
 
 
 def test_the_seed_call_on_a_tiny_bart_mnli(bart_mnli):

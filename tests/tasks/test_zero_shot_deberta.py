@@ -5,14 +5,10 @@ than the model."""
 
 import pytest
 import torch
-import transformers
 
-import lightpipe
 from deberta_helpers import tiny_deberta
+from zero_shot_helpers import SEED_LABELS, SEED_TEXT, TEXTS, assert_same, both
 
-SEED_TEXT = "I have a problem with my iphone that needs to be resolved asap!!"
-SEED_LABELS = ["urgent", "not urgent", "phone", "tablet", "computer"]
-TEXTS = [SEED_TEXT, "Paris is the capital of France.", "a", "John Smith works at Google in London, England."]
 LABEL_ORDERS = {
     "mnli-fever-anli": ["entailment", "neutral", "contradiction"],  # MoritzLaurer's DeBERTa-v3 NLI checkpoints
     "mnli": ["CONTRADICTION", "NEUTRAL", "ENTAILMENT"],  # microsoft/deberta-v2-xlarge-mnli's
@@ -35,25 +31,6 @@ def nli(tmp_path_factory):
         return made[order, layout]
 
     return make
-
-
-def both(folder):
-    return (lightpipe.pipeline("zero-shot-classification", model=str(folder)),
-            transformers.pipeline("zero-shot-classification", model=str(folder)))
-
-
-def assert_same(got, want):
-    """Same structure, texts and label order; scores within 1e-4, sorted."""
-    if isinstance(want, list):
-        assert isinstance(got, list) and len(got) == len(want)
-        for g, w in zip(got, want):
-            assert_same(g, w)
-        return
-    assert set(got) == {"sequence", "labels", "scores"}
-    assert got["sequence"] == want["sequence"]
-    assert got["labels"] == want["labels"]
-    assert max(abs(a - b) for a, b in zip(got["scores"], want["scores"])) <= 1e-4
-    assert got["scores"] == sorted(got["scores"], reverse=True)
 
 
 @pytest.mark.parametrize("order", LABEL_ORDERS)
