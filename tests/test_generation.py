@@ -533,3 +533,17 @@ def test_some_sequences_end_early(whisper):
     for out in (greedy, beams):
         ended = [row.index(eos) for row in out.generated.tolist() if eos in row]
         assert ended and min(ended) < out.generated.shape[1] - 1
+
+
+@pytest.mark.parametrize("options", [dict(), dict(num_beams=3), dict(num_beams=2, num_return_sequences=2)],
+                         ids=["greedy", "beam3", "beam2-return2"])
+def test_static_cache_equals_dynamic_on_whisper(whisper, options):
+    reference, ours, config, features, prompt = whisper
+    encoded = ours.encode(features)
+    dynamic = generate(ours, prompt, config.replace(max_new_tokens=14, output_scores=True, **options),
+                       encoder_hidden=encoded)
+    static = generate(ours, prompt, config.replace(max_new_tokens=14, output_scores=True, cache_implementation="static",
+                                                   **options), encoder_hidden=encoded)
+    assert static.sequences.tolist() == dynamic.sequences.tolist()
+    for a, b in zip(static.scores, dynamic.scores):
+        torch.testing.assert_close(a.nan_to_num(neginf=0), b.nan_to_num(neginf=0), rtol=0, atol=1e-5)
