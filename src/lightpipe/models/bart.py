@@ -26,8 +26,8 @@ from torch import nn
 from ..config import BaseConfig
 from ..errors import InvalidInput, UnsupportedModel
 from .bert import real_token_positions
-from .layers import (EncoderDecoderCache, Embedding, FusedProjection, Unpadder, activation, attention,
-                     cached_attention, cross_attention, linear, merge_heads, padding_mask, split_heads, vocab_logits)
+from .layers import (EncoderDecoderCache, Embedding, FusedProjection, Unpadder, activation, attention, cached_attention,
+                     clamp_half, cross_attention, linear, merge_heads, padding_mask, split_heads, vocab_logits)
 
 POSITION_OFFSET = 2  # position p reads row p + 2 of embed_positions
 
@@ -134,15 +134,7 @@ class BartEncoderLayer(nn.Module):
         attended = batch.unpad(merge_heads(attention(q, k, v, batch.mask)))  # (N, C)
         x = self.self_attn_layer_norm(x + linear(attended, self.self_attn.out_proj))
         x = self.final_layer_norm(x + linear(linear(x, self.fc1, self.act), self.fc2))
-        return _clamp_half(x)
-
-
-def _clamp_half(x: torch.Tensor) -> torch.Tensor:
-    # float16 activations can overflow in the encoder; keep them finite, as the reference does (only then).
-    if x.dtype == torch.float16 and not bool(torch.isfinite(x).all()):
-        limit = torch.finfo(torch.float16).max - 1000
-        return x.clamp(min=-limit, max=limit)
-    return x
+        return clamp_half(x, only_on_overflow=True)
 
 
 class BartDecoderLayer(nn.Module):

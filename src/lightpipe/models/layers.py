@@ -179,6 +179,15 @@ class FusedProjection:
         return self
 
 
+def clamp_half(x: torch.Tensor, *, only_on_overflow: bool = False) -> torch.Tensor:
+    """float16 activations of deep encoders can overflow; keep them finite as the reference does: Whisper clamps
+    every float16 output, BART only outputs that hold an inf or NaN (`only_on_overflow`)."""
+    if x.dtype != torch.float16 or (only_on_overflow and bool(torch.isfinite(x).all())):
+        return x
+    limit = torch.finfo(torch.float16).max - 1000
+    return x.clamp(min=-limit, max=limit)
+
+
 def padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """(B, T) 1/0 mask -> (B, 1, 1, T) boolean mask for scaled_dot_product_attention.
 

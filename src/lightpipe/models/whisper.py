@@ -17,8 +17,8 @@ from torch import nn
 
 from ..config import BaseConfig
 from ..errors import InvalidInput, UnsupportedModel
-from .layers import (EncoderDecoderCache, Embedding, activation, cached_attention, cross_attention, linear, merge_heads,
-                     split_heads, vocab_logits)
+from .layers import (EncoderDecoderCache, Embedding, activation, cached_attention, clamp_half, cross_attention, linear,
+                     merge_heads, split_heads, vocab_logits)
 
 
 @dataclasses.dataclass
@@ -92,14 +92,6 @@ class WhisperAttention(nn.Module):
         return self.output(F.scaled_dot_product_attention(self.queries(x), k, v, scale=1.0))
 
 
-def _clamp_half(x: torch.Tensor) -> torch.Tensor:
-    # float16 activations can overflow in deep encoders; keep them finite (as the reference does).
-    if x.dtype == torch.float16:
-        limit = torch.finfo(torch.float16).max - 1000
-        return x.clamp(min=-limit, max=limit)
-    return x
-
-
 class WhisperEncoderLayer(nn.Module):
     def __init__(self, config: WhisperConfig):
         super().__init__()
@@ -113,7 +105,7 @@ class WhisperEncoderLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.self_attn_layer_norm(x))
         x = x + linear(linear(self.final_layer_norm(x), self.fc1, self.act), self.fc2)
-        return _clamp_half(x)
+        return clamp_half(x)
 
 
 class WhisperDecoderLayer(nn.Module):
