@@ -106,14 +106,7 @@ def tiny_llama(hidden: int = 256, layers: int = 2, heads: int = 4, kv_heads: int
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=256, rms_norm_eps=1e-5,
         rope_theta=10000.0, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
     )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            base = 1.0 if "norm" in name else 0.0
-            p.copy_(base + (0.1 if "norm" in name else STD) * torch.randn(p.shape, generator=gen))
-    return model
+    return _randomized(transformers.LlamaForCausalLM, config, seed, is_norm=lambda name: "norm" in name)
 
 
 LLAMA_BLOCK = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
@@ -206,14 +199,7 @@ def tiny_qwen2(seed: int = 0):
     config = transformers.Qwen2Config(vocab_size=420, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                                       rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(seed)
-    model = transformers.Qwen2ForCausalLM(config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            base = 1.0 if "norm" in name else 0.0
-            p.copy_(base + (0.1 if "norm" in name else STD) * torch.randn(p.shape, generator=gen))
-    return model
+    return _randomized(transformers.Qwen2ForCausalLM, config, seed, is_norm=lambda name: "norm" in name)
 
 
 GPT2_BLOCK = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm",
@@ -227,14 +213,7 @@ def tiny_gpt2(seed: int = 0):
     # transformers reads a GPT-2 GGUF's vocabulary size from its token list and keeps 1024 positions.
     config = transformers.GPT2Config(vocab_size=len(byte_level_vocab()[0]), n_positions=1024, n_embd=256, n_layer=2,
                                      n_head=4, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(seed)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            base = 1.0 if ".ln_" in name and name.endswith("weight") else 0.0
-            p.copy_(base + (0.1 if ".ln_" in name else STD) * torch.randn(p.shape, generator=gen))
-    return model
+    return _randomized(transformers.GPT2LMHeadModel, config, seed, is_norm=lambda name: ".ln_" in name)
 
 
 def write_gpt2_gguf(path: Path, model, qtype=Q.F32) -> Path:
@@ -267,3 +246,16 @@ def write_gpt2_gguf(path: Path, model, qtype=Q.F32) -> Path:
         writer.add_tensor(name, data, raw_dtype=None if data.dtype in (np.float32, np.float16) else kind)
     finish(writer)
     return path
+
+
+def _randomized(model_class, config, seed: int, *, is_norm):
+    """A transformers model with every weight drawn at std STD, norm weights around 1 and norm biases near 0."""
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            norm = is_norm(name)
+            base = 1.0 if norm and name.endswith("weight") else 0.0
+            p.copy_(base + (0.1 if norm else STD) * torch.randn(p.shape, generator=gen))
+    return model
