@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -207,7 +208,10 @@ def from_file(path: str | Path, sampling_rate: int = 16000) -> SileroVAD:
                 raise CheckpointError(f"{path} holds the 16 kHz network only, not the {sampling_rate} Hz one.")
             state = load_file(str(path))
         else:
-            state = from_torchscript_state(torch.jit.load(str(path), map_location="cpu").state_dict(), sampling_rate)
+            with warnings.catch_warnings():  # torch.jit.load is deprecated in favour of torch.export (not for reading)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                scripted = torch.jit.load(str(path), map_location="cpu")
+            state = from_torchscript_state(scripted.state_dict(), sampling_rate)
     except (RuntimeError, OSError, ValueError) as e:
         if isinstance(e, CheckpointError):
             raise
@@ -217,16 +221,17 @@ def from_file(path: str | Path, sampling_rate: int = 16000) -> SileroVAD:
 
 def weights_path() -> Path:
     """The installed `silero-vad` package's TorchScript file, or its safetensors file when that is all it has."""
-    from importlib import resources
+    # The package is found, not imported: importing `silero_vad` runs torch.set_num_threads(1) for the whole process.
+    from importlib.util import find_spec
 
-    try:
-        folder = resources.files("silero_vad.data")
-    except ModuleNotFoundError as e:
-        raise MissingDependency(f"voice activity detection needs the `silero-vad` package: {INSTALL_HINT}") from e
-    for name in (TORCHSCRIPT_FILE, SAFETENSORS_FILE):
-        path = Path(str(folder.joinpath(name)))
-        if path.is_file():
-            return path
+    spec = find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependency(f"voice activity detection needs the `silero-vad` package: {INSTALL_HINT}")
+    for location in spec.submodule_search_locations:
+        for name in (TORCHSCRIPT_FILE, SAFETENSORS_FILE):
+            path = Path(location) / "data" / name
+            if path.is_file():
+                return path
     raise CheckpointError(f"the installed silero-vad package has neither {TORCHSCRIPT_FILE} nor {SAFETENSORS_FILE} "
                           f"(version 5 or later has them): {INSTALL_HINT}")
 
