@@ -40,4 +40,12 @@ def __getattr__(name):  # lazy public names: importing lightpipe stays cheap
         from .tasks import base
 
         return getattr(base, name)
+    if name == "demo":  # the Gradio web demo: lightpipe.demo(pipe); gradio itself loads when a demo is built
+        import importlib
+
+        return importlib.import_module(".demo", __name__)  # a callable module: lightpipe.demo(pipe) builds the app
+    if name == "subtitles":
+        import importlib
+
+        return importlib.import_module(".subtitles", __name__)
     raise AttributeError(f"module 'lightpipe' has no attribute {name!r}")

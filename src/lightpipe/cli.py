@@ -1,18 +1,26 @@
-"""Command line: `lightpipe run | chat | tasks | demo`.
+"""Command line: `lightpipe run | chat | tasks | demo | offline-demo`.
 
     lightpipe run text-classification "I love it" "I hate it" --model ./my-model --batch-size 8
     lightpipe run text-generation "Once upon a time" -p max_new_tokens=40     (streams the text)
+    lightpipe run automatic-speech-recognition talk.mp3 --format srt > talk.srt
     lightpipe chat --model ./my-chat-model
     lightpipe run question-answering '{"question": "Who?", "context": "John did."}'
     echo "one text per line" | lightpipe run feature-extraction -
     lightpipe tasks
-    lightpipe demo
+    lightpipe demo                     (the offline console demo; also `lightpipe offline-demo`)
+    lightpipe demo text-classification --model ./my-model      (a Gradio web demo)
+    lightpipe --version
+
+Usage errors (a malformed -p, no inputs, a --format the task cannot give) exit with status 2 before any model is
+loaded; lightpipe's own errors too. An input that fails does not stop a run: its line holds an error record and the
+run exits with status 1 at the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +28,12 @@ from pathlib import Path
 from .errors import LightpipeError
 
 EXAMPLES = Path(__file__).resolve().parent / "examples"
+SUBTITLE_FORMATS = ("srt", "vtt", "txt")
+FORMATS = ("json",) + SUBTITLE_FORMATS
+
+
+class UsageError(Exception):
+    """A command line that cannot run (printed as `lightpipe: error: ...`, exit status 2, before any model loads)."""
 
 
 def _value(text: str):
@@ -35,18 +49,18 @@ def _params(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--param expects key=value, got {pair!r}")
+            raise UsageError(f"--param expects key=value, got {pair!r}")
         params[key.replace("-", "_")] = _value(value)
     return params
 
 
 def _inputs(raw: list[str]) -> Iterator:
+    """The inputs in order; `-` reads standard input, one input a line. A blank line is the input "" (the pipeline
+    answers it or gives an error record in its place), so output lines stay aligned with input lines."""
     for item in raw:
         if item == "-":
             for line in sys.stdin:
-                line = line.rstrip("\n")
-                if line:
-                    yield _input(line)
+                yield _input(line.rstrip("\r\n"))
         else:
             yield _input(item)
 
@@ -74,33 +88,168 @@ def _json_default(value):
     raise TypeError(f"cannot print {type(value).__name__} as JSON")
 
 
+def _error_record(error: BaseException) -> dict:
+    return {"error": str(error), "type": type(error).__name__}
+
+
+def _print_error(error: BaseException) -> None:
+    print(f"lightpipe: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+
+
+def _results(pipe, inputs: Iterator, params: dict, window: int | None) -> Iterator[tuple]:
+    """(input, result or the exception it raised) per input, in order. Inputs go to the pipeline `window` at a time
+    (None: all together), batched as it batches them; when a call fails, its inputs are run again one by one so that
+    only the failing ones become errors and the run goes on."""
+    def run(items: list) -> list[tuple]:
+        try:
+            return list(zip(items, pipe(items, **params)))
+        except Exception as error:  # noqa: BLE001 - one input's failure must not end the run
+            if len(items) == 1:
+                return [(items[0], error)]
+        answered = []
+        for item in items:
+            try:
+                answered.append((item, pipe([item], **params)[0]))
+            except Exception as error:  # noqa: BLE001
+                answered.append((item, error))
+        return answered
+
+    pending: list = []
+    for item in inputs:
+        pending.append(item)
+        if window is not None and len(pending) >= window:
+            yield from run(pending)
+            pending = []
+    if pending:
+        yield from run(pending)
+
+
+def _audio_seconds(item) -> float | None:
+    """The length of an audio file input (ends a last subtitle whose end Whisper left open), when it can be read."""
+    if not isinstance(item, str) or not Path(item).is_file():
+        return None
+    try:
+        import soundfile
+
+        return float(soundfile.info(item).duration)
+    except Exception:  # noqa: BLE001 - only a refinement; the subtitles estimate the end without it
+        return None
+
+
+def _output_name(item, index: int, fmt: str, used: set) -> str:
+    stem = Path(item).stem if isinstance(item, str) and item and "\n" not in item and len(item) < 4096 else ""
+    name = f"{stem or f'input-{index}'}.{fmt}"
+    n = 1
+    while name in used:
+        n += 1
+        name = f"{stem or f'input-{index}'}-{n}.{fmt}"
+    used.add(name)
+    return name
+
+
+def _check_run_args(args, params: dict) -> str:
+    """Usage checks of `run` that need no model; returns the output format."""
+    from .tasks import get_task
+
+    task = get_task(args.task).name  # UnsupportedTask (status 2) before anything loads
+    fmt = args.format or ("json" if args.json else None)
+    if args.json and fmt != "json":
+        raise UsageError(f"--json and --format {fmt} disagree; give one of them.")
+    if fmt in SUBTITLE_FORMATS and task != "automatic-speech-recognition":
+        if not (fmt == "txt" and task == "text-generation"):
+            raise UsageError(f"--format {fmt} is for automatic-speech-recognition; {task} prints JSON lines "
+                             "(--format json).")
+    if args.output_dir is not None and fmt not in SUBTITLE_FORMATS:
+        raise UsageError("--output-dir writes subtitle or text files: give --format srt, vtt or txt.")
+    if fmt in ("srt", "vtt"):
+        stamps = params.setdefault("return_timestamps", True)  # subtitles need timestamps: ask for them
+        if stamps in (None, False):
+            raise UsageError(f"--format {fmt} needs timestamps: drop return_timestamps={json.dumps(stamps)} "
+                             "(or give return_timestamps=true or \"word\").")
+    if not args.inputs:
+        raise UsageError("no inputs: give them as arguments, or '-' to read lines from standard input.")
+    return fmt or ("txt" if task == "text-generation" else "json")
+
+
 def cmd_run(args) -> int:
+    params = _params(args.param)
+    fmt = _check_run_args(args, params)
+    inputs = _inputs(args.inputs)
+    first = next(inputs, _NOTHING)  # standard input may hold nothing: say so before a model loads
+    if first is _NOTHING:
+        raise UsageError("no inputs: standard input was empty.")
+    inputs = _chain(first, inputs)
+    if args.output_dir is not None:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+
     from . import pipeline
 
     pipe = pipeline(args.task, model=args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
-    inputs = list(_inputs(args.inputs))
-    if not inputs:
-        raise SystemExit("no inputs: give them as arguments, or '-' to read lines from standard input")
-    params = _params(args.param)
-    if pipe.task == "text-generation" and not args.json and int(params.get("num_beams", 1)) == 1:
+    pipe._route(params)  # an unknown or invalid parameter is one error for the run, not one per input
+    failed = 0
+    if pipe.task == "text-generation" and fmt == "txt" and int(params.get("num_beams", 1)) > 1:
+        fmt = "json"  # beam search cannot stream: results as JSON lines
+    if pipe.task == "text-generation" and fmt == "txt":
         for prompt in inputs:  # text as it is generated, one reply per line
-            if isinstance(prompt, str) and params.get("return_full_text", True):
-                print(prompt, end="", flush=True)
-            for piece in pipe.stream(prompt, **params):
-                print(piece, end="", flush=True)
+            try:
+                if isinstance(prompt, str) and params.get("return_full_text", True):
+                    print(prompt, end="", flush=True)
+                for piece in pipe.stream(prompt, **params):
+                    print(piece, end="", flush=True)
+            except Exception as error:  # noqa: BLE001 - the reply's line stays (empty), the run goes on
+                failed += 1
+                _print_error(error)
             print(flush=True)
-        return 0
-    for result in pipe(iter(inputs), **params):
-        print(json.dumps(result, ensure_ascii=False, default=_json_default), flush=True)
-    return 0
+        return 1 if failed else 0
+    # Standard input is answered batch by batch as lines come; arguments are all known: one call sorts them by length.
+    window = (args.batch_size or 1) if "-" in args.inputs else None
+    used: set = set()
+    for index, (item, result) in enumerate(_results(pipe, inputs, params, window)):
+        if isinstance(result, Exception):
+            failed += 1
+            if fmt == "json":
+                print(json.dumps(_error_record(result), ensure_ascii=False), flush=True)
+            else:
+                _print_error(result)
+            continue
+        if fmt == "json":
+            print(json.dumps(result, ensure_ascii=False, default=_json_default), flush=True)
+            continue
+        from . import subtitles
+
+        try:
+            if fmt == "txt":
+                text = subtitles.to_txt(result)
+            else:
+                text = subtitles.FORMATS[fmt](result, duration=_audio_seconds(item))
+        except LightpipeError as error:
+            failed += 1
+            _print_error(error)
+            continue
+        if args.output_dir is not None:
+            path = Path(args.output_dir) / _output_name(item, index, fmt, used)
+            path.write_text(text, encoding="utf-8")
+            print(path, file=sys.stderr, flush=True)
+        else:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    return 1 if failed else 0
+
+
+_NOTHING = object()
+
+
+def _chain(first, rest: Iterator) -> Iterator:
+    yield first
+    yield from rest
 
 
 def cmd_chat(args) -> int:
     """An interactive chat in the terminal: the history is kept, replies stream; /reset forgets, Ctrl-D leaves."""
     from . import pipeline
 
-    pipe = pipeline("text-generation", model=args.model, device=args.device, dtype=args.dtype)
     params = _params(args.param)
+    pipe = pipeline("text-generation", model=args.model, device=args.device, dtype=args.dtype)
     system = [{"role": "system", "content": args.system}] if args.system else []
     history = list(system)
     print("lightpipe chat: /reset forgets the conversation, Ctrl-D leaves.", file=sys.stderr)
@@ -147,6 +296,30 @@ def cmd_tasks(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    """`lightpipe demo TASK`: a Gradio web demo of the task's pipeline; `lightpipe demo` alone: the console demo."""
+    if args.task is None:
+        if args.model is not None or args.share or args.port is not None:
+            raise UsageError("--model, --share and --port go with a task: lightpipe demo TASK [--model M] [--share]; "
+                             "`lightpipe demo` alone runs the offline console demo.")
+        return cmd_offline_demo(args)
+    from .tasks import get_task
+
+    get_task(args.task)  # an unknown task fails before anything loads
+    params = _params(args.param)
+    try:
+        import gradio  # noqa: F401
+    except ImportError as e:
+        raise UsageError('the web demo needs Gradio: pip install "lightpipe[demo]"') from e
+    from . import pipeline
+    from .demo import demo
+
+    pipe = pipeline(args.task, model=args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    app = demo(pipe, **params)
+    app.launch(server_name=args.host, server_port=args.port, share=args.share)
+    return 0
+
+
+def cmd_offline_demo(args) -> int:
     """Transcribe the bundled spoken sample with the task's default (offline) speech model, embed the bundled
     sentences with the real all-MiniLM-L6-v2 weights and rank them by similarity, then ask the default (offline)
     chat model a question - no network."""
@@ -178,8 +351,49 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # every usage error as `lightpipe: error: ...`, status 2 (subcommands too)
+        self.print_usage(sys.stderr)
+        self.exit(2, f"lightpipe: error: {message}\n")
+
+
+def _log_notices() -> logging.Handler:
+    """lightpipe's warnings (the offline fallback notice, ignored options) on standard error, each message once."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("lightpipe: %(message)s"))
+    seen: set = set()
+
+    def once(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in seen:
+            return False
+        seen.add(message)
+        return True
+
+    handler.addFilter(once)
+    return handler
+
+
+def cmd_serve(args) -> int:
+    """Listen at once and load the pipeline in the background (503 until ready); SIGTERM finishes requests in
+    flight, then stops."""
+    import os
+
+    from .serve import serve
+
+    serve(args.task, args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+          batch_size=args.batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+          timeout_s=args.timeout_s, max_body_mb=args.max_body_mb,
+          api_key=args.api_key or os.environ.get("LIGHTPIPE_API_KEY") or None,
+          allow_paths=args.allow_paths, allow_urls=args.allow_urls)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lightpipe", description="Fast inference pipelines, transformers' API.")
+    from . import __version__
+
+    parser = _Parser(prog="lightpipe", description="Fast inference pipelines, transformers' API.")
+    parser.add_argument("--version", action="version", version=f"lightpipe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a task on inputs and print one JSON line per result")
     run.add_argument("task")
@@ -191,7 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE",
                      help="a task parameter, e.g. top_k=3 or aggregation_strategy=simple (repeatable)")
     run.add_argument("--json", action="store_true",
-                     help="text-generation: print JSON results instead of streaming the text")
+                     help="text-generation: print JSON results instead of streaming the text (= --format json)")
+    run.add_argument("--format", "-f", choices=FORMATS, default=None,
+                     help="json: one JSON line per input (default; text-generation streams text); speech: srt or "
+                          "vtt subtitles (timestamps asked for), txt the transcript")
+    run.add_argument("--output-dir", "-o", default=None, metavar="DIR",
+                     help="with --format srt|vtt|txt: one file per input in DIR (named after the input file)")
     run.set_defaults(func=cmd_run)
     chat = sub.add_parser("chat", help="chat with a text-generation model in the terminal")
     chat.add_argument("--model", "-m", default=None, help="Hub id, local folder, GGUF file (default: the task's)")
@@ -203,14 +422,54 @@ def main(argv: list[str] | None = None) -> int:
     chat.set_defaults(func=cmd_chat)
     tasks = sub.add_parser("tasks", help="list tasks, aliases and default models")
     tasks.set_defaults(func=cmd_tasks)
-    demo = sub.add_parser("demo", help="an offline demo on the bundled sample sentences")
+    demo = sub.add_parser("demo", help="a Gradio web demo of a task (lightpipe demo TASK); without a task, the "
+                                       "offline console demo")
+    demo.add_argument("task", nargs="?", default=None, help="the task to demo in the browser (default: console demo)")
+    demo.add_argument("--model", "-m", default=None, help="Hub id, local folder or weight package (default: the task's)")
+    demo.add_argument("--share", action="store_true", help="also open a public Gradio share link")
+    demo.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
+    demo.add_argument("--port", type=int, default=None, help="the port (default: Gradio's, 7860 or the next free)")
+    demo.add_argument("--batch-size", "-b", type=int, default=None,
+                      help="requests batched together by Gradio's queue and the pipeline")
+    demo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or a GPU index")
+    demo.add_argument("--dtype", default=None, help="auto, float32, float16 or bfloat16")
+    demo.add_argument("--param", "-p", action="append", default=[], metavar="KEY=VALUE",
+                      help="a task parameter used for every request (repeatable)")
     demo.set_defaults(func=cmd_demo)
+    offline = sub.add_parser("offline-demo", help="the offline console demo: transcribe the bundled sample, rank "
+                                                  "the bundled sentences, ask the chat model (no network)")
+    offline.set_defaults(func=cmd_offline_demo)
+    serve = sub.add_parser("serve", help="serve a task over HTTP: dynamic batching, OpenAI-compatible routes")
+    serve.add_argument("task")
+    serve.add_argument("--model", "-m", default=None, help="Hub id, local folder or weight package (default: the task's)")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--batch-size", "-b", type=int, default=8, help="inputs per model batch, at most (default 8)")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0,
+                       help="how long a request may wait for others to join its batch (default 5)")
+    serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429 (default 256)")
+    serve.add_argument("--timeout-s", type=float, default=60.0, help="a request's time limit before 504 (default 60)")
+    serve.add_argument("--max-body-mb", type=float, default=25.0, help="the largest request body (default 25)")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: none)")
+    serve.add_argument("--allow-paths", action="store_true", help="let inputs name files on the server")
+    serve.add_argument("--allow-urls", action="store_true", help="let inputs name http(s) URLs for the server to fetch")
+    serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or a GPU index")
+    serve.add_argument("--dtype", default=None, help="auto, float32, float16 or bfloat16")
+    serve.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)
+    notices = _log_notices()
+    logger = logging.getLogger("lightpipe")
+    logger.addHandler(notices)
     try:
         return args.func(args)
+    except UsageError as e:
+        print(f"lightpipe: error: {e}", file=sys.stderr)
+        return 2
     except LightpipeError as e:
         print(f"lightpipe: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    finally:
+        logger.removeHandler(notices)
 
 
 if __name__ == "__main__":

