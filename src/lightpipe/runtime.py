@@ -4,11 +4,17 @@ Inputs are turned into model items by the task's `preprocess` (one input may giv
 items: chunks), items are grouped into batches, padded by the rules the task declares, run
 through `forward`, split back into per-item outputs, regrouped per input and handed to
 `postprocess`. Lists are batched by similar length and returned in input order; streams are
-preprocessed ahead in a background thread and yield results as they complete.
+preprocessed ahead in a background thread (on `num_workers` threads with `parallel_map`, in order) and
+yield results as they complete.
+
+One bad item need not sink a call: a `Runner` made with `isolate_errors=True` runs a batch whose forward
+fails again one item at a time, so that only the culprit fails (its `ModelItem.error` is set and its
+output is None) and the good items of that batch still answer.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import queue
 import threading
@@ -18,6 +24,7 @@ from typing import Any
 import torch
 
 from .checks import positive_int
+from .errors import InvalidInput
 
 
 @dataclasses.dataclass
@@ -30,6 +37,7 @@ class ModelItem:
     source: int = 0  # index of the input it came from
     is_last: bool = True  # the last item of its input
     length: int = 0  # length along the padded axis, set by the runtime
+    error: Exception | None = None  # why this item has no output (on_error="skip" | "record"); never batched
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,45 +109,73 @@ def _to_cpu(value: Any) -> Any:
 
 
 class Runner:
-    """Runs items through a task's forward in batches; used by `Pipeline.__call__`."""
+    """Runs items through a task's forward in batches; used by `Pipeline.__call__`.
+
+    isolate_errors: when a batch's forward (or its collation) raises an Exception, run its items again one
+    at a time; an item that fails alone keeps its error in `item.error` and gets None as its output.
+    Without it, the error propagates, as it always did.
+    """
 
     def __init__(self, forward: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]], padding: Padding,
-                 batch_size: int, progress: Any = None):
+                 batch_size: int, progress: Any = None, *, isolate_errors: bool = False):
         self.forward = forward
         self.padding = padding
         self.batch_size = batch_size
         self.progress = progress
+        self.isolate_errors = isolate_errors
 
-    def run_batch(self, items: list[ModelItem]) -> list[dict[str, torch.Tensor]]:
-        outputs = self.forward(collate(items, self.padding))
+    def _forward_split(self, items: list[ModelItem]) -> list[dict[str, torch.Tensor] | None]:
+        try:
+            return split(self.forward(collate(items, self.padding)), items, self.padding)
+        except Exception as e:  # KeyboardInterrupt and other BaseExceptions always propagate
+            if not self.isolate_errors:
+                raise
+            if len(items) == 1:
+                items[0].error = e
+                return [None]
+            return [out for item in items for out in self._forward_split([item])]
+
+    def run_batch(self, items: list[ModelItem]) -> list[dict[str, torch.Tensor] | None]:
+        outputs = self._forward_split(items) if items else []
         if self.progress is not None:
             self.progress.update(len(items))
-        return split(outputs, items, self.padding)
+        return outputs
 
-    def run_list(self, items: list[ModelItem]) -> list[dict[str, torch.Tensor]]:
-        """All items, batched by similar length (longest first), outputs in the items' order."""
+    def run_list(self, items: list[ModelItem]) -> list[dict[str, torch.Tensor] | None]:
+        """All items, batched by similar length (longest first), outputs in the items' order. Items that
+        already carry an error are not run: their output is None."""
         for item in items:
             item.length = _length(item, self.padding)
-        order = sorted(range(len(items)), key=lambda i: -items[i].length) if self.batch_size > 1 else range(len(items))
-        order = list(order)
+        runnable = [i for i in range(len(items)) if items[i].error is None]
+        order = sorted(runnable, key=lambda i: -items[i].length) if self.batch_size > 1 else runnable
         results: list[dict[str, torch.Tensor] | None] = [None] * len(items)
         for start in range(0, len(order), self.batch_size):
             chunk = order[start:start + self.batch_size]
             for i, out in zip(chunk, self.run_batch([items[i] for i in chunk])):
                 results[i] = out
-        return results  # type: ignore[return-value]
+        return results
 
-    def run_stream(self, items: Iterable[ModelItem]) -> Iterator[tuple[ModelItem, dict[str, torch.Tensor]]]:
-        """Items as they arrive, in batches of batch_size, yielded in arrival order."""
+    def run_stream(self, items: Iterable[ModelItem]) -> Iterator[tuple[ModelItem, dict[str, torch.Tensor] | None]]:
+        """Items as they arrive, in batches of batch_size, yielded in arrival order. An item that arrives with
+        an error is not run (its output is None); it waits for the batch before it, so the order holds."""
         pending: list[ModelItem] = []
+        runnable = 0
         for item in items:
-            item.length = _length(item, self.padding)
             pending.append(item)
-            if len(pending) == self.batch_size:
-                yield from zip(pending, self.run_batch(pending))
-                pending = []
+            if item.error is None:
+                item.length = _length(item, self.padding)
+                runnable += 1
+                if runnable == self.batch_size:
+                    yield from self._flush(pending)
+                    pending, runnable = [], 0
         if pending:
-            yield from zip(pending, self.run_batch(pending))
+            yield from self._flush(pending)
+
+    def _flush(self, pending: list[ModelItem]) -> Iterator[tuple[ModelItem, dict[str, torch.Tensor] | None]]:
+        good = [item for item in pending if item.error is None]
+        outputs = dict(zip(map(id, good), self.run_batch(good)))
+        for item in pending:
+            yield item, outputs.get(id(item))
 
 
 _DONE = object()
@@ -171,6 +207,10 @@ def prefetch(iterable: Iterable[Any], depth: int = 8) -> Iterator[Any]:
             put((True, _DONE))
         except BaseException as e:  # handed to the consumer, which raises it
             put((False, e))
+        finally:
+            close = getattr(iterable, "close", None)  # a generator left early runs its cleanup now, here
+            if close is not None:
+                close()
 
     thread = threading.Thread(target=produce, name="lightpipe-prefetch", daemon=True)
     thread.start()
@@ -186,5 +226,50 @@ def prefetch(iterable: Iterable[Any], depth: int = 8) -> Iterator[Any]:
         stop.set()
 
 
+def parallel_map(fn: Callable[[Any], Any], iterable: Iterable[Any], workers: int, depth: int | None = None
+                 ) -> Iterator[Any]:
+    """`fn` over `iterable` on `workers` threads, results yielded in input order, at most `depth` (default
+    2 * workers) values in flight: a lazy, bounded, ordered `map` for streams. An exception raised by `fn`
+    is raised here, in order, as the plain `map(fn, iterable)` would raise it. Threads pay off because
+    decoding (soundfile, PIL, soxr) and tokenising release the GIL."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    depth = max(depth or 2 * workers, 1)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="lightpipe-preprocess")
+    pending: collections.deque = collections.deque()
+    try:
+        for value in iterable:
+            pending.append(pool.submit(fn, value))
+            if len(pending) >= depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
 def check_batch_size(value: Any) -> int:
     return 1 if value is None else positive_int("batch_size", value)
+
+
+ON_ERROR = ("raise", "skip", "record")
+
+
+def check_on_error(value: Any) -> str:
+    """on_error: "raise" (the default, None), "skip" or "record"; anything else is InvalidInput."""
+    if value is None:
+        return "raise"
+    if not isinstance(value, str) or value not in ON_ERROR:
+        raise InvalidInput(f"on_error must be one of {', '.join(map(repr, ON_ERROR))}, not {value!r}.")
+    return value
+
+
+def error_record(error: BaseException) -> dict[str, str]:
+    """What on_error="record" returns in a failed input's place: {"error": message, "type": class name}."""
+    return {"error": str(error) or type(error).__name__, "type": type(error).__name__}
+
+
+def is_error_record(value: Any) -> bool:
+    return isinstance(value, dict) and value.keys() == {"error", "type"}
