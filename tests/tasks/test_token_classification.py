@@ -181,8 +181,6 @@ def test_stream_gives_the_list_results(checkpoint):
 @pytest.mark.parametrize("inputs, params", [
     (None, {}),
     (42, {}),
-    ("", {}),
-    ("   ", {}),
     (["fine", None], {}),
     ("text", {"aggregation_strategy": "bogus"}),
     ("text", {"aggregation_strategy": 3}),

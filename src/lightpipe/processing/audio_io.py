@@ -26,11 +26,13 @@ import torch
 
 from ..checks import number, positive_int
 from ..errors import InvalidInput, MissingDependency
+from . import limits
 from .sources import fetch_url, is_file_object, is_url, read_file_object
 
 # Limits on what one input may be. Module attributes, read at call time, so an application can
-# change them: `lightpipe.processing.audio_io.MAX_DURATION_S = 48 * 3600`.
-MAX_DURATION_S = 24 * 3600  # longest audio accepted, in seconds (24 h is 5.5 GB of float32 at 16 kHz)
+# change them: `lightpipe.processing.audio_io.MAX_DURATION_S = 48 * 3600`. A pipeline's or a call's
+# max_audio_seconds (processing/limits.py) wins over MAX_DURATION_S.
+MAX_DURATION_S = 24 * 3600  # longest audio accepted by default, in seconds (24 h is 5.5 GB of float32 at 16 kHz)
 MAX_DOWNLOAD_BYTES = 2 * 1024**3  # largest audio file fetched from a URL
 
 INSTALL_HINT = "pip install 'lightpipe[audio]'"
@@ -91,8 +93,8 @@ def load_audio(inputs: Any, sampling_rate: int, *, timeout: float | None = None)
         an open binary file of them (open(path, "rb"), io.BytesIO);
         a numpy array or torch tensor of samples already at `sampling_rate` ((samples,), or
         (channels, samples) with at most 2 channels, averaged); or a dict {"raw" or "array": array,
-        "sampling_rate": its rate}, resampled. Integer samples are taken as values, not rescaled
-        (as transformers does).
+        "sampling_rate": its rate}, resampled. Integer PCM samples (int8, int16, int32, uint8) are scaled
+        to [-1, 1] as a WAV reader scales them (int16 / 32768 ...); float64 is cast to float32.
     Use `load_audio_item` to also get a dict's "stride" and extra keys.
     """
     return load_audio_item(inputs, sampling_rate, timeout=timeout).array
@@ -156,11 +158,31 @@ def _rescale_stride(stride: Any, rate: float, target: int, n_samples: int) -> tu
     return (n_samples, left, right)
 
 
+# Integer PCM -> float in [-1, 1): (offset, scale) per dtype, sample = (value - offset) / scale. The widths
+# audio files and sound cards use; 8-bit PCM is unsigned around 128 (WAV's convention). Other integer dtypes
+# (int64, uint16, uint32 ...) name no PCM format and are taken as values, unscaled.
+PCM_SCALES = {np.dtype(np.int8): (0, 2.0**7), np.dtype(np.uint8): (128, 2.0**7), np.dtype(np.int16): (0, 2.0**15),
+              np.dtype(np.int32): (0, 2.0**31)}
+
+
+def pcm_to_float(array: np.ndarray) -> np.ndarray:
+    """Samples of any numeric dtype -> float32 amplitudes: int8 / int16 / int32 PCM divided by 2**7 / 2**15 / 2**31,
+    uint8 centred ((x - 128) / 128), floats (float64 included) cast to float32 as they are."""
+    scale = PCM_SCALES.get(array.dtype)
+    if scale is not None:
+        offset, divisor = scale
+        # float64 arithmetic: int32 values are not exact in float32 before the division
+        return ((array.astype(np.float64) - offset) / divisor).astype(np.float32)
+    return array.astype(np.float32, copy=False)
+
+
 def waveform_from_array(samples: np.ndarray | torch.Tensor, rate: float, target: int) -> np.ndarray:
     """User samples at `rate` Hz -> checked float32 mono (samples,) at `target` Hz.
 
     1-D is mono; 2-D is read as (channels, samples) with at most 2 channels and averaged, the layout
-    transformers' pipeline reads (it refuses to guess which axis holds channels otherwise).
+    transformers' pipeline reads (it refuses to guess which axis holds channels otherwise); (samples, 2), as
+    soundfile.read returns stereo, is refused with a message saying to pass its transpose. More dimensions are
+    refused. Integer PCM is scaled to [-1, 1] (see `pcm_to_float`); float64 becomes float32.
     """
     if isinstance(samples, torch.Tensor):
         if samples.is_complex():
@@ -173,6 +195,7 @@ def waveform_from_array(samples: np.ndarray | torch.Tensor, rate: float, target:
     numeric = np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
     if array.dtype == np.bool_ or not numeric:
         raise InvalidInput(f"audio samples must be real numbers (float or int), not an array of dtype {array.dtype}.")
+    array = pcm_to_float(array)
     if array.ndim == 0:
         raise InvalidInput("audio must be an array of samples, not a single number.")
     if array.ndim > 2:
@@ -186,22 +209,33 @@ def waveform_from_array(samples: np.ndarray | torch.Tensor, rate: float, target:
                 f"{tuple(array.shape)}. If it is (samples, channels), as soundfile.read returns, pass `array.T`; "
                 "if it really has more than 2 channels, mix it down to mono yourself."
             )
-        array = array.astype(np.float32, copy=False).mean(axis=0)
-    return _finish(array.astype(np.float32, copy=False), rate, target, "the audio array")
+        array = array.mean(axis=0)
+    return _finish(array, rate, target, "the audio array")
 
 
 def _finish(mono: np.ndarray, rate: float, target: int, what: str) -> np.ndarray:
     """Checks every waveform passes, then resampling to the model's rate."""
     if mono.shape[0] == 0:
         raise InvalidInput(f"{what} is empty (0 samples).")
-    if mono.shape[0] / rate > MAX_DURATION_S:
-        raise InvalidInput(
-            f"{what} lasts {mono.shape[0] / rate / 3600:.1f} h, longer than the {MAX_DURATION_S / 3600:g} h limit "
-            "(lightpipe.processing.audio_io.MAX_DURATION_S); split it into parts."
-        )
+    _check_duration(mono.shape[0] / rate, what)
     if not np.isfinite(mono).all():
         raise InvalidInput(f"{what} contains NaN or infinite samples.")
     return np.ascontiguousarray(resample(mono, rate, target))
+
+
+def _describe_seconds(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds:.1f} s"
+
+
+def _check_duration(seconds: float, what: str, *, at_least: bool = False) -> None:
+    """InvalidInput when `seconds` of audio pass the limit in force (max_audio_seconds, else MAX_DURATION_S)."""
+    limit = limits.max_audio_seconds()
+    if limit is not None and seconds > limit:
+        lasts = "lasts longer than" if at_least else f"lasts {_describe_seconds(seconds)}, longer than"
+        raise InvalidInput(
+            f"{what} {lasts} the {_describe_seconds(limit)} limit (max_audio_seconds); split it into parts, or "
+            "raise the limit: pipeline(..., max_audio_seconds=...)."
+        )
 
 
 def resample(waveform: np.ndarray, orig_rate: float, target_rate: float) -> np.ndarray:
@@ -312,11 +346,7 @@ def _decode_soundfile(soundfile, source: str | bytes, described: str):
         rate = handle.samplerate
         if rate <= 0:
             raise InvalidInput(f"{described} declares a sampling rate of {rate} Hz.")
-        if handle.frames / rate > MAX_DURATION_S:
-            raise InvalidInput(
-                f"{described} lasts {handle.frames / rate / 3600:.1f} h, longer than the {MAX_DURATION_S / 3600:g} h "
-                "limit (lightpipe.processing.audio_io.MAX_DURATION_S); split it into parts."
-            )
+        _check_duration(handle.frames / rate, described)
         try:
             samples = handle.read(dtype="float32", always_2d=True)  # (samples, channels)
         except (RuntimeError, ValueError) as e:
@@ -348,11 +378,8 @@ def _decode_pyav(av, source: str | bytes, described: str, soundfile_error: str |
                 for out in converter.resample(frame):
                     chunks.append(out.to_ndarray())  # (channels, samples)
                     total += chunks[-1].shape[1]
-                if rate and total / rate > MAX_DURATION_S:
-                    raise InvalidInput(
-                        f"{described} lasts longer than the {MAX_DURATION_S / 3600:g} h limit "
-                        "(lightpipe.processing.audio_io.MAX_DURATION_S); split it into parts."
-                    )
+                if rate:
+                    _check_duration(total / rate, described, at_least=True)
             chunks.extend(out.to_ndarray() for out in converter.resample(None))
         except (av.error.FFmpegError, OSError, ValueError, RuntimeError) as e:
             if isinstance(e, InvalidInput):

@@ -22,10 +22,13 @@ import numpy as np
 import torch
 
 from ..errors import InvalidInput, MissingDependency
+from . import limits
 from .sources import fetch_url, is_file_object, is_url, read_file_object
 
 # Decoded images larger than this many pixels are refused from their header, before decoding:
 # a 100 kB PNG can claim 20000 x 20000 pixels and take gigabytes to decode. Pillow's own default.
+# The default of a pipeline's max_image_pixels (processing/limits.py), read at call time; a
+# PIL.Image.MAX_IMAGE_PIXELS the application changed (None: no limit) wins over it.
 MAX_IMAGE_PIXELS = 89_478_485  # ~ 9459 x 9459
 MAX_DOWNLOAD_BYTES = 100 * 2**20  # 100 MiB: the largest image fetched from a URL; no real image needs more
 ORIENTATION_TAG = 0x0112  # EXIF Orientation
@@ -159,10 +162,20 @@ def _open(source, what: str):
         if not source:
             raise InvalidInput(f"{what} is empty (0 bytes), not an image.")
         source = io.BytesIO(source)
+    limit = limits.max_image_pixels()
     try:
         with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
-            return PIL.Image.open(source)
+            pil_limit = PIL.Image.MAX_IMAGE_PIXELS
+            if pil_limit is None or (limit is not None and limit <= pil_limit):
+                return PIL.Image.open(source)
+            # A limit above Pillow's: Pillow would refuse at open what the caller allowed; _checked_size
+            # applies the caller's limit instead. Swapped under the lock, restored at once.
+            PIL.Image.MAX_IMAGE_PIXELS = None
+            try:
+                return PIL.Image.open(source)
+            finally:
+                PIL.Image.MAX_IMAGE_PIXELS = pil_limit
     except PIL.Image.DecompressionBombError as e:
         raise InvalidInput(f"{what} is too large to decode safely ({e}).") from e
     except PIL.UnidentifiedImageError as e:
@@ -183,10 +196,12 @@ def _is_empty(source) -> bool:
 def _checked_size(image, what: str):
     """The image, if its header's size is one we decode."""
     width, height = image.size
-    if width * height > MAX_IMAGE_PIXELS:
+    limit = limits.max_image_pixels()
+    if limit is not None and width * height > limit:
         raise InvalidInput(
-            f"{what} is {width} x {height} pixels, more than the {MAX_IMAGE_PIXELS} lightpipe decodes "
-            "(a guard against decompression bombs); resize it first."
+            f"{what} is {width} x {height} pixels, more than the {limit} lightpipe decodes (max_image_pixels, "
+            "a guard against decompression bombs); resize it first, or raise the limit: "
+            "pipeline(..., max_image_pixels=...)."
         )
     if width == 0 or height == 0:
         raise InvalidInput(f"{what} has no pixels ({width} x {height}).")

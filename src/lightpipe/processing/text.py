@@ -23,6 +23,9 @@ TRUNCATION_STRATEGIES = {True: "longest_first", "longest_first": "longest_first"
                          "only_second": "only_second"}
 # Tokenizer classes whose models take no token_type_ids (transformers' model_input_names).
 NO_TOKEN_TYPES = ("Roberta", "XLMRoberta", "Camembert", "DistilBert", "GPT2", "Bart", "Longformer")
+# transformers' padding= values -> None (no padding), "longest" or "max_length".
+PADDING_STRATEGIES = {None: None, False: None, "do_not_pad": None, True: "longest", "longest": "longest",
+                      "max_length": "max_length"}
 VERY_LARGE = int(1e20)  # transformers' "no limit" for model_max_length
 
 # Spaces that decoding WordPiece tokens leaves before punctuation and English contractions, removed
@@ -220,6 +223,104 @@ class Tokenizer:
                 raise
             raise InvalidInput(f"{what}: {e}") from e
 
+    def __call__(self, text, text_pair=None, *, add_special_tokens: bool = True, padding: bool | str = False,
+                 truncation: bool | str | None = None, max_length: int | None = None, stride: int = 0,
+                 is_split_into_words: bool = False, pad_to_multiple_of: int | None = None,
+                 padding_side: str | None = None, return_tensors: str | None = None,
+                 return_token_type_ids: bool | None = None, return_attention_mask: bool | None = None,
+                 return_special_tokens_mask: bool = False, return_offsets_mapping: bool = False,
+                 return_length: bool = False) -> "BatchEncoding":
+        """transformers' `tokenizer(text)`: a text (or a list of texts, with optional pairs) -> a BatchEncoding (a dict
+        with attribute access) of input_ids, token_type_ids (when the model takes them) and attention_mask.
+
+        One text gives flat lists; a list gives a list per text. padding: False / "do_not_pad", True / "longest",
+        or "max_length" (to max_length, else model_max_length), rounded up to pad_to_multiple_of. truncation: True /
+        "longest_first" / "only_first" / "only_second" to max_length (else model_max_length); a max_length given
+        without truncation or padding truncates, as in transformers. return_tensors: "pt" (torch) or "np" (numpy),
+        with a batch dimension even for one text; ragged rows need padding."""
+        batched = isinstance(text, (list, tuple)) and (not is_split_into_words or (
+            len(text) > 0 and isinstance(text[0], (list, tuple))))
+        texts = list(text) if batched else [text]
+        if text_pair is None:
+            pairs = [None] * len(texts)
+        else:
+            pairs = list(text_pair) if batched else [text_pair]
+            if len(pairs) != len(texts):
+                raise InvalidInput(f"{len(texts)} texts but {len(pairs)} text pairs; give one pair per text.")
+        for value in texts + [p for p in pairs if p is not None]:
+            if is_split_into_words:
+                if not isinstance(value, (list, tuple)) or not all(isinstance(w, str) for w in value):
+                    raise InvalidInput("with is_split_into_words=True each text must be a list of words (strings).")
+            elif not isinstance(value, str):
+                raise InvalidInput(f"the text to tokenize must be a string or a list of strings, not {type(value).__name__}.")
+        strategy = "invalid"
+        if padding is None or isinstance(padding, (bool, str)):
+            strategy = PADDING_STRATEGIES.get(padding, "invalid")
+        if strategy == "invalid":
+            raise InvalidInput(f"padding={padding!r} is not valid; use True, False, 'longest', 'max_length' or 'do_not_pad'.")
+        if truncation is None and max_length is not None and strategy is None:
+            truncation = True  # transformers truncates to a max_length given alone (with a warning)
+        if return_tensors not in (None, "pt", "np"):
+            raise InvalidInput(f"return_tensors={return_tensors!r} is not supported; use 'pt', 'np' or None.")
+        side = padding_side or self.padding_side
+        if side not in ("left", "right"):
+            raise InvalidInput(f"padding_side must be 'left' or 'right', not {side!r}.")
+        encodings = [self.encode(t, p, add_special_tokens=add_special_tokens, truncation=truncation,
+                                 max_length=max_length, stride=stride, is_split_into_words=is_split_into_words)
+                     for t, p in zip(texts, pairs)]
+        with_types = self.returns_token_type_ids if return_token_type_ids is None else bool(return_token_type_ids)
+        with_mask = True if return_attention_mask is None else bool(return_attention_mask)
+        fields: dict[str, list[list]] = {"input_ids": [list(e.ids) for e in encodings]}
+        if with_types:
+            fields["token_type_ids"] = [list(e.type_ids) for e in encodings]
+        if with_mask:
+            fields["attention_mask"] = [list(e.attention_mask) for e in encodings]
+        if return_special_tokens_mask:
+            fields["special_tokens_mask"] = [list(e.special_tokens_mask) for e in encodings]
+        if return_offsets_mapping:
+            fields["offset_mapping"] = [[tuple(o) for o in e.offsets] for e in encodings]
+        if strategy is not None:
+            target = max(len(e.ids) for e in encodings)
+            if strategy == "max_length":
+                target = max_length if max_length is not None else self.model_max_length
+                if target >= VERY_LARGE:
+                    raise InvalidInput('padding="max_length" needs max_length (this tokenizer sets no model_max_length).')
+            if pad_to_multiple_of:
+                multiple = positive_int("pad_to_multiple_of", pad_to_multiple_of)
+                target = -(-target // multiple) * multiple
+            pad_id = self.pad_token_id
+            if pad_id is None and any(len(e.ids) < target for e in encodings):
+                raise InvalidInput("this tokenizer has no pad token, so texts of different lengths cannot be padded.")
+            values = {"input_ids": pad_id, "token_type_ids": 0, "attention_mask": 0, "special_tokens_mask": 1,
+                      "offset_mapping": (0, 0)}
+            for name, rows in fields.items():
+                for i, row in enumerate(rows):
+                    fill = [values[name]] * max(0, target - len(row))
+                    rows[i] = fill + row if side == "left" else row + fill
+        if return_length:
+            fields["length"] = [len(row) for row in fields["input_ids"]]
+        if return_tensors is not None:
+            lengths = {len(row) for name, rows in fields.items() if name != "length" for row in rows}
+            if len(lengths) > 1:
+                raise InvalidInput("the texts tokenize to different lengths, so they cannot be one tensor; "
+                                   "pass padding=True (and truncation=True for texts over the model's limit).")
+            import numpy as np
+
+            arrays = {name: np.asarray(rows, dtype=np.int64) for name, rows in fields.items()}
+            if return_tensors == "pt":
+                import torch
+
+                return BatchEncoding({name: torch.from_numpy(a) for name, a in arrays.items()}, encodings)
+            return BatchEncoding(arrays, encodings)
+        if not batched:
+            return BatchEncoding({name: rows[0] for name, rows in fields.items()}, encodings)
+        return BatchEncoding(fields, encodings)
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False,
+                     clean_up_tokenization_spaces: bool | None = None) -> list[str]:
+        """decode() of each row (a list of id lists, or a 2-D tensor/array)."""
+        return [self.decode(ids, skip_special_tokens, clean_up_tokenization_spaces) for ids in sequences]
+
     def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None) -> str:
         """Ids -> text. With clean_up_tokenization_spaces (default: the checkpoint's setting) the spaces
         before punctuation and contractions are removed, except for BPE models, as in transformers."""
@@ -243,6 +344,28 @@ class Tokenizer:
 
     def convert_ids_to_tokens(self, ids) -> list[str]:
         return [self.backend.id_to_token(int(i)) for i in ids]
+
+
+class BatchEncoding(dict):
+    """What calling a Tokenizer returns: a dict of model inputs (input_ids, attention_mask ...) that also reads as
+    attributes (`enc.input_ids`), as transformers' BatchEncoding. `encodings` holds the `tokenizers.Encoding`s."""
+
+    def __init__(self, data: dict, encodings: list[Encoding] | None = None):
+        super().__init__(data)
+        self.encodings = encodings
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device) -> "BatchEncoding":
+        """The tensors moved to `device` (return_tensors="pt" only)."""
+        return BatchEncoding({k: v.to(device) if hasattr(v, "to") else v for k, v in self.items()}, self.encodings)
+
+    def word_ids(self, index: int = 0) -> list[int | None]:
+        return list(self.encodings[index].word_ids) if self.encodings else []
 
 
 def _read_chat_template(folder: Path, config: dict) -> str | dict[str, str] | None:

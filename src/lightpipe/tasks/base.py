@@ -24,6 +24,7 @@ import torch
 
 from ..checks import positive_int
 from ..errors import InvalidInput
+from ..processing import limits
 from ..processing.sources import is_file_object
 from ..runtime import ModelItem, Padding, Runner, check_batch_size, prefetch
 
@@ -74,6 +75,11 @@ class Pipeline:
     # The preprocessing parts the factory loads for this task (see factory.COMPONENTS).
     components: ClassVar[tuple[str, ...]] = ("tokenizer",)
 
+    # The kinds of input ("image", "audio") whose size limits (max_image_pixels, max_audio_seconds) this task
+    # accepts as parameters; None: read from the components (an image processor takes images, a feature
+    # extractor audio).
+    input_kinds: ClassVar[tuple[str, ...] | None] = None
+
     def __init__(self, model, tokenizer=None, *, feature_extractor=None, image_processor=None,
                  device: torch.device | None = None, batch_size: int | None = None, num_workers: int | None = None,
                  folder=None, **params):
@@ -83,15 +89,43 @@ class Pipeline:
         self.feature_extractor = feature_extractor
         self.image_processor = image_processor
         self.device = device or next(model.parameters()).device
+        _give_model_attributes(model)
         self._defaults: dict[str, Any] = {}
         self._defaults.update(self._checked({"batch_size": batch_size, "num_workers": num_workers, **params},
                                             drop_none=True))
 
+    # ------------------------------------------------------------------ as transformers' pipelines
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the model computes in (of its first floating-point weight)."""
+        return _model_dtype(self.model)
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """Write the model (config.json, model.safetensors under the checkpoint's key names), its tokenizer, processor
+        settings and generation config into `save_directory`, a folder transformers' from_pretrained and lightpipe's
+        pipeline() load. transformers' options (safe_serialization ...) are accepted; weights are always safetensors."""
+        from ..saving import save_pipeline
+
+        unknown = set(kwargs) - {"safe_serialization", "max_shard_size", "push_to_hub", "token"}
+        if unknown or kwargs.get("push_to_hub"):
+            raise InvalidInput(f"save_pretrained does not take {sorted(unknown) or ['push_to_hub=True']}; "
+                               "give the folder to write.")
+        save_pipeline(self, save_directory)
+
     # ------------------------------------------------------------------ parameters
+    @property
+    def limit_params(self) -> tuple[str, ...]:
+        """The input size limits this pipeline accepts (processing/limits.py): max_image_pixels, max_audio_seconds."""
+        kinds = self.input_kinds
+        if kinds is None:
+            kinds = (("image",) if "image_processor" in self.components else ()) + (
+                ("audio",) if "feature_extractor" in self.components else ())
+        return tuple(name for name, kind in limits.PARAMS.items() if kind in kinds)
+
     @property
     def accepted_params(self) -> tuple[str, ...]:
         # A stage may list a runtime parameter too (progress), so names can repeat: each is accepted once.
-        return tuple(dict.fromkeys(RUNTIME_PARAMS + self.preprocess_params + self.forward_params
+        return tuple(dict.fromkeys(RUNTIME_PARAMS + self.limit_params + self.preprocess_params + self.forward_params
                                    + self.postprocess_params))
 
     def _checked(self, params: dict[str, Any], drop_none: bool = False) -> dict[str, Any]:
@@ -111,13 +145,16 @@ class Pipeline:
         if "batch_size" in params:
             check_batch_size(params["batch_size"])
         positive_int("num_workers", params.get("num_workers"), allow_none=True, allow_zero=True)
+        for name in limits.PARAMS:
+            if name in params:
+                params[name] = limits.check(name, params[name])
 
     def _route(self, call_params: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
         # A runtime parameter given as None at call time keeps the pipeline's default (as in transformers).
         params = {**self._defaults, **self._checked(call_params, drop_none=True)}
         pick = lambda names: {k: params[k] for k in names if k in params}  # noqa: E731
-        return (pick(RUNTIME_PARAMS), pick(self.preprocess_params), self.prepare_forward(pick(self.forward_params)),
-                pick(self.postprocess_params))
+        return (pick(RUNTIME_PARAMS + self.limit_params), pick(self.preprocess_params),
+                self.prepare_forward(pick(self.forward_params)), pick(self.postprocess_params))
 
     def prepare_forward(self, params: dict[str, Any]) -> dict[str, Any]:
         """The call's checked forward parameters -> the keyword arguments of `forward`, once per call. Tasks whose
@@ -157,14 +194,15 @@ class Pipeline:
     def __call__(self, inputs, **params):
         runtime, pre, fwd, post = self._route(params)
         batch_size = check_batch_size(runtime.get("batch_size"))
+        sizes = {name: runtime[name] for name in limits.PARAMS if name in runtime}
         if self._is_stream(inputs):  # nothing runs (no progress bar either) until the first result is asked for
-            return self._run_stream(inputs, fwd, pre, post, batch_size, runtime.get("progress"))
+            return self._run_stream(inputs, fwd, pre, post, batch_size, runtime.get("progress"), sizes)
         progress = self._progress_bar(runtime.get("progress"), inputs)
         runner = Runner(self._forward_fn(fwd), self.collate_padding(), batch_size, progress)
         single = self.is_single(inputs)
         items_in = [inputs] if single else list(inputs)
         try:
-            results = self._run_list(items_in, runner, pre, post, runtime.get("num_workers"))
+            results = self._run_list(items_in, runner, pre, post, runtime.get("num_workers"), sizes)
         finally:
             if progress is not None:
                 progress.close()
@@ -177,15 +215,22 @@ class Pipeline:
                 return self.forward(batch, **fwd)
         return run
 
-    def _preprocess_all(self, inputs: list, pre: dict, num_workers: int | None) -> list[list[ModelItem]]:
+    def _preprocess_one(self, value, pre: dict, sizes: dict | None = None) -> list[ModelItem]:
+        """preprocess(value) under the call's input size limits, in the thread that runs it."""
+        with limits.applied(sizes or {}):
+            return list(self.preprocess(value, **pre))
+
+    def _preprocess_all(self, inputs: list, pre: dict, num_workers: int | None,
+                        sizes: dict | None = None) -> list[list[ModelItem]]:
         if num_workers and num_workers > 1 and len(inputs) > 1:
             from concurrent.futures import ThreadPoolExecutor
             with ThreadPoolExecutor(num_workers) as pool:
-                return list(pool.map(lambda x: list(self.preprocess(x, **pre)), inputs))
-        return [list(self.preprocess(x, **pre)) for x in inputs]
+                return list(pool.map(lambda x: self._preprocess_one(x, pre, sizes), inputs))
+        return [self._preprocess_one(x, pre, sizes) for x in inputs]
 
-    def _run_list(self, inputs: list, runner: Runner, pre: dict, post: dict, num_workers: int | None) -> list:
-        per_input = self._preprocess_all(inputs, pre, num_workers)
+    def _run_list(self, inputs: list, runner: Runner, pre: dict, post: dict, num_workers: int | None,
+                  sizes: dict | None = None) -> list:
+        per_input = self._preprocess_all(inputs, pre, num_workers, sizes)
         flat: list[ModelItem] = []
         for source, items in enumerate(per_input):
             for item in items:
@@ -208,18 +253,19 @@ class Pipeline:
             return (inputs[i] for i in range(len(inputs)))
         return iter(inputs)
 
-    def _tagged_items(self, inputs: Iterable, pre: dict) -> Iterator[ModelItem]:
+    def _tagged_items(self, inputs: Iterable, pre: dict, sizes: dict | None = None) -> Iterator[ModelItem]:
         for source, value in enumerate(self._values(inputs)):
-            items = list(self.preprocess(value, **pre))
+            items = self._preprocess_one(value, pre, sizes)
             for i, item in enumerate(items):
                 item.source, item.is_last = source, i == len(items) - 1
             assert items, "preprocess must give at least one model item"
             yield from items
 
-    def _run_stream(self, inputs: Iterable, fwd: dict, pre: dict, post: dict, batch_size: int, progress) -> Iterator:
+    def _run_stream(self, inputs: Iterable, fwd: dict, pre: dict, post: dict, batch_size: int, progress,
+                    sizes: dict | None = None) -> Iterator:
         runner = Runner(self._forward_fn(fwd), self.collate_padding(), batch_size,
                         self._progress_bar(progress, inputs))
-        items = prefetch(self._tagged_items(inputs, pre), depth=max(8, 2 * runner.batch_size))
+        items = prefetch(self._tagged_items(inputs, pre, sizes), depth=max(8, 2 * runner.batch_size))
         outs: list = []
         metas: list = []
         try:
@@ -239,6 +285,26 @@ class Pipeline:
         from tqdm.auto import tqdm
         total = len(inputs) if hasattr(inputs, "__len__") and not isinstance(inputs, (str, dict)) else None
         return tqdm(total=total, desc=self.task or type(self).__name__, unit="item")
+
+
+def _model_dtype(model) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def _model_device(model) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _give_model_attributes(model) -> None:
+    """`model.device` and `model.dtype`, read live from the weights, as tools written for transformers' models read
+    them (plain nn.Modules have neither). Added once to the model's class."""
+    cls = type(model)
+    if isinstance(getattr(cls, "device", None), property) or "device" in vars(model):
+        return
+    if not hasattr(cls, "device"):
+        cls.device = property(_model_device, doc="The device of the model's weights.")
+    if not hasattr(cls, "dtype"):
+        cls.dtype = property(_model_dtype, doc="The dtype of the model's floating-point weights.")
 
 
 class TextPipeline(Pipeline):
@@ -279,9 +345,11 @@ class TextPipeline(Pipeline):
         return out
 
     @staticmethod
-    def check_text(value: Any, what: str = "input") -> str:
+    def check_text(value: Any, what: str = "input", *, allow_empty: bool = False) -> str:
+        """A string, or InvalidInput. allow_empty: an empty or blank text is a text (the tokenizer gives the special
+        tokens alone), for tasks that answer it as transformers does (feature / text / token classification)."""
         if not isinstance(value, str):
             raise InvalidInput(f"{what} must be a string, not {type(value).__name__}.")
-        if not value.strip():
+        if not allow_empty and not value.strip():
             raise InvalidInput(f"{what} is empty: give some text.")
         return value

@@ -31,7 +31,7 @@ class FeatureExtractionPipeline(TextPipeline):
     def preprocess(self, inputs, truncation=None, max_length=None, tokenize_kwargs=None, add_special_tokens=True):
         options = {"truncation": truncation, "max_length": max_length, "add_special_tokens": add_special_tokens}
         options.update({k: v for k, v in (tokenize_kwargs or {}).items() if k != "padding"})
-        encoding = self.tokenizer.encode(self.check_text(inputs), **options)
+        encoding = self.tokenizer.encode(self.check_text(inputs, allow_empty=True), **options)
         return [ModelItem(self.features(encoding))]
 
     def forward(self, batch):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import warnings
 from typing import Any
 
 import numpy as np
@@ -120,6 +121,18 @@ class TokenClassificationPipeline(TextPipeline):
         # offset_mapping belongs to each input, so __call__ pairs it with the inputs rather than routing it.
         return super().accepted_params + ("offset_mapping",)
 
+    def _checked(self, params: dict[str, Any], drop_none: bool = False) -> dict[str, Any]:
+        # transformers' old spellings, mapped in place (so that a call's later routing sees the mapping too):
+        # grouped_entities / ignore_subwords -> aggregation_strategy "simple" / "first" / "none".
+        if "grouped_entities" in params or "ignore_subwords" in params:
+            grouped = flag("grouped_entities", params.pop("grouped_entities", None))
+            ignore_subwords = flag("ignore_subwords", params.pop("ignore_subwords", None))
+            strategy = ("first" if ignore_subwords else "simple") if grouped else "none"
+            warnings.warn(f'grouped_entities and ignore_subwords are deprecated: use aggregation_strategy="{strategy}".',
+                          FutureWarning, stacklevel=4)
+            params["aggregation_strategy"] = strategy
+        return super()._checked(params, drop_none)
+
     def _warn_once(self, key: str, message: str, *args) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -208,7 +221,7 @@ class TokenClassificationPipeline(TextPipeline):
                 position += len(word) + len(delimiter)
             text = words
         else:
-            sentence = text = self.check_text(inputs)
+            sentence = text = self.check_text(inputs, allow_empty=True)
 
         limit = self.max_positions
         if stride is None:
