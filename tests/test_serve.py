@@ -222,7 +222,7 @@ def speech(tmp_path_factory):
     from tasks.test_asr_whisper import clip, tiny_checkpoint
 
     folder = tiny_checkpoint(tmp_path_factory.mktemp("whisper"), multilingual=False, seed=1)
-    return lightpipe.pipeline("automatic-speech-recognition", model=str(folder)), clip
+    return lightpipe.pipeline("automatic-speech-recognition", model=str(folder), max_new_tokens=8), clip
 
 
 def test_speech_recognition_from_base64_and_upload(speech):
