@@ -385,7 +385,7 @@ def cmd_serve(args) -> int:
           batch_size=args.batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
           timeout_s=args.timeout_s, max_body_mb=args.max_body_mb,
           api_key=args.api_key or os.environ.get("LIGHTPIPE_API_KEY") or None,
-          allow_paths=args.allow_paths, allow_urls=args.allow_urls)
+          allow_paths=args.allow_paths, allow_urls=args.allow_urls, access_log=args.access_log)
     return 0
 
 
@@ -455,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--allow-urls", action="store_true", help="let inputs name http(s) URLs for the server to fetch")
     serve.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or a GPU index")
     serve.add_argument("--dtype", default=None, help="auto, float32, float16 or bfloat16")
+    serve.add_argument("--access-log", action="store_true", help="log a line per request")
     serve.set_defaults(func=cmd_serve)
     args = parser.parse_args(argv)
     notices = _log_notices()

@@ -84,9 +84,10 @@ def _name_of(pipe) -> str | None:
 
 
 def serve(task: str | None = None, model: str | None = None, *, host: str = "127.0.0.1", port: int = 8000,
-          device=None, dtype=None, log_level: str = "info", **settings) -> None:
+          device=None, dtype=None, log_level: str = "info", access_log: bool = False, **settings) -> None:
     """Listen at once, load `pipeline(task, model=model, ...)` in the background, and serve until SIGTERM or
-    Ctrl-C (requests in flight are finished first)."""
+    Ctrl-C (requests in flight are finished first). `access_log`: a log line per request (off: at thousands of
+    requests a second the lines cost more than the answers)."""
     _starlette()
     import uvicorn
 
@@ -96,4 +97,4 @@ def serve(task: str | None = None, model: str | None = None, *, host: str = "127
         return pipeline(task, model=model, device=device, dtype=dtype)
 
     asgi = app(loader=load, task=task, model_name=settings.pop("model_name", None) or model or task, **settings)
-    uvicorn.run(asgi, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
+    uvicorn.run(asgi, host=host, port=port, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=None)
