@@ -200,7 +200,9 @@ def speech():
     import lightpipe
     from lightpipe.cli import EXAMPLES
 
-    return lightpipe.pipeline("automatic-speech-recognition"), str(EXAMPLES / "sample.flac")
+    # Greedy decoding keeps the test fast; the command line uses this very pipeline (see below).
+    return (lightpipe.pipeline("automatic-speech-recognition", generate_kwargs={"num_beams": 1}),
+            str(EXAMPLES / "sample.flac"))
 
 
 def test_run_speech_subtitles_equal_the_python_call(capsys, monkeypatch, speech, tmp_path):

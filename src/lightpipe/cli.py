@@ -93,13 +93,41 @@ def _error_record(error: BaseException) -> dict:
 
 
 def _print_error(error: BaseException) -> None:
-    print(f"lightpipe: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+    kind = error.record["type"] if isinstance(error, _Failed) else type(error).__name__
+    print(f"lightpipe: {kind}: {error}", file=sys.stderr, flush=True)
+
+
+class _Failed(Exception):
+    """An input's error record from a pipeline called with on_error="record"."""
+
+    def __init__(self, record: dict):
+        super().__init__(record["error"])
+        self.record = record
+
+
+def _is_record(result) -> bool:
+    return isinstance(result, dict) and set(result) == {"error", "type"}
 
 
 def _results(pipe, inputs: Iterator, params: dict, window: int | None) -> Iterator[tuple]:
-    """(input, result or the exception it raised) per input, in order. Inputs go to the pipeline `window` at a time
+    """(input, result or the exception it raised) per input, in order. A pipeline that takes on_error="record" is
+    given the inputs as a stream and keeps each failure in its place. Otherwise inputs go to it `window` at a time
     (None: all together), batched as it batches them; when a call fails, its inputs are run again one by one so that
     only the failing ones become errors and the run goes on."""
+    if "on_error" in pipe.accepted_params and "on_error" not in params:
+        import collections
+
+        given: collections.deque = collections.deque()
+
+        def remembered():
+            for item in inputs:
+                given.append(item)
+                yield item
+
+        for result in pipe(remembered(), **params, on_error="record"):
+            yield given.popleft(), _Failed(result) if _is_record(result) else result
+        return
+
     def run(items: list) -> list[tuple]:
         try:
             return list(zip(items, pipe(items, **params)))
@@ -208,7 +236,8 @@ def cmd_run(args) -> int:
         if isinstance(result, Exception):
             failed += 1
             if fmt == "json":
-                print(json.dumps(_error_record(result), ensure_ascii=False), flush=True)
+                record = result.record if isinstance(result, _Failed) else _error_record(result)
+                print(json.dumps(record, ensure_ascii=False), flush=True)
             else:
                 _print_error(result)
             continue
