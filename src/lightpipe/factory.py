@@ -5,14 +5,13 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import hub, loading, models
+from . import dispatch, hub, loading, models
 from .formats import gguf
 from .config import BaseConfig
 from .errors import InvalidInput, RemoteCodeNotSupported, UnsupportedModel, UnsupportedTask
@@ -27,7 +26,6 @@ COMPONENTS = {
 }
 
 logger = logging.getLogger(__name__)
-_FALLBACK_NOTICES: set[tuple[str, str]] = set()  # (task, fallback model) pairs already announced
 
 
 @loading.one_load()
@@ -44,7 +42,6 @@ def pipeline(task: str | None = None, model: str | nn.Module | None = None, *, c
             "trust_remote_code=True is not supported: lightpipe runs only its own model code. "
             "Use a checkpoint whose architecture lightpipe implements (see `lightpipe tasks`)."
         )
-    _old_spellings(task_params)
     torch_dtype = task_params.pop("torch_dtype", None)
     if torch_dtype is not None:
         if dtype is not None:
@@ -56,9 +53,12 @@ def pipeline(task: str | None = None, model: str | nn.Module | None = None, *, c
             if dtype is not None:
                 raise InvalidInput(f"dtype was given twice: as an argument and as model_kwargs[{key!r}].")
             dtype = model_kwargs.pop(key)
+    device_map, max_memory, offload_folder = _placement(device_map, model_kwargs, task_params)
     if model_kwargs:
-        raise InvalidInput(f"model_kwargs {sorted(model_kwargs)} are not supported; supported: dtype.")
+        raise InvalidInput(f"model_kwargs {sorted(model_kwargs)} are not supported; supported: dtype, device_map, "
+                           "max_memory, offload_folder.")
     target = _device(device, device_map)
+    request = dispatch.Request.from_args(device_map, max_memory, offload_folder) if device_map is not None else None
     spec = get_task(task) if task is not None else None
 
     if isinstance(model, nn.Module):
@@ -72,10 +72,15 @@ def pipeline(task: str | None = None, model: str | nn.Module | None = None, *, c
             names = " or ".join(cls.__name__ for cls in needed) or f"a model lightpipe runs for {spec.name}"
             raise UnsupportedModel(f"{spec.name} needs {names}, but the model given is a "
                                    f"{type(loaded).__name__}; load it for this task, or pass its folder.")
-        if device is not None or device_map is not None:
-            loaded = loaded.to(target)
+        if getattr(loaded, "hf_device_map", None) is not None and (device is not None or dtype not in (None, "auto")):
+            raise InvalidInput("this model is placed by a device_map (see model.hf_device_map): it is never moved "
+                               "or cast as a whole; load it again with the device or dtype wanted.")
         if dtype not in (None, "auto"):
             loaded = loaded.to(loading.resolve_dtype(dtype, loaded.config))
+        if request is not None:
+            loaded = dispatch.dispatch_loaded(loaded, request)
+        elif device is not None:
+            loaded = loaded.to(target)
     else:
         if model is None:
             if spec is None:
@@ -88,49 +93,16 @@ def pipeline(task: str | None = None, model: str | nn.Module | None = None, *, c
         if spec is None:
             spec = _task_from_config(model_config, folder)
         head = _head_for(spec, model_config)
-        loaded = loading.load_model(folder, head, dtype=dtype, device=target, config=model_config)
-
+        loaded = loading.load_model(folder, head, dtype=dtype, device=None if request else target, config=model_config,
+                                    device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     cls = spec.pipeline_class()
     given = {"tokenizer": tokenizer, "feature_extractor": feature_extractor, "image_processor": image_processor,
              "generation_config": task_params.pop("generation_config", None)}
     parts = {name: _component(name, given[name], folder, revision, token) for name in cls.components}
-    _name_model(loaded, model, spec, folder)
+    if getattr(loaded, "hf_device_map", None) is not None:
+        target = dispatch.main_device(loaded)  # inputs go where the first blocks run
     return cls(loaded, **parts, device=target if (device is not None or device_map is not None) else None,
                batch_size=batch_size, num_workers=num_workers, folder=folder, **task_params)
-
-
-def _old_spellings(task_params: dict) -> None:
-    """Arguments transformers' pipeline() took: framework="pt" (lightpipe is PyTorch only; "tf" / "flax" are refused)
-    and use_fast (lightpipe always uses the fast tokenizer: use_fast=False is ignored with a warning)."""
-    if "framework" in task_params:
-        framework = task_params.pop("framework")
-        if framework not in (None, "pt"):
-            raise InvalidInput(f"framework={framework!r} is not supported: lightpipe runs PyTorch models only "
-                               "(framework='pt', or leave it out).")
-        if framework is not None:
-            warnings.warn("framework is deprecated and not needed: lightpipe runs PyTorch only.", FutureWarning,
-                          stacklevel=4)
-    if "use_fast" in task_params:
-        use_fast = task_params.pop("use_fast")
-        if not use_fast:
-            warnings.warn("use_fast=False is ignored: lightpipe always uses the fast (Rust) tokenizer.",
-                          FutureWarning, stacklevel=4)
-
-
-def _name_model(loaded: nn.Module, given, spec: TaskSpec, folder: Path | None) -> None:
-    """model.config.name_or_path: the string the model was given as (a Hub id or a folder), as transformers keeps it;
-    the default model's id when none was named; a model object's own (its folder) otherwise."""
-    if isinstance(given, (str, os.PathLike)):
-        name = os.fspath(given)
-    elif given is None:
-        fallback = hub.package_folder(spec.fallback_model) if spec.fallback_model else None
-        name = spec.fallback_model if fallback is not None and folder == fallback else spec.default_model
-    else:
-        name = getattr(loaded.config, "name_or_path", None) or getattr(loaded, "name_or_path", "")
-    try:
-        loaded.config.name_or_path = name
-    except AttributeError:  # a config that takes no new attributes
-        pass
 
 
 def _head_for(spec: TaskSpec, config: BaseConfig) -> str:
@@ -149,20 +121,31 @@ def _head_for(spec: TaskSpec, config: BaseConfig) -> str:
     )
 
 
-def _device(device, device_map) -> torch.device:
+def _placement(device_map, model_kwargs: dict, task_params: dict) -> tuple:
+    """device_map, max_memory and offload_folder from the arguments or model_kwargs (as transformers takes them),
+    each given once; model_kwargs' other loading switches that change nothing here are accepted."""
+    found = {"device_map": device_map, "max_memory": None, "offload_folder": None}
+    for key in ("max_memory", "offload_folder"):
+        found[key] = task_params.pop(key, None)
+    for key in found:
+        if key in model_kwargs:
+            if found[key] is not None:
+                raise InvalidInput(f"{key} was given twice: as an argument and as model_kwargs[{key!r}].")
+            found[key] = model_kwargs.pop(key)
+    # Loading always builds on the meta device and streams the weights: these ask for what happens anyway.
+    for key in ("low_cpu_mem_usage", "offload_state_dict"):
+        model_kwargs.pop(key, None)
+    if found["device_map"] is None and (found["max_memory"] is not None or found["offload_folder"] is not None):
+        raise InvalidInput("max_memory and offload_folder apply to a device_map: pass device_map='auto' with them.")
+    return found["device_map"], found["max_memory"], found["offload_folder"]
+
+
+def _device(device, device_map) -> torch.device | None:
+    """The one device of the whole model (None when a device_map places it)."""
     if device is not None and device_map is not None:
         raise InvalidInput("give device or device_map, not both: they would place the model twice.")
     if device_map is not None:
-        if isinstance(device_map, dict):
-            places = set(device_map.values())
-            if len(places) != 1:
-                raise InvalidInput("lightpipe places a model on one device; a device_map spreading layers over "
-                                   f"several devices ({sorted(map(str, places))}) is not supported.")
-            device = places.pop()
-        elif device_map == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        else:
-            device = device_map
+        return None
     target = loading.resolve_device(device)
     loading.check_device_available(target)
     return target
@@ -172,10 +155,8 @@ def _default_model_folder(spec: TaskSpec) -> Path:
     if hub.is_cached(spec.default_model):
         return hub.resolve(spec.default_model)
     if spec.fallback_model and hub.package_folder(spec.fallback_model) is not None:
-        if (spec.name, spec.fallback_model) not in _FALLBACK_NOTICES:  # once per process, not once per pipeline
-            _FALLBACK_NOTICES.add((spec.name, spec.fallback_model))
-            logger.warning("%s: the default model %s is not cached; using the installed %s instead.",
-                           spec.name, spec.default_model, spec.fallback_model)
+        logger.warning("%s: the default model %s is not cached; using the installed %s instead.",
+                       spec.name, spec.default_model, spec.fallback_model)
         return hub.package_folder(spec.fallback_model)
     return hub.resolve(spec.default_model, revision=None)
 

@@ -8,8 +8,12 @@ strictly against the model's parameters, and assigned in place.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
+import os
 import re
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ from . import models
 from .config import BaseConfig, read_config_json, read_json_object
 from .errors import CheckpointError, InvalidInput, UnsupportedModel
 from .formats import ct2, gguf
+from .models.layers import DEFER_LAYOUT
 
 logger = logging.getLogger(__name__)
 
@@ -77,30 +82,88 @@ def resolve_dtype(dtype: Any, config: BaseConfig, state: dict[str, torch.Tensor]
     raise InvalidInput(f"dtype {dtype!r} is not supported; use 'auto', 'float32', 'float16' or 'bfloat16'.")
 
 
+# Device types torch names that lightpipe can run on when this machine has them, each with the torch module that
+# says so (npu and others come from their vendors' extensions of torch).
+ACCELERATORS = ("cuda", "xpu", "npu", "mps", "hpu", "mlu", "musa")
+
+
+def _backend(kind: str):
+    if kind == "mps":
+        return getattr(torch.backends, "mps", None)
+    return getattr(torch, kind, None)
+
+
+def _accelerator_available(kind: str) -> bool:
+    backend = _backend(kind)
+    try:
+        return bool(backend is not None and backend.is_available())
+    except Exception:  # a vendor extension half installed: treat as absent
+        return False
+
+
+def _device_count(kind: str) -> int:
+    if kind == "mps":
+        return 1
+    try:
+        return int(_backend(kind).device_count())
+    except Exception:
+        return 1
+
+
+def available_devices() -> list[str]:
+    """The devices this process can run on: "cpu", then each accelerator ("cuda:0", "cuda:1", "mps", ...)."""
+    names = ["cpu"]
+    for kind in ACCELERATORS:
+        if _accelerator_available(kind):
+            count = _device_count(kind)
+            names += [kind] if kind == "mps" else [f"{kind}:{i}" for i in range(count)]
+    return names
+
+
 def resolve_device(device: Any) -> torch.device:
-    """device argument (None, "cpu", "cuda", "cuda:1", an int, a torch.device) -> torch.device."""
+    """device argument -> torch.device, in every form transformers accepts: None or -1 (the CPU), an int (that
+    accelerator: cuda:N, else xpu/npu/mps where that is what the machine has), "cpu", "cuda", "cuda:1", "mps",
+    "xpu", "npu", or a torch.device. "meta" holds no data and is refused."""
     if device is None:
         return torch.device("cpu")
-    if isinstance(device, torch.device):
-        return device
     if isinstance(device, bool):
         raise InvalidInput(f"device must be a string, an int or a torch.device, not {device!r}.")
     if isinstance(device, int):
-        return torch.device("cpu") if device < 0 else torch.device("cuda", device)
+        if device < 0:
+            return torch.device("cpu")
+        kind = next((k for k in ACCELERATORS if _accelerator_available(k)), "cuda")
+        return torch.device(kind) if kind == "mps" else torch.device(kind, device)
     if isinstance(device, str):
+        text = device.strip()
+        if text.lstrip("-").isdigit():  # "0" as the command line gives it
+            return resolve_device(int(text))
         try:
-            return torch.device(device)
+            device = torch.device(text)
         except RuntimeError as e:
-            raise InvalidInput(f"device {device!r} is not a valid device: {e}") from e
+            raise InvalidInput(f"device {text!r} is not a device torch knows ({e}); "
+                               f"available here: {', '.join(available_devices())}.") from e
+    if isinstance(device, torch.device):
+        if device.type == "meta":
+            raise InvalidInput("device 'meta' holds no weights: a pipeline cannot run there. "
+                               f"Available here: {', '.join(available_devices())}.")
+        return device
     raise InvalidInput(f"device must be a string, an int or a torch.device, not {type(device).__name__}.")
 
 
 def check_device_available(device: torch.device) -> None:
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InvalidInput(f"device {device} was asked for, but this torch build sees no CUDA device.")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InvalidInput(f"device {device} does not exist: {torch.cuda.device_count()} CUDA device(s) visible.")
+    """InvalidInput naming the devices there are, unless `device` is one of them."""
+    if device.type == "cpu":
+        return
+    available = ", ".join(available_devices())
+    if device.type not in ACCELERATORS:
+        raise InvalidInput(f"device {str(device)!r} is not a device lightpipe runs on; available here: {available}.")
+    if not _accelerator_available(device.type):
+        kind = {"cuda": "CUDA", "xpu": "XPU", "npu": "NPU", "mps": "MPS"}.get(device.type, device.type)
+        raise InvalidInput(f"device {str(device)!r} was asked for, but this machine (and this torch build) has no "
+                           f"{kind} device; available here: {available}.")
+    if device.index is not None and device.type != "mps" and device.index >= _device_count(device.type):
+        raise InvalidInput(f"device {str(device)!r} does not exist: {_device_count(device.type)} {device.type} "
+                           f"device(s) visible; available here: {available}.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,24 +189,85 @@ def weight_files(folder: Path) -> list[Path]:
     )
 
 
-def read_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
+def read_state_dict(files: list[Path], maps: list[MappedFile] | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, not yet copied: views of the memory-mapped files (appended to `maps`, whose pages
+    `MappedFile.release` lets go of)."""
     state: dict[str, torch.Tensor] = {}
     for path in files:
         if path.suffix == ".safetensors":
-            state.update(_read_safetensors(path))
+            state.update(_read_safetensors(path, maps))
         else:
             state.update(_read_pytorch_bin(path))
     return state
 
 
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+# safetensors dtype names -> torch dtypes (the formats lightpipe's models can hold).
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
+
+class MappedFile:
+    """One weight file mapped into memory privately (copy-on-write, never written back).
+
+    Tensors read from it are views of the mapping: nothing is copied until a tensor is cast or placed. The pages
+    read so far count in the process's resident memory until `release()` drops them from this mapping (the
+    kernel's page cache keeps them; the next read faults them back in), which lets a load stream a checkpoint
+    larger than the memory left beside the model."""
+
+    def __init__(self, path: Path):
+        import mmap
+
+        with open(path, "rb") as f:
+            self.size = os.fstat(f.fileno()).st_size
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if self.size else None
+        self.bytes = torch.frombuffer(self.map, dtype=torch.uint8) if self.map is not None else torch.empty(0, dtype=torch.uint8)
+
+    def tensor(self, start: int, end: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+        raw = self.bytes[start:end]
+        if start % dtype.itemsize:  # unaligned for its dtype: a view is impossible, copy these bytes out
+            raw = raw.clone()
+        return raw.view(dtype).view(shape)
+
+    def release(self) -> None:
+        import mmap
+
+        if self.map is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self.map.madvise(mmap.MADV_DONTNEED)
+
+
+def _read_safetensors(path: Path, maps: list[MappedFile] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file as views of its private memory map (the header parsed here: 8 bytes of
+    little-endian length, a JSON table of dtype, shape and byte offsets, then the data)."""
     try:
-        return load_file(str(path))  # memory-mapped: tensors page in as they are used
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100_000_000:
+                raise ValueError(f"header length {length} is implausible")
+            header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+        mapped = MappedFile(path)
+        data_start = 8 + length
+        state = {}
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+            if dtype is None:
+                raise ValueError(f"tensor {key} has dtype {entry['dtype']}, which lightpipe does not read")
+            begin, end = (data_start + int(o) for o in entry["data_offsets"])
+            shape = [int(n) for n in entry["shape"]]
+            if end > mapped.size or end - begin != math.prod(shape) * dtype.itemsize:
+                raise ValueError(f"tensor {key} lies outside the file or does not match its shape")
+            state[key] = mapped.tensor(begin, end, dtype, shape)
+    except (OSError, ValueError, KeyError, TypeError, struct.error, json.JSONDecodeError, RuntimeError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e}); download it again.") from e
+    if maps is not None:
+        maps.append(mapped)
+    return state
 
 
 def _read_pytorch_bin(path: Path) -> dict[str, torch.Tensor]:
@@ -198,8 +322,14 @@ def _drop_optional_modules(model: nn.Module, missing: set[str]) -> set[str]:
     return missing
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor], module, dtype: torch.dtype, source: str) -> None:
-    state = _adapt_prefix(module.sanitize(state), model, module)
+def fit_state(model: nn.Module, state: dict[str, torch.Tensor], module, source: str) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors renamed by the architecture's `sanitize`, matched to the model's keys (prefixes,
+    tied weights, optional modules dropped) and checked by name and shape; nothing copied yet."""
+    token = DEFER_LAYOUT.set(True)  # layouts sanitize asks for are made by `materialize`, in the one copy
+    try:
+        state = _adapt_prefix(module.sanitize(state), model, module)
+    finally:
+        DEFER_LAYOUT.reset(token)
     expected = model.state_dict()
     if getattr(model.config, "tie_word_embeddings", True):
         for target, src in getattr(model, "tied_weights", {}).items():
@@ -225,9 +355,70 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], module, dtype
             raise CheckpointError(
                 f"{key} in {source} has shape {tuple(tensor.shape)}, but config.json implies {tuple(ref.shape)}."
             )
-    cast = {k: (state[k].to(dtype) if state[k].is_floating_point() else state[k]) for k in expected}
-    model.load_state_dict(cast, strict=True, assign=True)
+    return {k: state[k] for k in expected}
+
+
+# Bytes placed between two releases of the mapped files' pages: the most file pages a load holds beside the model.
+RELEASE_EVERY = 64 << 20
+
+
+def materialize(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+    """A copy of a checkpoint tensor (a view of a mapped file, or sanitize's output) in `dtype` on `device`, in the
+    memory layout sanitize chose: its strides are kept (copy=True preserves them), and a matrix marked by
+    layers.by_input_rows is laid out (in, out) in this same copy."""
+    if getattr(tensor, "lightpipe_by_input_rows", False) and tensor.dim() == 2:
+        out = torch.empty_strided(tuple(tensor.shape), (1, tensor.shape[0]), dtype=dtype, device=device)
+        return out.copy_(tensor)
+    return tensor.to(device=device, dtype=dtype, copy=True)
+
+
+class Placer:
+    """Where each weight of a load goes: `place(key, tensor, dtype)` returns the weight copied (never a view of a
+    checkpoint file) in its final dtype on its final device. A subclass (lightpipe.dispatch) places by a device
+    map and may defer some weights (returning None) until `finish()`."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.device = device or torch.device("cpu")
+
+    def place(self, key: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        return materialize(tensor, self.device, dtype)
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        return {}
+
+
+def assign_weights(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, placer: Placer | None = None,
+                   maps: list[MappedFile] = ()) -> None:
+    """Put the fitted `state` into the meta-built model tensor by tensor, each straight to its final dtype and
+    place; the checkpoint's mapped pages are let go of every RELEASE_EVERY bytes, so a load's peak memory stays
+    near the model's own size. Emptied `state` as it goes."""
+    placer = placer or Placer()
+    tied = dict(getattr(model, "tied_weights", {})) if getattr(model.config, "tie_word_embeddings", True) else {}
+    tied = {k: v for k, v in tied.items() if k in state and v in state}
+    final: dict[str, torch.Tensor] = {}
+    pending = 0
+    for key in [k for k in state if k not in tied]:
+        tensor = state.pop(key)
+        placed = placer.place(key, tensor, dtype if tensor.is_floating_point() else tensor.dtype)
+        if placed is not None:
+            final[key] = placed
+        pending += tensor.nbytes  # the file pages this weight was read from
+        del tensor
+        if pending >= RELEASE_EVERY:
+            for mapped in maps:
+                mapped.release()
+            pending = 0
+    final.update(placer.finish())
+    for mapped in maps:
+        mapped.release()
+    for target, src in tied.items():
+        final[target] = final[src]
+    model.load_state_dict(final, strict=True, assign=True)
     _retie(model)
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], module, dtype: torch.dtype, source: str) -> None:
+    assign_weights(model, fit_state(model, state, module, source), dtype)
 
 
 def _retie(model: nn.Module) -> None:
@@ -240,22 +431,45 @@ def _retie(model: nn.Module) -> None:
         setattr(owner, attr, model.get_parameter(src))
 
 
-def load_model(folder: Path, head: str, *, dtype: Any = "auto", device: Any = None, config: BaseConfig | None = None) -> nn.Module:
+def load_model(folder: Path, head: str, *, dtype: Any = "auto", device: Any = None, config: BaseConfig | None = None,
+               device_map: Any = None, max_memory: Any = None, offload_folder: Any = None) -> nn.Module:
+    """Load the checkpoint in `folder` as the model class of `head`.
+
+    device places the whole model; device_map ("auto", "balanced", "balanced_low_0", "sequential" or a dict of
+    module name -> device, with `max_memory` and `offload_folder`) spreads its blocks over devices, the CPU and the
+    disk (see lightpipe.dispatch). Either way each weight goes from the mapped file straight to its place."""
+    from . import dispatch
+
     folder = Path(folder)
     config = config or load_config(folder)
     resolve_dtype(dtype, config)  # a bad dtype or device fails before any file is read
-    torch_device = resolve_device(device)
-    check_device_available(torch_device)
+    if device_map is not None:
+        if device is not None:
+            raise InvalidInput("give device or device_map, not both: they would place the model twice.")
+        request = dispatch.Request.from_args(device_map, max_memory, offload_folder)
+    else:
+        if max_memory is not None or offload_folder is not None:
+            raise InvalidInput("max_memory and offload_folder apply to a device_map: pass device_map='auto' too.")
+        torch_device = resolve_device(device)
+        check_device_available(torch_device)
     module = models.architecture_module(config.model_type)
     model = build_model(config, head)
+    maps: list[MappedFile] = []
     if gguf.is_gguf_path(folder):
         state = gguf.load_state_dict(folder, resolve_dtype(dtype, config))  # cast tensor by tensor: a lower peak
     else:
-        state = ct2.load_ct2_state_dict(folder) if ct2.is_ct2_folder(folder) else read_state_dict(weight_files(folder))
-    load_weights(model, state, module, resolve_dtype(dtype, config, state), str(folder))
+        state = ct2.load_ct2_state_dict(folder) if ct2.is_ct2_folder(folder) else read_state_dict(weight_files(folder), maps)
+    torch_dtype = resolve_dtype(dtype, config, state)
+    state = fit_state(model, state, module, str(folder))
+    if device_map is not None:
+        placer = dispatch.plan(model, request, torch_dtype)
+    else:
+        placer = Placer(torch_device)
+    assign_weights(model, state, torch_dtype, placer, maps)
+    del state, maps
     model.eval().requires_grad_(False)
-    if torch_device.type != "cpu":
-        model.to(torch_device)
+    if device_map is not None:
+        dispatch.attach(model, placer)
     model.name_or_path = str(folder)
     return model
 

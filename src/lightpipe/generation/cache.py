@@ -97,6 +97,8 @@ class KVCache:
         """Write (B, Hkv, t, D) new keys/values at [length, length + t); return what attention reads:
         (B, Hkv, length + t, D) views, or the whole (B, Hkv, max_length, D) buffers when static."""
         end = self.length + k.shape[2]
+        if k.device != self.keys[layer].device:  # a layer placed on another device (a device_map): its buffers follow
+            self.keys[layer], self.values[layer] = self.keys[layer].to(k.device), self.values[layer].to(k.device)
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
         if self.static:
@@ -118,8 +120,8 @@ class KVCache:
         if index.numel() == self.batch_size and torch.equal(index, torch.arange(self.batch_size, device=index.device)):
             return  # every beam kept its own history: nothing moves
         if index.numel() != self.batch_size:
-            self.keys = [k.index_select(0, index) for k in self.keys]
-            self.values = [v.index_select(0, index) for v in self.values]
+            self.keys = [k.index_select(0, index.to(k.device)) for k in self.keys]
+            self.values = [v.index_select(0, index.to(v.device)) for v in self.values]
             self._spare = None
         elif self.length:
             # Gathering whole contiguous buffers into a spare one and swapping is several times faster than
@@ -128,7 +130,23 @@ class KVCache:
                 self._spare = torch.empty_like(self.keys[0])
             for buffers in (self.keys, self.values):
                 for layer in range(len(buffers)):
-                    torch.index_select(buffers[layer], 0, index, out=self._spare)
+                    if buffers[layer].device != self._spare.device:  # layers on several devices (a device_map)
+                        self._spare = torch.empty_like(buffers[layer])
+                    torch.index_select(buffers[layer], 0, index.to(buffers[layer].device), out=self._spare)
                     buffers[layer], self._spare = self._spare, buffers[layer]
         if self.padding is not None:
-            self.padding = self.padding.index_select(0, index)
+            self.padding = self.padding.index_select(0, index.to(self.padding.device))
+
+    def to(self, device: torch.device | str) -> "KVCache":
+        """Every tensor this cache holds (buffers, padding, and what subclasses and models keep on it: cross-attention
+        keys/values, masks) moved to `device`, in place; returns self."""
+        def move(value):
+            if isinstance(value, torch.Tensor):
+                return value.to(device)
+            if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+                return type(value)(move(v) for v in value)
+            return value
+
+        for name, value in vars(self).items():
+            setattr(self, name, move(value))
+        return self

@@ -444,3 +444,4 @@ HEADS = {
 Config = BartConfig
 # Keys of the generation head that other heads find in a checkpoint and ignore.
 IGNORED_KEYS = (r"^final_logits_bias$", r"^lm_head\.weight$")
+NO_SPLIT_MODULES = ("BartEncoderLayer", "BartDecoderLayer")  # blocks a device_map places whole

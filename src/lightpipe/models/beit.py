@@ -243,3 +243,4 @@ ARCHITECTURES = {
 HEADS = {"base": BeitModel, "image-classification": BeitForImageClassification}
 TASK_OF_HEAD = {"base": "image-feature-extraction", "image-classification": "image-classification"}
 Config = BeitConfig
+NO_SPLIT_MODULES = ("BeitLayer",)  # blocks a device_map places whole

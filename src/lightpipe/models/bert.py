@@ -333,3 +333,4 @@ HEADS = {
 Config = BertConfig
 # Checkpoint keys a head may find and safely ignore (weights of modules it does not use).
 IGNORED_KEYS = (r"(^|\.)pooler\.",)
+NO_SPLIT_MODULES = ("BertLayer",)  # blocks a device_map places whole

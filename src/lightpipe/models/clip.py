@@ -364,3 +364,4 @@ TASK_OF_HEAD = {"contrastive": "zero-shot-image-classification", "base": "image-
 IGNORED_KEYS = (r"^text_model\.", r"^text_projection\.", r"^visual_projection\.", r"^logit_scale$",
                 r"^classifier\.")
 Config = CLIPConfig
+NO_SPLIT_MODULES = ("CLIPEncoderLayer",)  # blocks a device_map places whole

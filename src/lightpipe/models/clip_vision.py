@@ -13,3 +13,4 @@ ARCHITECTURES = {"CLIPVisionModel": CLIPVisionModel, "CLIPVisionModelWithProject
 HEADS = {"base": CLIPVisionModel}
 TASK_OF_HEAD = {"base": "image-feature-extraction"}
 Config = CLIPVisionConfig
+NO_SPLIT_MODULES = ("CLIPEncoderLayer",)  # blocks a device_map places whole

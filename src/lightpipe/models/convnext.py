@@ -168,3 +168,4 @@ ARCHITECTURES = {
 HEADS = {"base": ConvNextModel, "image-classification": ConvNextForImageClassification}
 TASK_OF_HEAD = {"base": "image-feature-extraction", "image-classification": "image-classification"}
 Config = ConvNextConfig
+NO_SPLIT_MODULES = ("ConvNextLayer",)  # blocks a device_map places whole

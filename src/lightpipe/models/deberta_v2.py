@@ -516,3 +516,4 @@ ARCHITECTURES = {
 # some checkpoints keep although position_biased_input is false (transformers ignores it too).
 IGNORED_KEYS = (r"^pooler\.", r"^mask_predictions\.", r"^lm_predictions\.", r"^cls\.",
                 r"embeddings\.position_embeddings\.")
+NO_SPLIT_MODULES = ("DebertaV2Layer",)  # blocks a device_map places whole

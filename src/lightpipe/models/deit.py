@@ -88,3 +88,4 @@ HEADS = {"base": DeiTModel, "image-classification": DeiTForImageClassification}
 TASK_OF_HEAD = {"base": "image-feature-extraction", "image-classification": "image-classification"}
 Config = DeiTConfig
 IGNORED_KEYS = (r"(^|\.)pooler\.",)
+NO_SPLIT_MODULES = ("ViTLayer",)  # blocks a device_map places whole

@@ -192,3 +192,4 @@ HEADS = {
     "masked-lm": DistilBertForMaskedLM,
 }
 ARCHITECTURES = {cls.__name__: cls for cls in HEADS.values()}
+NO_SPLIT_MODULES = ("TransformerBlock",)  # blocks a device_map places whole

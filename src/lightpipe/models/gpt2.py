@@ -232,3 +232,4 @@ HEADS = {
 }
 TASK_OF_HEAD = {"causal-lm": "text-generation"}
 Config = GPT2Config
+NO_SPLIT_MODULES = ("GPT2Block",)  # blocks a device_map places whole

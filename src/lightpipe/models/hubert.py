@@ -61,3 +61,4 @@ HEADS = {
     "ctc": HubertForCTC,
 }
 Config = HubertConfig
+NO_SPLIT_MODULES = ("Wav2Vec2EncoderLayer", "Wav2Vec2EncoderLayerStableLayerNorm")  # blocks a device_map places whole

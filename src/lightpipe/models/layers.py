@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import math
 
 import torch
@@ -420,7 +421,16 @@ def check_length(max_length: int, limit: int, name: str) -> None:
                            "tokens does not fit. Shorten the prompt or ask for fewer new tokens.")
 
 
+# Set while a loader fits a checkpoint (lightpipe.loading): by_input_rows then only marks the matrix, and the loader
+# lays it out in the same copy that casts it and puts it in place (one copy of each weight instead of two).
+DEFER_LAYOUT: contextvars.ContextVar[bool] = contextvars.ContextVar("lightpipe_defer_layout", default=False)
+
+
 def by_input_rows(matrix: torch.Tensor) -> torch.Tensor:
     """The same (out, in) matrix with its memory laid out (in, out): a batch-1 decode step reads it fastest so
     (see layers.linear). Embedding lookups still work on it (a strided gather of a few rows per step)."""
+    if DEFER_LAYOUT.get():
+        marked = matrix.view(matrix.shape)  # a new tensor object over the same memory, carrying the request
+        marked.lightpipe_by_input_rows = True
+        return marked
     return matrix.t().contiguous().t()

@@ -148,3 +148,4 @@ TASK_OF_HEAD = {"document-question-answering": "document-question-answering"}
 Config = LayoutLMConfig
 # Checkpoint keys a head may find and safely ignore: the QA checkpoints carry an unused pooler.
 IGNORED_KEYS = (r"(^|\.)pooler\.",)
+NO_SPLIT_MODULES = ("BertLayer",)  # blocks a device_map places whole

@@ -475,3 +475,4 @@ HEADS = {
 }
 TASK_OF_HEAD = {"causal-lm": "text-generation"}
 Config = LlamaConfig
+NO_SPLIT_MODULES = ("LlamaDecoderLayer",)  # blocks a device_map places whole

@@ -242,3 +242,4 @@ HEADS = {
 }
 TASK_OF_HEAD = {"causal-lm": "text-generation"}
 Config = OPTConfig
+NO_SPLIT_MODULES = ("OPTDecoderLayer",)  # blocks a device_map places whole

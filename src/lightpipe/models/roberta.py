@@ -172,3 +172,4 @@ ARCHITECTURES = {
                           ("QuestionAnswering", "question-answering"), ("MaskedLM", "masked-lm"))},
 }
 IGNORED_KEYS = (r"(^|\.)pooler\.",)
+NO_SPLIT_MODULES = ("BertLayer",)  # blocks a device_map places whole

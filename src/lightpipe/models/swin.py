@@ -321,3 +321,4 @@ ARCHITECTURES = {
 HEADS = {"base": SwinModel, "image-classification": SwinForImageClassification}
 TASK_OF_HEAD = {"base": "image-feature-extraction", "image-classification": "image-classification"}
 Config = SwinConfig
+NO_SPLIT_MODULES = ("SwinLayer",)  # blocks a device_map places whole

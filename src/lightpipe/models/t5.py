@@ -456,3 +456,4 @@ HEADS = {
 Config = T5Config
 # The LM head's matrix, which the base model finds in a checkpoint (or sanitize adds) and ignores.
 IGNORED_KEYS = (r"^lm_head\.weight$",)
+NO_SPLIT_MODULES = ("T5EncoderBlock", "T5DecoderBlock")  # blocks a device_map places whole

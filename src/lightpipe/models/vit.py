@@ -316,3 +316,4 @@ TASK_OF_HEAD = {"base": "image-feature-extraction", "image-classification": "ima
 Config = ViTConfig
 # Checkpoint keys a head may find and safely ignore: the classifier does not use the pooler.
 IGNORED_KEYS = (r"(^|\.)pooler\.",)
+NO_SPLIT_MODULES = ("ViTLayer",)  # blocks a device_map places whole

@@ -391,3 +391,4 @@ HEADS = {
     "ctc": Wav2Vec2ForCTC,
 }
 Config = Wav2Vec2Config
+NO_SPLIT_MODULES = ("Wav2Vec2EncoderLayer", "Wav2Vec2EncoderLayerStableLayerNorm")  # blocks a device_map places whole

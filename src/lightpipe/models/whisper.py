@@ -311,3 +311,4 @@ HEADS = {
     "base": WhisperModel,
 }
 Config = WhisperConfig
+NO_SPLIT_MODULES = ("WhisperEncoderLayer", "WhisperDecoderLayer")  # blocks a device_map places whole
