@@ -148,6 +148,22 @@ def test_model_loads_once_across_threads():
     assert sv.load(8000) is not found[0] and sv.load(8000).sampling_rate == 8000
 
 
+def test_threads_share_the_model_and_get_the_same_regions(signals):
+    signal = signals["noisy"]
+    expected = vad.speech_regions(signal)
+    results = [None] * 3
+
+    def run(i):
+        results[i] = vad.speech_regions(signal)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [expected] * 3
+
+
 def test_safetensors_weights_load_and_detect_speech(speech):
     path = sv.weights_path().parent / sv.SAFETENSORS_FILE
     model = sv.from_file(path)
