@@ -112,7 +112,8 @@ def vad_options(vad_parameters: Mapping[str, Any] | None = None) -> dict[str, An
     if vad_parameters is None:
         vad_parameters = {}
     if not isinstance(vad_parameters, Mapping):
-        raise InvalidInput(f"vad_parameters must be a dict of VAD settings or None, not {type(vad_parameters).__name__}.")
+        raise InvalidInput(
+            f"vad_parameters must be a dict of VAD settings or None, not {type(vad_parameters).__name__}.")
     unknown = sorted(str(k) for k in vad_parameters if k not in WHISPER_VAD_DEFAULTS)
     if unknown:
         raise InvalidInput(f"vad_parameters has unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "

@@ -16,8 +16,8 @@ once; the LSTM is sequential over windows and runs as one `torch.lstm` call over
 
 Weights. The `silero-vad` package (MIT) ships its current network (v6) as TorchScript, `silero_vad.jit`,
 holding both the 16 kHz and the 8 kHz networks; that is the model its `load_silero_vad()` and
-`get_speech_timestamps` use. `load()` reads only the tensors of that file (torch.jit.load, then
-state_dict(): none of its code runs) and builds this module around them. The package's
+`get_speech_timestamps` use. `load()` takes only the tensors of that file (torch.jit.load, then
+state_dict(); the scripted model is never called) and builds this module around them. The package's
 `silero_vad_16k.safetensors` holds an older 16 kHz network (its tensors differ from the TorchScript
 one's), so it is the fallback only when the TorchScript file is missing; `from_file` reads either format.
 
