@@ -132,6 +132,7 @@ def test_version(capsys):
     (["run", "text-classification", "x", "-o", "out"], "", "--output-dir writes subtitle"),
     (["run", "automatic-speech-recognition", "a.flac", "--format", "srt", "-p", "return_timestamps=false"], "",
      "needs timestamps"),
+    (["run", "text-classification", "x", "-p", "on_error=skip"], "", "on_error is not a -p option"),
     (["demo", "--share"], "", "go with a task"),
     (["demo", "text-classification", "-p", "top_k"], "", "--param expects key=value"),
 ])

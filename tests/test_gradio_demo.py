@@ -76,6 +76,11 @@ def test_text_demo_batches_requests_and_reports_bad_ones(checkpoint):
         assert got.keys() == want.keys() and all(abs(got[k] - want[k]) < 1e-5 for k in want)
         assert output["label"] == max(want, key=want.get)
     assert label_scores(again) == pytest.approx(label_scores(outputs[0]), abs=1e-5)
+    # A batch that holds a bad request: it gets an empty output, the others their answers.
+    mixed = app.fn(["I love it", "word " * 5000, "meh"])
+    assert len(mixed) == 1 and mixed[0][1] is None
+    assert mixed[0][0] == pytest.approx({r["label"]: r["score"] for r in pipe("I love it", top_k=None)}, abs=1e-5)
+    assert mixed[0][2] == pytest.approx({r["label"]: r["score"] for r in pipe("meh", top_k=None)}, abs=1e-5)
     assert max(sizes) <= 4 and sum(sizes) >= len(texts)
 
 
@@ -115,3 +120,48 @@ def test_plain_text_generation_demo_streams_the_continuation(tmp_path):
         assert all(want.startswith(p) for p in job.outputs())
     with pytest.raises(lightpipe.InvalidInput, match="nonsense"):
         lightpipe.demo(pipe, nonsense=1)  # an unknown parameter fails when the demo is built
+
+
+def test_every_text_task_gets_its_inputs_and_outputs(checkpoint):
+    """The batch function of each text task, called as Gradio calls it (one list per input), answers as the pipeline
+    does; no server needed."""
+    folders = {
+        "token-classification": checkpoint("bert", "token-classification"),
+        "fill-mask": checkpoint("bert", "masked-lm"),
+        "question-answering": checkpoint("bert", "question-answering"),
+        "feature-extraction": checkpoint("bert", "base"),
+        "zero-shot-classification": checkpoint("bert", "sequence-classification",
+                                               labels=["entailment", "neutral", "contradiction"]),
+    }
+    pipes = {task: lightpipe.pipeline(task, model=str(folder)) for task, folder in folders.items()}
+
+    app = lightpipe.demo(pipes["token-classification"])
+    text = "John lives in Paris"
+    [[shown]] = app.fn([text])
+    want = pipes["token-classification"](text, aggregation_strategy="simple")
+    assert shown["text"] == text and [(e["entity"], e["start"], e["end"]) for e in shown["entities"]] == [
+        (e["entity_group"], e["start"], e["end"]) for e in want]
+
+    app = lightpipe.demo(pipes["fill-mask"])
+    masked = f"Paris is the {pipes['fill-mask'].tokenizer.mask_token} of France."
+    assert app.fn([masked])[0][0] == pytest.approx({r["token_str"]: r["score"] for r in pipes["fill-mask"](masked)})
+
+    app = lightpipe.demo(pipes["question-answering"])
+    want = pipes["question-answering"](question="Where does John live?", context="John lives in Paris.")
+    assert app.fn(["Where does John live?"], ["John lives in Paris."])[0][0] == pytest.approx(
+        {want["answer"]: want["score"]})
+
+    app = lightpipe.demo(pipes["feature-extraction"])
+    [[shown]] = app.fn(["a short text"])
+    hidden = pipes["feature-extraction"]("a short text", return_tensors=True)[0]
+    assert shown["shape"] == [1, *hidden.shape] and shown["mean_pooled"] == pytest.approx(
+        hidden.mean(0).tolist(), abs=1e-5)
+
+    app = lightpipe.demo(pipes["zero-shot-classification"])
+    [[first, second, empty]] = app.fn(["I like football", "Stocks fell", "no labels"],
+                                      ["sports, finance", "sports, finance, food", ""], [False, True, False])
+    for shown, (text, labels, multi) in zip((first, second), (("I like football", ["sports", "finance"], False),
+                                                              ("Stocks fell", ["sports", "finance", "food"], True))):
+        want = pipes["zero-shot-classification"](text, candidate_labels=labels, multi_label=multi)
+        assert shown == pytest.approx(dict(zip(want["labels"], want["scores"])), abs=1e-5)
+    assert empty is None  # no labels: that request fails, the others are answered

@@ -88,10 +88,6 @@ def _json_default(value):
     raise TypeError(f"cannot print {type(value).__name__} as JSON")
 
 
-def _error_record(error: BaseException) -> dict:
-    return {"error": str(error), "type": type(error).__name__}
-
-
 def _print_error(error: BaseException) -> None:
     kind = error.record["type"] if isinstance(error, _Failed) else type(error).__name__
     print(f"lightpipe: {kind}: {error}", file=sys.stderr, flush=True)
@@ -109,47 +105,20 @@ def _is_record(result) -> bool:
     return isinstance(result, dict) and set(result) == {"error", "type"}
 
 
-def _results(pipe, inputs: Iterator, params: dict, window: int | None) -> Iterator[tuple]:
-    """(input, result or the exception it raised) per input, in order. A pipeline that takes on_error="record" is
-    given the inputs as a stream and keeps each failure in its place. Otherwise inputs go to it `window` at a time
-    (None: all together), batched as it batches them; when a call fails, its inputs are run again one by one so that
-    only the failing ones become errors and the run goes on."""
-    if "on_error" in pipe.accepted_params and "on_error" not in params:
-        import collections
+def _results(pipe, inputs: Iterator, params: dict) -> Iterator[tuple]:
+    """(input, result or _Failed) per input, in order: the inputs go to the pipeline as one stream (batched and
+    prefetched as it does), with on_error="record" keeping each failure in its place."""
+    import collections
 
-        given: collections.deque = collections.deque()
+    given: collections.deque = collections.deque()
 
-        def remembered():
-            for item in inputs:
-                given.append(item)
-                yield item
+    def remembered():
+        for item in inputs:
+            given.append(item)
+            yield item
 
-        for result in pipe(remembered(), **params, on_error="record"):
-            yield given.popleft(), _Failed(result) if _is_record(result) else result
-        return
-
-    def run(items: list) -> list[tuple]:
-        try:
-            return list(zip(items, pipe(items, **params)))
-        except Exception as error:  # noqa: BLE001 - one input's failure must not end the run
-            if len(items) == 1:
-                return [(items[0], error)]
-        answered = []
-        for item in items:
-            try:
-                answered.append((item, pipe([item], **params)[0]))
-            except Exception as error:  # noqa: BLE001
-                answered.append((item, error))
-        return answered
-
-    pending: list = []
-    for item in inputs:
-        pending.append(item)
-        if window is not None and len(pending) >= window:
-            yield from run(pending)
-            pending = []
-    if pending:
-        yield from run(pending)
+    for result in pipe(remembered(), **params, on_error="record"):
+        yield given.popleft(), _Failed(result) if _is_record(result) else result
 
 
 def _audio_seconds(item) -> float | None:
@@ -194,9 +163,24 @@ def _check_run_args(args, params: dict) -> str:
         if stamps in (None, False):
             raise UsageError(f"--format {fmt} needs timestamps: drop return_timestamps={json.dumps(stamps)} "
                              "(or give return_timestamps=true or \"word\").")
+    if "on_error" in params:
+        raise UsageError("run keeps a failing input's error in its place (its JSON line holds {\"error\", \"type\"}); "
+                         "on_error is not a -p option here.")
     if not args.inputs:
         raise UsageError("no inputs: give them as arguments, or '-' to read lines from standard input.")
     return fmt or ("txt" if task == "text-generation" else "json")
+
+
+def _check_params(pipe, params: dict) -> None:
+    """An unknown or invalid parameter is one error for the whole run (status 2), not one per input: the names and
+    values, and what the call resolves from them (a generation config)."""
+    pipe._checked(dict(params))
+    try:
+        pipe._route(dict(params))
+    except LightpipeError:
+        raise
+    except Exception:  # noqa: BLE001 - a parameter the task checks per call (zero-shot's candidate_labels)
+        pass
 
 
 def cmd_run(args) -> int:
@@ -213,7 +197,7 @@ def cmd_run(args) -> int:
     from . import pipeline
 
     pipe = pipeline(args.task, model=args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
-    pipe._route(params)  # an unknown or invalid parameter is one error for the run, not one per input
+    _check_params(pipe, params)
     failed = 0
     if pipe.task == "text-generation" and fmt == "txt" and int(params.get("num_beams", 1)) > 1:
         fmt = "json"  # beam search cannot stream: results as JSON lines
@@ -229,15 +213,12 @@ def cmd_run(args) -> int:
                 _print_error(error)
             print(flush=True)
         return 1 if failed else 0
-    # Standard input is answered batch by batch as lines come; arguments are all known: one call sorts them by length.
-    window = (args.batch_size or 1) if "-" in args.inputs else None
     used: set = set()
-    for index, (item, result) in enumerate(_results(pipe, inputs, params, window)):
+    for index, (item, result) in enumerate(_results(pipe, inputs, params)):
         if isinstance(result, Exception):
             failed += 1
             if fmt == "json":
-                record = result.record if isinstance(result, _Failed) else _error_record(result)
-                print(json.dumps(record, ensure_ascii=False), flush=True)
+                print(json.dumps(result.record, ensure_ascii=False), flush=True)
             else:
                 _print_error(result)
             continue

@@ -49,11 +49,18 @@ def _labels(text: Any) -> list[str]:
     return [label.strip() for label in str(text or "").split(",") if label.strip()]
 
 
+class _Failed(Exception):
+    """A request's error record (the pipeline was called with on_error="record")."""
+
+    def __init__(self, record: dict):
+        super().__init__(f"{record['type']}: {record['error']}")
+
+
 class _Batched:
     """A Gradio batch function over the pipeline: `fn(*columns)` gets one list per input component and returns one
     list per output component. Requests are grouped by their call parameters (zero-shot labels differ between users)
-    and each group is one pipeline call; a failing call is retried input by input, so one bad request gets an empty
-    output (or, alone in its batch, Gradio's error message) and the others their answers."""
+    and each group is one pipeline call with on_error="record": one bad request gets an empty output (or, alone in
+    its batch, Gradio's error message) and the others their answers."""
 
     def __init__(self, gr, pipe, params: dict, batch_size: int, prepare: Callable, show: Callable, n_outputs: int = 1):
         # prepare(*row) -> (pipeline input, call parameters); show(result, pipeline input) -> the output value(s)
@@ -61,18 +68,15 @@ class _Batched:
         self.prepare, self.show, self.n_outputs = prepare, show, n_outputs
 
     def _call(self, inputs: list, params: dict) -> list:
+        """One pipeline call for a group of requests; a failing input comes back as a _Failed in its place."""
+        options = {**self.params, **params, "batch_size": self.batch_size}
         try:
-            return list(self.pipe(inputs, **{**self.params, **params, "batch_size": self.batch_size}))
-        except LightpipeError as error:
-            if len(inputs) == 1:
-                return [error]
-        answers = []
-        for value in inputs:
-            try:
-                answers.append(self.pipe([value], **{**self.params, **params})[0])
-            except LightpipeError as error:
-                answers.append(error)
-        return answers
+            if len(inputs) == 1:  # called alone: a list of one would be unwrapped by some tasks (fill-mask, QA)
+                return [self.pipe(inputs[0], **options)]
+            results = self.pipe(inputs, **options, on_error="record")
+        except LightpipeError as error:  # the group's parameters (e.g. no labels): each of its requests fails
+            return [_Failed({"error": str(error), "type": type(error).__name__})] * len(inputs)
+        return [_Failed(r) if isinstance(r, dict) and set(r) == {"error", "type"} else r for r in results]
 
     def __call__(self, *columns):
         rows = list(zip(*columns))
@@ -82,21 +86,21 @@ class _Batched:
             try:
                 value, params = self.prepare(*row)
             except LightpipeError as error:
-                prepared[i] = error
+                prepared[i] = _Failed({"error": str(error), "type": type(error).__name__})
                 continue
             prepared[i] = (value, params)
             groups.setdefault(json.dumps(params, sort_keys=True, default=str), []).append(i)
-        results: list = [p if isinstance(p, LightpipeError) else None for p in prepared]
+        results: list = [p if isinstance(p, _Failed) else None for p in prepared]
         for indices in groups.values():
             params = prepared[indices[0]][1]
             for i, answer in zip(indices, self._call([prepared[i][0] for i in indices], params)):
                 results[i] = answer
-        errors = [r for r in results if isinstance(r, Exception)]
+        errors = [r for r in results if isinstance(r, _Failed)]
         if errors and len(rows) == 1:
-            raise self.gr.Error(f"{type(errors[0]).__name__}: {errors[0]}")
+            raise self.gr.Error(str(errors[0]))
         for error in errors:
-            logger.warning("a demo request failed: %s: %s", type(error).__name__, error)
-        shown = [(None,) * self.n_outputs if isinstance(r, Exception) else self._tuple(self.show(r, prepared[i][0]))
+            logger.warning("a demo request failed: %s", error)
+        shown = [(None,) * self.n_outputs if isinstance(r, _Failed) else self._tuple(self.show(r, prepared[i][0]))
                  for i, r in enumerate(results)]
         return [list(column) for column in zip(*shown)] if shown else [[] for _ in range(self.n_outputs)]
 
@@ -196,7 +200,7 @@ def demo(pipe, *, title: str | None = None, examples: list | None = None, batch_
     task = getattr(pipe, "task", None)
     if not task:
         raise LightpipeError("demo() takes a lightpipe pipeline (pipeline(task, ...)).")
-    pipe._route(params)  # unknown or invalid parameters fail here, not at the first request
+    pipe._checked(dict(params))  # unknown or invalid parameters fail here, not at the first request
     title = title or f"lightpipe: {task}"
     size = batch_size or pipe._defaults.get("batch_size") or DEFAULT_BATCH_SIZE
     sentences = _sentences()
