@@ -165,3 +165,24 @@ def test_every_text_task_gets_its_inputs_and_outputs(checkpoint):
         want = pipes["zero-shot-classification"](text, candidate_labels=labels, multi_label=multi)
         assert shown == pytest.approx(dict(zip(want["labels"], want["scores"])), abs=1e-5)
     assert empty is None  # no labels: that request fails, the others are answered
+
+
+def test_the_demo_command_builds_and_launches_the_app(monkeypatch, checkpoint, capsys):
+    import gradio
+
+    from lightpipe import cli
+
+    folder = checkpoint("bert", "sequence-classification", labels=["neg", "neutral", "pos"])
+    launches = []
+    monkeypatch.setattr(gradio.Blocks, "launch", lambda app, **kwargs: launches.append((app, kwargs)))
+    consoles = []
+    monkeypatch.setattr(cli, "cmd_offline_demo", lambda args: consoles.append(args) or 0)
+    assert cli.main(["demo", "text-classification", "-m", str(folder), "-b", "3", "--port", "7999",
+                     "-p", "top_k=2"]) == 0
+    [(app, kwargs)] = launches
+    assert kwargs == {"server_name": "127.0.0.1", "server_port": 7999, "share": False}
+    want = lightpipe.pipeline("text-classification", model=str(folder))("so so", top_k=2)
+    assert app.fn(["so so"])[0][0] == pytest.approx({r["label"]: r["score"] for r in want}, abs=1e-5)
+    assert app.max_batch_size == 3
+    assert cli.main(["demo"]) == 0 and cli.main(["offline-demo"]) == 0 and len(consoles) == 2  # the console demo
+    assert cli.main(["demo", "no-such-task"]) == 2 and "UnsupportedTask" in capsys.readouterr().err
