@@ -130,6 +130,7 @@ def test_version(capsys):
     (["run", "text-classification", "x", "--format", "srt"], "", "--format srt is for automatic-speech-recognition"),
     (["run", "text-classification", "x", "--json", "--format", "vtt"], "", "disagree"),
     (["run", "text-classification", "x", "-o", "out"], "", "--output-dir writes subtitle"),
+    (["run", "text-generation", "x", "-f", "txt", "-o", "out"], "", "--output-dir writes subtitle"),
     (["run", "automatic-speech-recognition", "a.flac", "--format", "srt", "-p", "return_timestamps=false"], "",
      "needs timestamps"),
     (["run", "text-classification", "x", "-p", "on_error=skip"], "", "on_error is not a -p option"),

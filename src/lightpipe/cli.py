@@ -156,8 +156,9 @@ def _check_run_args(args, params: dict) -> str:
         if not (fmt == "txt" and task == "text-generation"):
             raise UsageError(f"--format {fmt} is for automatic-speech-recognition; {task} prints JSON lines "
                              "(--format json).")
-    if args.output_dir is not None and fmt not in SUBTITLE_FORMATS:
-        raise UsageError("--output-dir writes subtitle or text files: give --format srt, vtt or txt.")
+    if args.output_dir is not None and (fmt not in SUBTITLE_FORMATS or task != "automatic-speech-recognition"):
+        raise UsageError("--output-dir writes subtitle or transcript files: give automatic-speech-recognition "
+                         "--format srt, vtt or txt.")
     if fmt in ("srt", "vtt"):
         stamps = params.setdefault("return_timestamps", True)  # subtitles need timestamps: ask for them
         if stamps in (None, False):
@@ -199,7 +200,8 @@ def cmd_run(args) -> int:
     pipe = pipeline(args.task, model=args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
     _check_params(pipe, params)
     failed = 0
-    if pipe.task == "text-generation" and fmt == "txt" and int(params.get("num_beams", 1)) > 1:
+    beams = params.get("num_beams", 1)
+    if pipe.task == "text-generation" and fmt == "txt" and isinstance(beams, int) and beams > 1:
         fmt = "json"  # beam search cannot stream: results as JSON lines
     if pipe.task == "text-generation" and fmt == "txt":
         for prompt in inputs:  # text as it is generated, one reply per line
