@@ -186,3 +186,25 @@ def test_the_demo_command_builds_and_launches_the_app(monkeypatch, checkpoint, c
     assert app.max_batch_size == 3
     assert cli.main(["demo"]) == 0 and cli.main(["offline-demo"]) == 0 and len(consoles) == 2  # the console demo
     assert cli.main(["demo", "no-such-task"]) == 2 and "UnsupportedTask" in capsys.readouterr().err
+
+
+def test_image_demos_take_an_uploaded_image(tmp_path):
+    from clip_helpers import tiny_clip_checkpoint
+    from vision_helpers import sample_files, tiny_vision_checkpoint
+
+    images = [str(p) for p in sample_files(tmp_path / "images")[:3]]
+    classify = lightpipe.pipeline("image-classification", model=str(
+        tiny_vision_checkpoint(tmp_path / "vit", "vit", "image-classification", labels=["cat", "dog", "bird"])))
+    app = lightpipe.demo(classify)
+    with launched(app) as client:
+        shown = client.predict(handle_file(images[0]), api_name="/predict")
+    want = classify(images[0])
+    assert shown["label"] == want[0]["label"]
+    assert label_scores(shown) == pytest.approx({r["label"]: r["score"] for r in want}, abs=1e-5)
+
+    zero_shot = lightpipe.pipeline("zero-shot-image-classification", model=str(tiny_clip_checkpoint(tmp_path / "clip")))
+    app = lightpipe.demo(zero_shot)
+    [shown] = app.fn(images[1:], ["a cat, a dog", "red, green, blue"])
+    for image, labels, got in zip(images[1:], (["a cat", "a dog"], ["red", "green", "blue"]), shown):
+        want = zero_shot(image, candidate_labels=labels)
+        assert got == pytest.approx({r["label"]: r["score"] for r in want}, abs=1e-5)
