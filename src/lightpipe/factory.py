@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ COMPONENTS = {
 }
 
 logger = logging.getLogger(__name__)
+_FALLBACK_NOTICES: set[tuple[str, str]] = set()  # (task, fallback model) pairs already announced
 
 
 @loading.one_load()
@@ -42,6 +44,7 @@ def pipeline(task: str | None = None, model: str | nn.Module | None = None, *, c
             "trust_remote_code=True is not supported: lightpipe runs only its own model code. "
             "Use a checkpoint whose architecture lightpipe implements (see `lightpipe tasks`)."
         )
+    _old_spellings(task_params)
     torch_dtype = task_params.pop("torch_dtype", None)
     if torch_dtype is not None:
         if dtype is not None:
@@ -101,8 +104,43 @@ def pipeline(task: str | None = None, model: str | nn.Module | None = None, *, c
     parts = {name: _component(name, given[name], folder, revision, token) for name in cls.components}
     if getattr(loaded, "hf_device_map", None) is not None:
         target = dispatch.main_device(loaded)  # inputs go where the first blocks run
+    _name_model(loaded, model, spec, folder)
     return cls(loaded, **parts, device=target if (device is not None or device_map is not None) else None,
                batch_size=batch_size, num_workers=num_workers, folder=folder, **task_params)
+
+
+def _old_spellings(task_params: dict) -> None:
+    """Arguments transformers' pipeline() took: framework="pt" (lightpipe is PyTorch only; "tf" / "flax" are refused)
+    and use_fast (lightpipe always uses the fast tokenizer: use_fast=False is ignored with a warning)."""
+    if "framework" in task_params:
+        framework = task_params.pop("framework")
+        if framework not in (None, "pt"):
+            raise InvalidInput(f"framework={framework!r} is not supported: lightpipe runs PyTorch models only "
+                               "(framework='pt', or leave it out).")
+        if framework is not None:
+            warnings.warn("framework is deprecated and not needed: lightpipe runs PyTorch only.", FutureWarning,
+                          stacklevel=4)
+    if "use_fast" in task_params:
+        use_fast = task_params.pop("use_fast")
+        if not use_fast:
+            warnings.warn("use_fast=False is ignored: lightpipe always uses the fast (Rust) tokenizer.",
+                          FutureWarning, stacklevel=4)
+
+
+def _name_model(loaded: nn.Module, given, spec: TaskSpec, folder: Path | None) -> None:
+    """model.config.name_or_path: the string the model was given as (a Hub id or a folder), as transformers keeps it;
+    the default model's id when none was named; a model object's own (its folder) otherwise."""
+    if isinstance(given, (str, os.PathLike)):
+        name = os.fspath(given)
+    elif given is None:
+        fallback = hub.package_folder(spec.fallback_model) if spec.fallback_model else None
+        name = spec.fallback_model if fallback is not None and folder == fallback else spec.default_model
+    else:
+        name = getattr(loaded.config, "name_or_path", None) or getattr(loaded, "name_or_path", "")
+    try:
+        loaded.config.name_or_path = name
+    except AttributeError:  # a config that takes no new attributes
+        pass
 
 
 def _head_for(spec: TaskSpec, config: BaseConfig) -> str:
@@ -155,8 +193,10 @@ def _default_model_folder(spec: TaskSpec) -> Path:
     if hub.is_cached(spec.default_model):
         return hub.resolve(spec.default_model)
     if spec.fallback_model and hub.package_folder(spec.fallback_model) is not None:
-        logger.warning("%s: the default model %s is not cached; using the installed %s instead.",
-                       spec.name, spec.default_model, spec.fallback_model)
+        if (spec.name, spec.fallback_model) not in _FALLBACK_NOTICES:  # once per process, not once per pipeline
+            _FALLBACK_NOTICES.add((spec.name, spec.fallback_model))
+            logger.warning("%s: the default model %s is not cached; using the installed %s instead.",
+                           spec.name, spec.default_model, spec.fallback_model)
         return hub.package_folder(spec.fallback_model)
     return hub.resolve(spec.default_model, revision=None)
 

@@ -36,17 +36,24 @@ PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 
 
 # ---------------------------------------------------------------------------------------------- weights
-def _gpt2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _gpt2(state: dict[str, torch.Tensor], raw: dict[str, Any]) -> dict[str, torch.Tensor]:
     """GPT-2's attention and MLP matrices are Conv1D in checkpoints: (in, out), the transpose of nn.Linear's."""
     from .models.gpt2 import _CONV1D
 
     return {k: (v.t() if _CONV1D.search(k) else v) for k, v in state.items()}
 
 
-def _wav2vec2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _wav2vec2(state: dict[str, torch.Tensor], raw: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The positional convolution's weight back to weight norm's two tensors: v = weight, g = |weight| over every
-    axis but the kernel axis (dim=2), so that g * v / |v| gives the weight again."""
+    axis but the kernel axis (dim=2), so that g * v / |v| gives the weight again. SpecAugment's mask embedding,
+    which loading drops (it only masks in training), is written as zeros where the config has the model make one."""
     out = {}
+    masking = (raw.get("mask_time_prob", 0.05) or 0) > 0 or (raw.get("mask_feature_prob", 0) or 0) > 0
+    base = next((k.split(".", 1)[0] + "." for k in state if k.startswith(("wav2vec2.", "hubert."))), "")
+    hidden = raw.get("hidden_size")
+    if masking and isinstance(hidden, int) and base + "masked_spec_embed" not in state:
+        dtype = next((v.dtype for v in state.values() if v.is_floating_point()), torch.float32)
+        out[base + "masked_spec_embed"] = torch.zeros(hidden, dtype=dtype)
     for key, value in state.items():
         if key.endswith("pos_conv_embed.conv.weight"):
             prefix = key[: -len("weight")]
@@ -62,15 +69,16 @@ def _wav2vec2(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 UNSANITIZE = {"gpt2": _gpt2, "wav2vec2": _wav2vec2, "hubert": _wav2vec2}
 
 
-def unsanitize(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights under the checkpoint's names and layouts, contiguous, without tied copies."""
+def unsanitize(model: nn.Module, raw_config: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights under the checkpoint's names and layouts, contiguous, without tied copies. `raw_config`:
+    the config.json written beside them (some inverses read it)."""
     state = dict(model.state_dict())
     if getattr(model.config, "tie_word_embeddings", True):
         for target in getattr(model, "tied_weights", {}):
             state.pop(target, None)  # transformers ties them again on load, as it saved them: once
     inverse = UNSANITIZE.get(model.config.model_type)
     if inverse is not None:
-        state = inverse(state)
+        state = inverse(state, raw_config or {})
     out: dict[str, torch.Tensor] = {}
     seen: dict[tuple, str] = {}
     for key, value in state.items():
@@ -189,10 +197,9 @@ def _save_processor(pipe, target: Path, source: Path | None) -> None:
 def _save_generation_config(pipe, target: Path, source: Path | None) -> None:
     from .loading import load_generation_config
 
-    if source is None or getattr(pipe, "generation_config", None) is None and "generation_config" not in getattr(
-            pipe, "components", ()):
+    if source is None:
         return
-    settings = load_generation_config(source)
+    settings = load_generation_config(source)  # derived for GGUF files and CTranslate2 folders
     if settings:
         _write_json(target / "generation_config.json", settings)
 
@@ -228,9 +235,10 @@ def save_pipeline(pipe, save_directory: str | os.PathLike) -> Path:
         raise InvalidInput(f"cannot create the folder {target}: {e}") from e
     from safetensors.torch import save_file
 
-    _write_json(target / "config.json", _raw_config(model, source))
+    raw = _raw_config(model, source)
+    _write_json(target / "config.json", raw)
     try:
-        save_file(unsanitize(model), str(target / "model.safetensors"), metadata={"format": "pt"})
+        save_file(unsanitize(model, raw), str(target / "model.safetensors"), metadata={"format": "pt"})
     except OSError as e:
         raise CheckpointError(f"cannot write {target / 'model.safetensors'}: {e}") from e
     if pipe.tokenizer is not None:

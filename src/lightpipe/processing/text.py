@@ -241,7 +241,7 @@ class Tokenizer:
         batched = isinstance(text, (list, tuple)) and (not is_split_into_words or (
             len(text) > 0 and isinstance(text[0], (list, tuple))))
         texts = list(text) if batched else [text]
-        if text_pair is None:
+        if text_pair is None or (not batched and not text_pair):  # transformers drops an empty pair of one text
             pairs = [None] * len(texts)
         else:
             pairs = list(text_pair) if batched else [text_pair]

@@ -47,6 +47,7 @@ class DocumentQuestionAnsweringPipeline(TextPipeline):
 
     task = "document-question-answering"
     components = ("tokenizer",)  # LayoutLM v1 reads no pixels: the image only goes through OCR
+    input_kinds = ("image",)  # the document image is decoded for OCR: max_image_pixels applies
     file_is_one_input = True  # an open page file is one image, not a stream of inputs
     preprocess_params = ("padding", "doc_stride", "max_question_len", "max_seq_len", "lang", "tesseract_config",
                          "timeout")

@@ -63,11 +63,13 @@ class TextClassificationPipeline(TextPipeline):
             if "text" not in value or extra:
                 raise InvalidInput('a text pair must be a dict {"text": ..., "text_pair": ...}' +
                                    (f"; unexpected keys {sorted(extra)}" if extra else ""))
-            pair = value.get("text_pair")
-            return self.check_text(value["text"], "text", allow_empty=True), None if pair is None else self.check_text(pair, "text_pair", allow_empty=True)
+            pair = value.get("text_pair") or None  # an empty pair is no pair, as transformers' tokenizer takes it
+            return (self.check_text(value["text"], "text", allow_empty=True),
+                    None if pair is None else self.check_text(pair, "text_pair", allow_empty=True))
         if isinstance(value, (list, tuple)):
             if len(value) == 2 and all(isinstance(v, str) for v in value):
-                return self.check_text(value[0], "text", allow_empty=True), self.check_text(value[1], "text_pair", allow_empty=True)
+                return (self.check_text(value[0], "text", allow_empty=True),
+                        self.check_text(value[1], "text_pair", allow_empty=True) if value[1] else None)
             raise InvalidInput('a text pair must be a dict {"text": ..., "text_pair": ...} or a list [text, text_pair].')
         return self.check_text(value, allow_empty=True), None
 

@@ -52,7 +52,7 @@ def check_hypothesis_template(template: Any) -> str:
 def check_sequence(value: Any) -> str:
     if not isinstance(value, str):
         raise InvalidInput(f"the text to classify must be a string, not {type(value).__name__}.")
-    if not value.strip():
+    if not value:  # as transformers: "" is refused, a blank text is classified (its tokens are the special ones)
         raise InvalidInput("the text to classify is empty: give some text.")
     return value
 
