@@ -115,6 +115,10 @@ def test_auto_with_max_memory_offloads(gpt2, tmp_path):
         assert on_disk(mapped.model, "transformer.h.1")
         assert mapped(PROMPTS[1], max_new_tokens=6, do_sample=False) == plain(PROMPTS[1], max_new_tokens=6,
                                                                               do_sample=False)
+    # Pages let go of (out of memory and the page cache) are read from the disk again on the next call.
+    assert dispatch.release_offloaded(mapped.model) >= sizes["transformer.h.1"]
+    assert mapped(PROMPTS[0], max_new_tokens=6, do_sample=False) == plain(PROMPTS[0], max_new_tokens=6, do_sample=False)
+    assert dispatch.release_offloaded(plain.model) == 0
 
 
 def test_auto_without_a_limit_keeps_everything_in_memory(bert):

@@ -327,6 +327,7 @@ class DevicePlacer:
         self._entries: list[tuple[str, int, torch.dtype, list[int], list[int]]] = []
         self._offset = 0
         self.mapped: mmap.mmap | None = None
+        self.file = None
 
     @property
     def device(self) -> torch.device:
@@ -370,8 +371,8 @@ class DevicePlacer:
         if self._file is None:
             return {}
         self._file.close()
-        with open(self._path, "rb") as f:
-            self.mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if self._offset else None
+        self.file = open(self._path, "rb")  # kept open: release_offloaded drops its pages from the page cache
+        self.mapped = mmap.mmap(self.file.fileno(), 0, access=mmap.ACCESS_COPY) if self._offset else None
         try:
             os.unlink(self._path)  # the mapping keeps the data; the file goes when the model does
         except OSError:
@@ -486,6 +487,7 @@ def attach(model: nn.Module, placer: DevicePlacer) -> nn.Module:
     model.hf_device_map = {name: _reported(place) for name, place in mapping.items()}
     model.device_map = model.hf_device_map
     model._lightpipe_offload = placer.mapped  # the disk-held weights' mapping lives as long as the model
+    model._lightpipe_offload_file = placer.file
     hooks = []
     if main.type != "cpu":
         for name, place in mapping.items():
@@ -504,6 +506,21 @@ def attach(model: nn.Module, placer: DevicePlacer) -> nn.Module:
             model.new_cache = new_cache_on_main
     model._lightpipe_hooks = hooks
     return model
+
+
+def release_offloaded(model: nn.Module) -> int:
+    """Let go of the pages of a model's disk-held weights now: out of this process's memory and out of the kernel's
+    page cache, so that the next forward reads them from the disk again (what a machine short of memory does by
+    itself). Returns the bytes of disk-held weights; 0 when the model has none."""
+    mapped = getattr(model, "_lightpipe_offload", None)
+    if mapped is None:
+        return 0
+    if hasattr(mmap, "MADV_DONTNEED"):
+        mapped.madvise(mmap.MADV_DONTNEED)
+    file = getattr(model, "_lightpipe_offload_file", None)
+    if file is not None and hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return len(mapped)
 
 
 def main_device(model: nn.Module) -> torch.device:
