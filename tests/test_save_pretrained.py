@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from lightpipe import InvalidInput, hub, pipeline
+from lightpipe import InvalidInput, UnsupportedModel, hub, pipeline
 from lightpipe.processing.text import Tokenizer
 
 
@@ -171,6 +171,18 @@ def test_ctranslate2_whisper_is_written_in_the_hugging_face_layout(tmp_path):
     generation = json.loads((tmp_path / "generation_config.json").read_text())
     assert generation["no_timestamps_token_id"] == 50362 and generation["decoder_start_token_id"] == 50257
     assert type(transformers.AutoFeatureExtractor.from_pretrained(str(tmp_path))).__name__ == "WhisperFeatureExtractor"
+
+
+def test_clip_whole_or_refused(tmp_path):
+    from clip_helpers import tiny_clip_checkpoint
+
+    folder = tiny_clip_checkpoint(tmp_path / "clip")
+    pipeline("zero-shot-image-classification", model=str(folder)).save_pretrained(tmp_path / "saved")
+    loaded(transformers.CLIPModel, tmp_path / "saved")
+    assert (tmp_path / "saved" / "preprocessor_config.json").is_file()
+    vision_only = pipeline("image-feature-extraction", model=str(folder))  # the vision tower of the checkpoint
+    with pytest.raises(UnsupportedModel, match="part of a clip checkpoint"):
+        vision_only.save_pretrained(tmp_path / "part")
 
 
 def test_bad_targets(checkpoint, tmp_path):

@@ -120,7 +120,12 @@ def _raw_config(model: nn.Module, source: Path | None) -> dict[str, Any]:
     architectures = raw.get("architectures") or []
     heads = [models.head_of_architecture(model.config.model_type, a) for a in architectures]
     if not any(models.head_class(model.config.model_type, h) is type(model) for h in heads if h):
-        raw["architectures"] = [_architecture_name(model)]  # the head that was loaded and is written
+        name = _architecture_name(model)  # the head that was loaded and is written
+        if name not in models.architecture_module(model.config.model_type).ARCHITECTURES:
+            raise UnsupportedModel(
+                f"this pipeline runs part of a {model.config.model_type} checkpoint ({type(model).__name__}), which "
+                "has no transformers class of its own to save as; save the whole model from its folder instead.")
+        raw["architectures"] = [name]
     if model.config.id2label and ("id2label" in raw or model.config.num_labels != 2):
         raw["id2label"] = {str(k): v for k, v in model.config.id2label.items()}
         raw["label2id"] = dict(model.config.label2id or {v: k for k, v in model.config.id2label.items()})
@@ -220,7 +225,8 @@ def save_pipeline(pipe, save_directory: str | os.PathLike) -> Path:
     model = pipe.model
     if not hasattr(model, "config") or not hasattr(model.config, "model_type"):
         raise UnsupportedModel("save_pretrained needs a lightpipe model (one loaded by lightpipe).")
-    quantized = [type(m).__name__ for m in model.modules() if type(m).__module__.startswith("bitsandbytes")]
+    quantized = [type(m).__name__ for m in model.modules()
+                 if type(m).__module__.startswith(("bitsandbytes", "lightpipe.quantize"))]
     if quantized or any(p.device.type == "meta" for p in model.parameters()):
         raise UnsupportedModel("save_pretrained writes full-precision weights on one device; this model is "
                                f"{'quantized (' + quantized[0] + ')' if quantized else 'offloaded (meta weights)'}. "

@@ -8,6 +8,11 @@ A task subclasses `Pipeline` and writes three methods:
 - `postprocess(outputs, metas, **postprocess_params)`, given every item of one input, returning
   plain JSON-serialisable data.
 
+Inputs are one value, a list, or a stream (a generator, a torch Dataset, a 🤗 datasets Dataset or
+IterableDataset, a KeyDataset). `on_error` says what one failing input does to a list or a stream: "raise"
+(the default), "skip" (dropped, one warning with the count at the end) or "record" ({"error", "type"} in its
+place); see `Pipeline.__call__`.
+
 It declares which call parameters go to which stage; anything else is an InvalidInput error. A stage may
 also declare a runtime parameter (`progress`) to receive it too. `prepare_forward` turns the forward parameters
 into what `forward` takes once per call, before any batch runs (e.g. a generation config built from options).
@@ -16,52 +21,91 @@ into what `forward` takes once per call, before any batch runs (e.g. a generatio
 from __future__ import annotations
 
 import collections.abc
+import functools
 import inspect
+import logging
 from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
 
 from ..checks import positive_int
-from ..errors import InvalidInput
+from ..errors import InvalidInput, LightpipeError
 from ..processing import limits
 from ..processing.sources import is_file_object
-from ..runtime import ModelItem, Padding, Runner, check_batch_size, prefetch
+from ..runtime import (
+    ModelItem,
+    Padding,
+    Runner,
+    check_batch_size,
+    check_on_error,
+    error_record,
+    parallel_map,
+    prefetch,
+)
 
-RUNTIME_PARAMS = ("batch_size", "num_workers", "progress")
+logger = logging.getLogger(__name__)
+
+RUNTIME_PARAMS = ("batch_size", "num_workers", "progress", "on_error")
 
 
 class KeyDataset:
-    """Wraps a dataset of dicts so that iterating it yields one field: `KeyDataset(ds, "text")`."""
+    """Wraps a dataset of dicts so that iterating it yields one field: `KeyDataset(ds, "audio")`. A sized,
+    indexable dataset (torch map-style Dataset, 🤗 datasets.Dataset) is read by index; an iterable one
+    (datasets.IterableDataset, a torch IterableDataset) is iterated."""
 
     def __init__(self, dataset, key: str):
         self.dataset = dataset
         self.key = key
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return len(self.dataset)  # TypeError for an iterable dataset, which has no length
 
     def __getitem__(self, i):
         return self.dataset[i][self.key]
 
     def __iter__(self):
-        for i in range(len(self)):
-            yield self[i]
+        if _indexable(self.dataset):
+            for i in range(len(self)):
+                yield self[i]
+        else:
+            for row in self.dataset:
+                yield row[self.key]
 
 
 def _is_dataset(obj: Any) -> bool:
-    """A torch Dataset, a 🤗 datasets.Dataset or a KeyDataset: indexable, sized, and not a plain sequence."""
+    """A torch Dataset (map-style or iterable), a 🤗 datasets.Dataset or IterableDataset, or a KeyDataset."""
     if isinstance(obj, (str, bytes, dict, list, tuple)):
         return False
     if isinstance(obj, KeyDataset):
         return True
+    from torch.utils.data import Dataset
+    if isinstance(obj, Dataset):
+        return True
+    return type(obj).__module__.startswith("datasets.") and (
+        hasattr(obj, "__iter__") or (hasattr(obj, "__getitem__") and hasattr(obj, "__len__")))
+
+
+def _size(obj: Any) -> int | None:
+    """len(obj), or None when it has no length (a generator, an iterable dataset)."""
+    if isinstance(obj, (str, bytes, dict)):
+        return None
     try:
-        from torch.utils.data import Dataset
-        if isinstance(obj, Dataset):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    return type(obj).__module__.startswith("datasets.") and hasattr(obj, "__getitem__") and hasattr(obj, "__len__")
+        return len(obj)
+    except TypeError:
+        return None
+
+
+def _indexable(obj: Any) -> bool:
+    """A sized dataset read by index 0..len-1 (as a DataLoader reads a map-style one), rather than iterated."""
+    from torch.utils.data import IterableDataset
+    if isinstance(obj, IterableDataset) or (isinstance(obj, KeyDataset) and not _indexable(obj.dataset)):
+        return False
+    return hasattr(obj, "__getitem__") and _size(obj) is not None
+
+
+def _given(value: Any) -> Any:
+    return value
 
 
 class Pipeline:
@@ -145,6 +189,8 @@ class Pipeline:
         if "batch_size" in params:
             check_batch_size(params["batch_size"])
         positive_int("num_workers", params.get("num_workers"), allow_none=True, allow_zero=True)
+        if "on_error" in params:
+            check_on_error(params["on_error"])
         for name in limits.PARAMS:
             if name in params:
                 params[name] = limits.check(name, params[name])
@@ -192,17 +238,34 @@ class Pipeline:
         return isinstance(inputs, (collections.abc.Iterator, collections.abc.Generator)) or _is_dataset(inputs)
 
     def __call__(self, inputs, **params):
+        """One input -> its result; a list -> a list in input order; a stream -> an iterator of results.
+
+        on_error (a call or construction parameter) says what a failing input does to a list or a stream:
+        "raise" (the default) raises its error, as a single input always does; "skip" drops it and logs one
+        warning with the count at the end of the call; "record" puts {"error": message, "type": class name}
+        in its place. An input fails when its preprocess, the forward of its items or its postprocess raises
+        an Exception: lightpipe's typed errors (a bad or undecodable input) and any other, which may be a bug
+        (the first such error of a call is logged with its traceback). A batch whose forward fails runs again
+        one item at a time, so that its good items still answer. KeyboardInterrupt and other BaseExceptions
+        always propagate, and an error raised by the stream's own iteration (a generator that raises) ends
+        the stream: only a dataset read by index can go on past an unreadable row.
+        """
         runtime, pre, fwd, post = self._route(params)
         batch_size = check_batch_size(runtime.get("batch_size"))
         sizes = {name: runtime[name] for name in limits.PARAMS if name in runtime}
+        on_error = check_on_error(runtime.get("on_error"))
         if self._is_stream(inputs):  # nothing runs (no progress bar either) until the first result is asked for
-            return self._run_stream(inputs, fwd, pre, post, batch_size, runtime.get("progress"), sizes)
-        progress = self._progress_bar(runtime.get("progress"), inputs)
-        runner = Runner(self._forward_fn(fwd), self.collate_padding(), batch_size, progress)
+            return self._run_stream(inputs, fwd, pre, post, batch_size, runtime.get("progress"), sizes,
+                                    runtime.get("num_workers"), on_error)
         single = self.is_single(inputs)
+        if single:
+            on_error = "raise"  # one input has no other results to keep: its error is the answer
+        progress = self._progress_bar(runtime.get("progress"), inputs)
+        runner = Runner(self._forward_fn(fwd), self.collate_padding(), batch_size, progress,
+                        isolate_errors=on_error != "raise")
         items_in = [inputs] if single else list(inputs)
         try:
-            results = self._run_list(items_in, runner, pre, post, runtime.get("num_workers"), sizes)
+            results = self._run_list(items_in, runner, pre, post, runtime.get("num_workers"), sizes, on_error)
         finally:
             if progress is not None:
                 progress.close()
@@ -220,17 +283,31 @@ class Pipeline:
         with limits.applied(sizes or {}):
             return list(self.preprocess(value, **pre))
 
+    def _prepared(self, read, pre: dict, sizes: dict | None, capture: bool) -> list[ModelItem]:
+        """read() -> the input's model items; with `capture`, an input that fails to read or preprocess is one
+        item carrying the error."""
+        try:
+            items = self._preprocess_one(read(), pre, sizes)
+        except Exception as e:
+            if not capture:
+                raise
+            return [ModelItem({}, error=e)]
+        assert items, "preprocess must give at least one model item"
+        return items
+
     def _preprocess_all(self, inputs: list, pre: dict, num_workers: int | None,
-                        sizes: dict | None = None) -> list[list[ModelItem]]:
+                        sizes: dict | None = None, capture: bool = False) -> list[list[ModelItem]]:
+        prepare = lambda x: self._prepared(functools.partial(_given, x), pre, sizes, capture)  # noqa: E731
         if num_workers and num_workers > 1 and len(inputs) > 1:
             from concurrent.futures import ThreadPoolExecutor
             with ThreadPoolExecutor(num_workers) as pool:
-                return list(pool.map(lambda x: self._preprocess_one(x, pre, sizes), inputs))
-        return [self._preprocess_one(x, pre, sizes) for x in inputs]
+                return list(pool.map(prepare, inputs))
+        return [prepare(x) for x in inputs]
 
     def _run_list(self, inputs: list, runner: Runner, pre: dict, post: dict, num_workers: int | None,
-                  sizes: dict | None = None) -> list:
-        per_input = self._preprocess_all(inputs, pre, num_workers, sizes)
+                  sizes: dict | None = None, on_error: str = "raise") -> list:
+        capture = on_error != "raise"
+        per_input = self._preprocess_all(inputs, pre, num_workers, sizes, capture)
         flat: list[ModelItem] = []
         for source, items in enumerate(per_input):
             for item in items:
@@ -239,52 +316,93 @@ class Pipeline:
         if runner.progress is not None:
             runner.progress.total = len(flat)
         outputs = runner.run_list(flat) if flat else []
+        failures: dict[int, Exception] = {}
         grouped: list[tuple[list, list]] = [([], []) for _ in inputs]
         for item, out in zip(flat, outputs):
+            if item.error is not None:
+                failures.setdefault(item.source, item.error)
             grouped[item.source][0].append(out)
             grouped[item.source][1].append(item.meta)
-        return [self.postprocess(outs, metas, **post) for outs, metas in grouped]
+        results: list = []
+        report = _ErrorReport(on_error, self.task or type(self).__name__)
+        for source, (outs, metas) in enumerate(grouped):
+            error = failures.get(source)
+            if error is None:
+                try:
+                    results.append(self.postprocess(outs, metas, **post))
+                    continue
+                except Exception as e:
+                    if not capture:
+                        raise
+                    error = e
+            if report.failed(error):
+                results.append(error_record(error))
+        report.close(len(inputs))
+        return results
 
-    @staticmethod
-    def _values(inputs: Iterable) -> Iterator:
-        """A stream's values. A sized dataset is read by index 0..len-1, as a DataLoader reads it, since
-        iterating a map-style Dataset falls back to __getitem__ until IndexError, which a dataset need not raise."""
-        if _is_dataset(inputs) and hasattr(inputs, "__len__") and not hasattr(type(inputs), "__iter__"):
-            return (inputs[i] for i in range(len(inputs)))
-        return iter(inputs)
+    def _reads(self, inputs: Iterable) -> Iterator:
+        """The stream's values as calls that read them: a sized dataset is read by index 0..len-1, in the
+        thread that preprocesses the value (so that a row's own decoding, e.g. a datasets Image, runs on the
+        workers too and an unreadable row is that input's error); anything else is iterated here."""
+        if _is_dataset(inputs) and _indexable(inputs):
+            return (functools.partial(inputs.__getitem__, i) for i in range(len(inputs)))
+        return (functools.partial(_given, value) for value in inputs)
 
-    def _tagged_items(self, inputs: Iterable, pre: dict, sizes: dict | None = None) -> Iterator[ModelItem]:
-        for source, value in enumerate(self._values(inputs)):
-            items = self._preprocess_one(value, pre, sizes)
+    def _tagged_items(self, inputs: Iterable, pre: dict, sizes: dict | None = None, num_workers: int | None = None,
+                      capture: bool = False) -> Iterator[ModelItem]:
+        prepare = lambda read: self._prepared(read, pre, sizes, capture)  # noqa: E731
+        reads = self._reads(inputs)
+        prepared = parallel_map(prepare, reads, num_workers) if num_workers and num_workers > 1 else map(prepare, reads)
+        for source, items in enumerate(prepared):
             for i, item in enumerate(items):
                 item.source, item.is_last = source, i == len(items) - 1
-            assert items, "preprocess must give at least one model item"
             yield from items
 
     def _run_stream(self, inputs: Iterable, fwd: dict, pre: dict, post: dict, batch_size: int, progress,
-                    sizes: dict | None = None) -> Iterator:
+                    sizes: dict | None = None, num_workers: int | None = None, on_error: str = "raise") -> Iterator:
+        capture = on_error != "raise"
         runner = Runner(self._forward_fn(fwd), self.collate_padding(), batch_size,
-                        self._progress_bar(progress, inputs))
-        items = prefetch(self._tagged_items(inputs, pre, sizes), depth=max(8, 2 * runner.batch_size))
+                        self._progress_bar(progress, inputs), isolate_errors=capture)
+        depth = max(8, 2 * runner.batch_size, 2 * (num_workers or 0))
+        items = prefetch(self._tagged_items(inputs, pre, sizes, num_workers, capture), depth=depth)
+        report = _ErrorReport(on_error, self.task or type(self).__name__)
         outs: list = []
         metas: list = []
+        error: Exception | None = None
+        count = 0
         try:
             for item, out in runner.run_stream(items):
+                error = error or item.error
                 outs.append(out)
                 metas.append(item.meta)
-                if item.is_last:
-                    yield self.postprocess(outs, metas, **post)
-                    outs, metas = [], []
+                if not item.is_last:
+                    continue
+                count += 1
+                result = None
+                if error is None:
+                    try:
+                        result = self.postprocess(outs, metas, **post)
+                    except Exception as e:
+                        if not capture:
+                            raise
+                        error = e
+                outs, metas = [], []
+                if error is None:
+                    yield result
+                else:
+                    failed, error = error, None
+                    if report.failed(failed):
+                        yield error_record(failed)
         finally:
             if runner.progress is not None:
                 runner.progress.close()
+            report.close(count)
 
     def _progress_bar(self, progress: Any, inputs: Any):
         if not progress:
             return None
         from tqdm.auto import tqdm
-        total = len(inputs) if hasattr(inputs, "__len__") and not isinstance(inputs, (str, dict)) else None
-        return tqdm(total=total, desc=self.task or type(self).__name__, unit="item")
+        return tqdm(total=_size(inputs), desc=self.task or type(self).__name__, unit="item")
 
 
 def _model_dtype(model) -> torch.dtype:
@@ -292,19 +410,33 @@ def _model_dtype(model) -> torch.dtype:
 
 
 def _model_device(model) -> torch.device:
+    if getattr(model, "hf_device_map", None) is not None:  # placed by a device_map: where inputs go
+        from ..dispatch import main_device
+
+        return main_device(model)
     return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _live_attribute(name: str, compute) -> property:
+    """A read-from-the-weights attribute that an instance may still set (its own value then wins)."""
+    key = f"_{name}_set"
+
+    def get(self):
+        return self.__dict__[key] if key in self.__dict__ else compute(self)
+
+    def set_(self, value):
+        self.__dict__[key] = value
+
+    return property(get, set_, doc=f"The model's {name}, read from its weights.")
 
 
 def _give_model_attributes(model) -> None:
     """`model.device` and `model.dtype`, read live from the weights, as tools written for transformers' models read
-    them (plain nn.Modules have neither). Added once to the model's class."""
+    them (plain nn.Modules have neither). Added once to the model's class (lightpipe's own model classes)."""
     cls = type(model)
-    if isinstance(getattr(cls, "device", None), property) or "device" in vars(model):
-        return
-    if not hasattr(cls, "device"):
-        cls.device = property(_model_device, doc="The device of the model's weights.")
-    if not hasattr(cls, "dtype"):
-        cls.dtype = property(_model_dtype, doc="The dtype of the model's floating-point weights.")
+    for name, compute in (("device", _model_device), ("dtype", _model_dtype)):
+        if not hasattr(cls, name):
+            setattr(cls, name, _live_attribute(name, compute))
 
 
 class TextPipeline(Pipeline):
@@ -353,3 +485,31 @@ class TextPipeline(Pipeline):
         if not allow_empty and not value.strip():
             raise InvalidInput(f"{what} is empty: give some text.")
         return value
+
+
+class _ErrorReport:
+    """What one call does with failed inputs under on_error: counts the skipped ones for one warning at the end,
+    and logs the first error that is not one of lightpipe's (which may be a bug) with its traceback."""
+
+    def __init__(self, on_error: str, what: str):
+        self.on_error = on_error
+        self.what = what
+        self.skipped: list[Exception] = []
+        self.logged = False
+
+    def failed(self, error: Exception) -> bool:
+        """Note a failed input; True when its record takes its place (on_error="record")."""
+        if not isinstance(error, LightpipeError) and not self.logged:
+            self.logged = True
+            logger.warning("%s: an input failed with %s, not a lightpipe error (on_error=%r goes on)",
+                           self.what, type(error).__name__, self.on_error, exc_info=error)
+        if self.on_error == "skip":
+            self.skipped.append(error)
+        return self.on_error == "record"
+
+    def close(self, total: int) -> None:
+        if self.skipped:
+            first = self.skipped[0]
+            logger.warning("%s: %d of %d inputs failed and were skipped (on_error='skip'); the first: %s: %s",
+                           self.what, len(self.skipped), total, type(first).__name__, first)
+            self.skipped = []
