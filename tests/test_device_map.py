@@ -340,3 +340,27 @@ def test_loading_peak_memory_stays_near_the_model_size(tmp_path):
     file_size = (folder / "model.safetensors").stat().st_size
     assert result["size"] < 0.55 * file_size  # bfloat16, half the float32 file
     assert result["growth"] < 1.3 * result["size"], result
+
+
+def test_accelerator_path_with_meta_standing_in(gpt2):
+    """The path of a GPU main device, run with "meta" standing in for the accelerator: every block hooked, its weights
+    copied to the execution device for the call and given back after, inputs moved there, the generation cache made
+    there. Shapes flow; the stored weights never move."""
+    layer = torch.nn.Linear(4, 3)
+    hook = dispatch.BlockHook(layer, torch.device("meta"), torch.device("meta"))
+    assert {name for _, name, _ in hook.remote} == {"weight", "bias"}
+    out = layer(torch.randn(2, 4))
+    assert out.device.type == "meta" and out.shape == (2, 3)
+    assert layer.weight.device.type == "cpu" and hook._saved == []
+
+    model = loading.load_model(gpt2, "causal-lm")
+    stored = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    mapping = {name: "cpu" for name in dispatch.blocks(model)}
+    dispatch.attach(model, dispatch.DevicePlacer(mapping, torch.device("meta"), None))
+    assert len(model._lightpipe_hooks) == len(mapping) and model.hf_device_map == mapping
+    cache = model.new_cache(1, 8)
+    assert cache.device.type == "meta"
+    logits = model.decode_step(torch.tensor([[5, 6, 7]]), cache)
+    assert logits.device.type == "meta" and logits.shape == (1, 3, model.config.vocab_size)
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == stored
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
