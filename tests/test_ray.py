@@ -83,6 +83,38 @@ def test_audio_bytes_and_arrays(ctc_model, transcripts):
     assert list(predict(pd.DataFrame({"audio": rows}))["text"]) == transcripts
 
 
+def test_image_bytes_and_paths(tmp_path):
+    from vision_helpers import image_bytes, smooth_image, tiny_vision_checkpoint
+
+    model = str(tiny_vision_checkpoint(tmp_path / "vit", "vit", "image-classification"))
+    images = [smooth_image(h, w, seed=i) for i, (h, w) in enumerate([(40, 50), (33, 33), (60, 20)])]
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(str(tmp_path / f"image{i}.png"))
+        image.save(paths[-1])
+    expected = pipeline("image-classification", model=model)(paths)
+    predict = PipelinePredictor("image-classification", model=model, input_column="image", output_column="labels")
+    assert close(list(predict({"image": np.array(paths)})["labels"]), expected)
+    files = np.array([image_bytes(image, "PNG") for image in images], dtype=object)
+    assert close(list(predict(pd.DataFrame({"image": files}))["labels"]), expected)
+
+
+def test_one_row_batches_keep_the_shape_of_the_others(checkpoint):
+    """question-answering and fill-mask answer a list of one input with its result, not a list of one."""
+    qa_model = str(checkpoint("bert", "question-answering"))
+    questions = [{"question": "Who works here?", "context": "John works at Google in London."},
+                 {"question": "Where?", "context": "Mary lives in Berlin."}]
+    expected = pipeline("question-answering", model=qa_model)(questions)
+    predict = PipelinePredictor("question-answering", model=qa_model, input_column="qa")
+    for rows in (questions, questions[1:]):
+        out = predict({"qa": np.array(rows, dtype=object)})
+        assert list(out) == ["qa", "score", "start", "end", "answer"]
+        assert list(out["answer"]) == [r["answer"] for r in expected[-len(rows):]]
+    fill = PipelinePredictor("fill-mask", model=str(checkpoint("bert", "masked-lm")), input_column="text", top_k=1)
+    for texts in (["Paris is the [MASK] of France.", "I [MASK] it."], ["I [MASK] it."]):
+        assert [len(r) for r in fill({"text": np.array(texts)})["output"]] == [1] * len(texts)
+
+
 def test_on_error_in_batches(ctc_model, transcripts):
     audio = np.array([wav_bytes(CLIPS[0]), b"", wav_bytes(CLIPS[1]), b"not audio"], dtype=object)
     batch = {"id": np.arange(4), "audio": audio}

@@ -91,10 +91,11 @@ class PipelinePredictor:
         values = [_input_value(v) for v in _column(batch, self.input_column)]
         if not values:
             return batch
+        # Some tasks answer a list of one input with its result rather than a list (question-answering,
+        # fill-mask, as transformers does); a list of two never is, so a one-row batch asks twice.
+        call = values if len(values) > 1 else values * 2
         # "skip" is "record" here, and the failed rows are dropped below: the batch has to know which rows failed.
-        results = self.pipe(values, on_error="raise" if self.on_error == "raise" else "record")
-        if len(results) != len(values):  # a task that unwraps a list of one input returns that one result
-            results = [results] if len(values) == 1 else results
+        results = self.pipe(call, on_error="raise" if self.on_error == "raise" else "record")[: len(values)]
         if len(results) != len(values):
             raise AssertionError(f"{len(values)} inputs gave {len(results)} results")
         failed = [is_error_record(r) for r in results]
