@@ -123,6 +123,11 @@ def test_on_error_in_batches(ctc_model, transcripts):
     assert list(record["text"]) == [transcripts[0], None, transcripts[1], None]
     assert [e is None for e in record["error"]] == [True, False, True, False]
     assert list(record["error_type"]) == [None, "InvalidInput", None, "InvalidInput"]
+    all_bad = PipelinePredictor("automatic-speech-recognition", model=ctc_model, input_column="audio",
+                                on_error="record")
+    all_bad(batch)
+    out = all_bad({"audio": np.array([b"", b"??"], dtype=object)})  # keeps the columns of the batch before
+    assert list(out) == ["audio", "text", "error", "error_type"] and list(out["text"]) == [None, None]
     skip = PipelinePredictor("automatic-speech-recognition", model=ctc_model, input_column="audio",
                              on_error="skip")(batch)
     assert list(skip["id"]) == [0, 2] and list(skip["text"]) == transcripts[:2] and "error" not in skip

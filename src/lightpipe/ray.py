@@ -81,6 +81,7 @@ class PipelinePredictor:
         self.on_error = check_on_error(on_error)
         self.input_column = input_column
         self.output_column = output_column
+        self._names: list[str] | None = None  # the result columns of the last batch that had results
         if params.get("device") is None and params.get("device_map") is None and _ray_gpu_ids():
             params["device"] = "cuda"
         self.pipe = pipeline(task, model=model, **params)
@@ -116,8 +117,11 @@ class PipelinePredictor:
     def _columns(self, results: list, failed: list[bool]) -> dict[str, list]:
         good = [r for r, f in zip(results, failed) if not f]
         spread = self.output_column is None and good and all(isinstance(r, dict) for r in good)
+        if self.output_column is None and not good and self._names:  # every row failed: the columns seen before
+            spread, names = True, self._names
+        elif spread:
+            names = self._names = list(dict.fromkeys(k for r in good for k in r))
         if spread:
-            names = list(dict.fromkeys(k for r in good for k in r))
             columns = {name: [None if f else r.get(name) for r, f in zip(results, failed)] for name in names}
         else:
             columns = {self.output_column or DEFAULT_OUTPUT_COLUMN: [None if f else r for r, f in zip(results, failed)]}
