@@ -184,9 +184,26 @@ def _check_params(pipe, params: dict) -> None:
         pass
 
 
+def _robust(args, params: dict) -> dict:
+    """--robust (the default for automatic-speech-recognition; --no-robust turns it off): voice activity detection and
+    the hallucination guards, under the -p parameters (which win)."""
+    from .tasks import get_task
+
+    if get_task(args.task).name != "automatic-speech-recognition":
+        if args.robust:
+            raise UsageError("--robust is for automatic-speech-recognition.")
+        return params
+    if args.robust is False:
+        return params
+    from .tasks.automatic_speech_recognition import robust_params
+
+    return robust_params(params)
+
+
 def cmd_run(args) -> int:
     params = _params(args.param)
     fmt = _check_run_args(args, params)
+    params = _robust(args, params)
     inputs = _inputs(args.inputs)
     first = next(inputs, _NOTHING)  # standard input may hold nothing: say so before a model loads
     if first is _NOTHING:
@@ -423,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
                           "vtt subtitles (timestamps asked for), txt the transcript")
     run.add_argument("--output-dir", "-o", default=None, metavar="DIR",
                      help="with --format srt|vtt|txt: one file per input in DIR (named after the input file)")
+    run.add_argument("--robust", action=argparse.BooleanOptionalAction, default=None,
+                     help="speech: decode only the speech (voice activity detection) with hallucination guards "
+                          "(on by default for automatic-speech-recognition; --no-robust: plain decoding)")
     run.set_defaults(func=cmd_run)
     chat = sub.add_parser("chat", help="chat with a text-generation model in the terminal")
     chat.add_argument("--model", "-m", default=None, help="Hub id, local folder, GGUF file (default: the task's)")

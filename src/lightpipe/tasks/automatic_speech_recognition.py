@@ -26,6 +26,10 @@ What every model shares, in this file and model-independent:
 3. Output: {"text": str}, plus "chunks": [{"text", "timestamp": (start_s, end_s)}] with
    `return_timestamps`, plus the dict input's extra keys as lists (one entry per window), as
    transformers returns them.
+4. Voice activity detection (`vad_filter`, `vad_parameters`): instead of 2., the input's speech regions
+   (`lightpipe.vad`) are packed into windows of at most 30 s (`lightpipe.processing.regions`), each one
+   model item decoded alone; postprocess maps every time back through the window's pieces
+   (`WindowMeta.timeline`). An input without speech is one empty item that is never decoded.
 
 Batching never changes a result: each window's outputs are cut to its own length before decoding.
 """
@@ -60,12 +64,16 @@ class WindowMeta(TypedDict):
         asked to ignore them); samples at the feature extractor's rate, as transformers' `chunk_iter`.
     start: the window's first sample in the whole input (same rate).
     extra: the dict input's other keys, returned with the result.
+    timeline: with vad_filter, the window's pieces of the input (`PackedWindow`: speech regions back to back), by
+        which its times map back to the input's; a window without pieces stands for an input without speech.
+        None without vad_filter.
     """
 
     samples: int
     stride: tuple[int, int, int] | None
     start: int
     extra: dict[str, Any]
+    timeline: Any
 
 
 # ---------------------------------------------------------------------------------------------- chunking
@@ -213,6 +221,7 @@ class CTCDecoding:
     """Greedy CTC over frame-wise logits, for Wav2Vec2ForCTC and HubertForCTC."""
 
     name = "ctc"
+    max_window_seconds = 30.0  # vad_filter packs speech regions into windows of at most this
 
     def __init__(self, pipeline: "AutomaticSpeechRecognitionPipeline", vocabulary: CTCVocabulary):
         self.model = pipeline.model
@@ -235,6 +244,10 @@ class CTCDecoding:
         # transformers' pipeline always asks for the mask: padded batches then mask padded frames.
         return self.feature_extractor(audio, return_attention_mask=True)
 
+    def empty_features(self) -> dict[str, torch.Tensor]:
+        """The features of an item without audio (vad_filter found no speech): no samples; decodes to nothing."""
+        return {k: v[:0] for k, v in self.features(np.zeros(self.min_samples, dtype=np.float32)).items()}
+
     def prepare_forward(self, params: dict[str, Any]) -> dict[str, Any]:
         """Generation settings (generate_kwargs, max_new_tokens) do not apply to CTC and are ignored, as in
         transformers; forward takes nothing but the batch."""
@@ -242,6 +255,8 @@ class CTCDecoding:
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         values = batch["input_values"].to(next(self.model.parameters()).dtype)
+        if values.shape[1] == 0:  # items without speech only (vad_filter): nothing to run
+            return {"tokens": torch.zeros(values.shape[0], 0, dtype=torch.long)}
         logits = self.model(values, batch.get("attention_mask"))["logits"]  # (B, T, vocab)
         return {"tokens": logits.argmax(dim=-1)}  # (B, T)
 
@@ -258,18 +273,49 @@ class CTCDecoding:
 
     def postprocess(self, outputs: list[dict[str, torch.Tensor]], metas: list[WindowMeta],
                     return_timestamps=None, **params) -> dict[str, Any]:
+        if metas[0]["timeline"] is not None:
+            return self._speech_windows(outputs, metas, return_timestamps)
         text, offsets = self.vocabulary.decode(self.frame_ids(outputs, metas), with_offsets=bool(return_timestamps))
         result: dict[str, Any] = {"text": text}
         if return_timestamps:
-            key = "char"
-            if return_timestamps == "word":
-                offsets, key = self.vocabulary.word_offsets(offsets), "word"
-            rate = self.feature_extractor.sampling_rate
-            result["chunks"] = [
-                {"text": o[key], "timestamp": (o["start_offset"] * self.align_to / rate,
-                                               o["end_offset"] * self.align_to / rate)}
-                for o in offsets
-            ]
+            result["chunks"] = self._chunks(offsets, return_timestamps, lambda s, is_end: s)
+        return result
+
+    def _chunks(self, offsets: list[dict[str, Any]], return_timestamps: str, seconds) -> list[dict[str, Any]]:
+        """Character offsets (frames) -> [{"text": char or word, "timestamp": (start_s, end_s)}]; `seconds(s, is_end)`
+        maps a time from the decoded audio's start to the input's."""
+        key = "char"
+        if return_timestamps == "word":
+            offsets, key = self.vocabulary.word_offsets(offsets), "word"
+        rate = self.feature_extractor.sampling_rate
+        return [{"text": o[key], "timestamp": (seconds(o["start_offset"] * self.align_to / rate, False),
+                                               seconds(o["end_offset"] * self.align_to / rate, True))}
+                for o in offsets]
+
+    def _speech_windows(self, outputs, metas: list[WindowMeta], return_timestamps) -> dict[str, Any]:
+        """vad_filter: each window of speech regions decoded alone, its times mapped back through its pieces, the
+        windows' texts joined by the word delimiter."""
+        rate, space = self.feature_extractor.sampling_rate, self.vocabulary.replace_word_delimiter_char
+        texts: list[str] = []
+        chunks: list[dict[str, Any]] = []
+        for out, meta in zip(outputs, metas):
+            window = meta["timeline"]
+            if not window.pieces:
+                continue
+            ids = out["tokens"][: int(self.model.output_lengths(meta["samples"]))].numpy()
+            text, offsets = self.vocabulary.decode(ids, with_offsets=bool(return_timestamps))
+            if not text:
+                continue
+            if return_timestamps:
+                own = self._chunks(offsets, return_timestamps,
+                                   lambda s, is_end, w=window: w.to_original(s, rate, is_end=is_end))
+                if texts and return_timestamps == "char" and own:  # the delimiter between two windows' text
+                    chunks.append({"text": space, "timestamp": (chunks[-1]["timestamp"][1], own[0]["timestamp"][0])})
+                chunks += own
+            texts.append(text)
+        result: dict[str, Any] = {"text": space.join(texts)}
+        if return_timestamps:
+            result["chunks"] = chunks
         return result
 
 
@@ -284,7 +330,26 @@ REFERENCE_MAX_LENGTH = 20  # transformers' default max_length: a config that kee
 WHISPER_OPTIONS = ("language", "task", "prompt_ids")
 # generate_kwargs of openai's long-form decoding (temperature fallback, conditioning on previous text).
 LONG_FORM_OPTIONS = ("temperature", "condition_on_prev_tokens", "compression_ratio_threshold", "logprob_threshold",
-                     "no_speech_threshold", "prompt_condition_type")
+                     "no_speech_threshold", "prompt_condition_type", "max_ngram_repeats")
+# The recommended settings for real recordings (the command line's --robust, on by default): voice activity detection,
+# and the hallucination guards of openai's decoding with lightpipe's repetition stop.
+ROBUST_GENERATE_KWARGS = {"temperature": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0), "compression_ratio_threshold": 1.35,
+                          "logprob_threshold": -1.0, "no_speech_threshold": 0.6, "max_ngram_repeats": 4}
+ROBUST_PARAMS = {"vad_filter": True, "generate_kwargs": ROBUST_GENERATE_KWARGS}
+
+
+def robust_params(params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The call's parameters over the recommended robust ones (`ROBUST_PARAMS`): what the call gives wins, and its
+    generate_kwargs are laid over the robust ones key by key."""
+    params = dict(params or {})
+    kwargs = params.get("generate_kwargs")
+    merged = {**ROBUST_PARAMS, **params}
+    merged["generate_kwargs"] = {**ROBUST_GENERATE_KWARGS, **(kwargs if isinstance(kwargs, dict) else {})}
+    if kwargs is not None and not isinstance(kwargs, dict):
+        merged["generate_kwargs"] = kwargs  # not a dict: the pipeline says so
+    return merged
+
+
 # GenerationConfig fields a pipeline call may not change: they would change the shape of what forward returns.
 RESERVED_OPTIONS = ("num_return_sequences", "output_scores", "output_cross_attentions", "alignment_heads")
 
@@ -421,11 +486,33 @@ class WhisperDecoding:
         return {"input_features": features.transpose(0, 1), "attention_mask": out["attention_mask"],
                 "frames": torch.tensor(features.shape[-1])}
 
+    @property
+    def max_window_seconds(self) -> float:
+        """vad_filter packs speech regions into windows of at most Whisper's own (30 s)."""
+        return float(self.feature_extractor.chunk_length)
+
+    def empty_features(self) -> dict[str, torch.Tensor]:
+        """The features of an item without audio (vad_filter found no speech): no frames, never decoded."""
+        own = self.features(np.zeros(1, dtype=np.float32))
+        return {"input_features": own["input_features"][:0], "attention_mask": own["attention_mask"][:0],
+                "frames": torch.tensor(0)}
+
     def forward(self, batch: dict[str, torch.Tensor], call: WhisperCall) -> dict[str, list]:
         from ..whisper.longform import transcribe
 
-        features = batch["input_features"].transpose(1, 2)  # (B, n_mels, frames)
         frames = batch["frames"].tolist()
+        if 0 in frames:  # items without speech (vad_filter) decode to nothing; the others as a batch of their own
+            rows = [i for i, f in enumerate(frames) if f > 0]
+            results: dict[str, list] = {"tokens": [[] for _ in frames]}
+            if call.return_timestamps == "word":
+                results["token_timestamps"] = [torch.zeros(0) for _ in frames]
+            if rows:
+                decoded = self.forward({k: v[rows] for k, v in batch.items()}, call)
+                for key, values in decoded.items():
+                    for row, value in zip(rows, values):
+                        results[key][row] = value
+            return results
+        features = batch["input_features"].transpose(1, 2)  # (B, n_mels, frames)
         bar = self._audio_progress_bar(frames) if call.progress else None
         try:
             transcripts = transcribe(
@@ -471,13 +558,20 @@ class WhisperDecoding:
 
     def postprocess(self, outputs: list[dict[str, Any]], metas: list[WindowMeta],
                     return_timestamps=None, return_language=None, **params) -> dict[str, Any]:
-        from ..whisper.text import decode_asr, stride_in_seconds
+        from ..whisper.text import absolute_timestamps, decode_asr, stride_in_seconds
 
         return_timestamps = self._return_timestamps(return_timestamps)
         rate = self.feature_extractor.sampling_rate
+        if metas[0]["timeline"] is not None:
+            return self._speech_windows(outputs, metas, return_timestamps, bool(return_language))
+        window = self.feature_extractor.n_samples
         model_outputs = []
         for out, meta in zip(outputs, metas):
             item = {"tokens": out["tokens"]}
+            if return_timestamps and meta["stride"] is not None and window and meta["samples"] <= window:
+                # A chunk decoded in two passes restarts its timestamps; counted from its start, they no longer
+                # collapse its segments against the strides (see absolute_timestamps).
+                item["tokens"] = absolute_timestamps(out["tokens"], self.tokens.timestamp_begin, self.time_precision)
             if "token_timestamps" in out:
                 item["token_timestamps"] = out["token_timestamps"]
             if meta["stride"] is not None:
@@ -486,6 +580,42 @@ class WhisperDecoding:
         text, optional = decode_asr(self.vocabulary, model_outputs, return_timestamps=return_timestamps,
                                     return_language=bool(return_language), time_precision=self.time_precision)
         return {"text": text, **optional}
+
+    def _speech_windows(self, outputs: list[dict[str, Any]], metas: list[WindowMeta], return_timestamps,
+                        return_language: bool) -> dict[str, Any]:
+        """vad_filter: each window of speech regions merged alone by `decode_asr` (times from the window's start), its
+        segment and word times mapped back through its pieces to the input's timeline. A segment left open at the
+        window's end (no end timestamp) ends where the window's audio does."""
+        from ..whisper.text import decode_asr
+
+        rate = self.feature_extractor.sampling_rate
+        texts: list[str] = []
+        chunks: list[dict[str, Any]] = []
+        for out, meta in zip(outputs, metas):
+            window = meta["timeline"]
+            if not window.pieces:
+                continue
+            item = {"tokens": out["tokens"]}
+            if "token_timestamps" in out:
+                item["token_timestamps"] = out["token_timestamps"]
+            text, optional = decode_asr(self.vocabulary, [item], return_timestamps=return_timestamps,
+                                        return_language=return_language, time_precision=self.time_precision)
+            texts.append(text)
+            for chunk in optional.get("chunks", []):
+                if "timestamp" in chunk:
+                    start, end = chunk["timestamp"]
+                    if start is None or end is None:  # an open segment ends where the window's audio does
+                        chunk["timestamp"] = (window.start / rate if start is None else window.to_original(start, rate),
+                                              window.end / rate if end is None else window.to_original(end, rate, True))
+                    elif return_timestamps == "word":
+                        chunk["timestamp"] = window.word_to_original(start, end, rate)
+                    else:
+                        chunk["timestamp"] = window.segment_to_original(start, end, rate)
+                chunks.append(chunk)
+        result: dict[str, Any] = {"text": "".join(texts)}
+        if return_timestamps or return_language:
+            result["chunks"] = chunks
+        return result
 
 
 def _generation_config_dict(folder) -> dict[str, Any]:
@@ -556,7 +686,7 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
     task = "automatic-speech-recognition"
     components: ClassVar[tuple[str, ...]] = ("tokenizer", "feature_extractor")
     file_is_one_input = True  # pipe(open("speech.flac", "rb")) is one audio file, not a stream of its lines
-    preprocess_params = ("chunk_length_s", "stride_length_s", "ignore_warning")
+    preprocess_params = ("chunk_length_s", "stride_length_s", "ignore_warning", "vad_filter", "vad_parameters")
     # progress also reaches forward: Whisper's window loop shows how far it has come in long audio.
     forward_params = ("generate_kwargs", "max_new_tokens", "return_timestamps", "return_language", "progress")
     postprocess_params = ("return_timestamps", "return_language")
@@ -595,6 +725,13 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         pair = stride if isinstance(stride, (list, tuple)) else [stride]
         if stride is not None and (len(pair) not in (1, 2) or not all(_is_seconds(s) for s in pair)):
             raise InvalidInput(f"stride_length_s must be a number of seconds or a (left, right) pair, not {stride!r}.")
+        vad = params.get("vad_filter")
+        if vad is not None and not isinstance(vad, bool):
+            raise InvalidInput(f"vad_filter must be True or False, not {vad!r}.")
+        if params.get("vad_parameters") is not None:
+            from ..vad import vad_options
+
+            vad_options(params["vad_parameters"])
         kwargs = params.get("generate_kwargs")
         if kwargs is not None and not isinstance(kwargs, dict):
             raise InvalidInput(f"generate_kwargs must be a dict, not {type(kwargs).__name__}.")
@@ -607,9 +744,12 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         return self.decoding.padding
 
     # ------------------------------------------------------------------ the three stages
-    def preprocess(self, inputs, chunk_length_s=None, stride_length_s=None, ignore_warning=None) -> list[ModelItem]:
+    def preprocess(self, inputs, chunk_length_s=None, stride_length_s=None, ignore_warning=None, vad_filter=False,
+                   vad_parameters=None) -> list[ModelItem]:
         item = self.feature_extractor.load(inputs)
         audio, rate = item.array, self.feature_extractor.sampling_rate
+        if vad_filter:
+            return self._speech_windows(audio, item.extra, chunk_length_s, vad_parameters)
         if len(audio) < self.decoding.min_samples:
             raise InvalidInput(f"the audio is {len(audio)} samples long; this model needs at least "
                                f"{self.decoding.min_samples} samples ({self.decoding.min_samples / rate:g} s at {rate} Hz).")
@@ -625,10 +765,32 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
             windows = [(0, len(audio), item.stride)]  # a dict input's own stride, if it gave one
         return [
             ModelItem(self.decoding.features(audio[start:end], whole=not chunk_length_s),
-                      meta=WindowMeta(samples=end - start, stride=stride, start=start, extra=item.extra),
+                      meta=WindowMeta(samples=end - start, stride=stride, start=start, extra=item.extra, timeline=None),
                       is_last=i == len(windows) - 1)
             for i, (start, end, stride) in enumerate(windows)
         ]
+
+    def _speech_windows(self, audio: np.ndarray, extra: dict, chunk_length_s, vad_parameters) -> list[ModelItem]:
+        """vad_filter: the audio's speech regions (Silero VAD, `lightpipe.vad`), back to back, packed into windows of
+        at most `chunk_length_s` (Whisper: at most its 30 s window; default 30 s), each one model item (see
+        processing/regions.py). Audio without speech gives one empty item, which decodes to nothing."""
+        from ..processing.regions import PackedWindow, pack_regions
+        from ..vad import speech_regions, vad_options
+
+        rate = self.feature_extractor.sampling_rate
+        limit = self.decoding.max_window_seconds
+        seconds = min(chunk_length_s, limit) if chunk_length_s else limit
+        regions = speech_regions(audio, rate, **vad_options(vad_parameters)) if len(audio) else []
+        spans = [(int(round(r["start"] * rate)), int(round(r["end"] * rate))) for r in regions]
+        windows = [w for w in pack_regions(spans, int(seconds * rate), total=len(audio))
+                   if w.samples >= self.decoding.min_samples]
+        if not windows:
+            return [ModelItem(self.decoding.empty_features(), is_last=True,
+                              meta=WindowMeta(samples=0, stride=None, start=0, extra=extra, timeline=PackedWindow(())))]
+        return [ModelItem(self.decoding.features(window.gather(audio)), is_last=i == len(windows) - 1,
+                          meta=WindowMeta(samples=window.samples, stride=None, start=window.start, extra=extra,
+                                          timeline=window))
+                for i, window in enumerate(windows)]
 
     def _runnable(self, windows: list) -> list:
         """Drop a final window too short for the model (possible only with strides shorter than its

@@ -16,6 +16,7 @@ import torch
 from ..errors import InvalidInput
 from ..generation.generate import GenerationConfig, GenerationOutput, generate
 from .alignment import AlignmentRecorder, recorded_weights
+from .guards import RepetitionStop, check_max_ngram_repeats
 from .timestamps import WhisperTimestamps
 from .tokens import WhisperTokens
 
@@ -140,7 +141,9 @@ def whisper_generate(model, encoder_hidden: torch.Tensor, generation_config: Gen
                      return_timestamps: bool = False, prompt_ids: Sequence[int] | None = None,
                      temperature: float | None = None, on_token=None, generator: torch.Generator | None = None,
                      detected_language: Sequence[int] | None = None, tokens: WhisperTokens | None = None,
-                     alignment_heads: Sequence[Sequence[int]] | None = None) -> GenerationOutput:
+                     alignment_heads: Sequence[Sequence[int]] | None = None,
+                     max_ngram_repeats: int | None = None,
+                     compression_stop: float | None = None) -> GenerationOutput:
     """Decode one window per audio, as transformers' WhisperForConditionalGeneration.generate does for audio
     up to 30 s: prompt (language detected per audio when needed), Whisper's suppressed tokens, timestamp rules
     with return_timestamps, and its length rule (max_length counted after the prompt, capped at the model's
@@ -153,6 +156,9 @@ def whisper_generate(model, encoder_hidden: torch.Tensor, generation_config: Gen
 
     With `alignment_heads` ((layer, head) pairs), returns (output, weights): the cross-attention probabilities
     of those heads, (N, len(alignment_heads), T - 1, S), along each returned sequence (see alignment.py).
+
+    `max_ngram_repeats` ends a sequence whose text repeats one run of tokens more often than that, or (with
+    `compression_stop`) whose text compresses better than that ratio (guards.py).
     """
     tokens = tokens_of(generation_config, tokens)
     batch = encoder_hidden.shape[0]
@@ -193,6 +199,10 @@ def whisper_generate(model, encoder_hidden: torch.Tensor, generation_config: Gen
         eos = config.eos_token_ids[0] if config.eos_token_ids else config.bos_token_id
         processors.append(WhisperTimestamps(tokens.no_timestamps, eos, prompt_length,
                                             generation_config.extra.get("max_initial_timestamp_index")))
+    if max_ngram_repeats is not None:
+        eos = config.eos_token_ids[0] if config.eos_token_ids else tokens.eot
+        processors.append(RepetitionStop(check_max_ngram_repeats(max_ngram_repeats), eos, prompt_length, tokens.eot,
+                                         compression_stop, model.config.vocab_size))
     out = generate(recorder or model, prompts, config, encoder_hidden=encoder_hidden, processors=processors,
                    on_token=on_token, generator=generator)
     if recorder is None:

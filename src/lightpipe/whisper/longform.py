@@ -27,6 +27,15 @@ Options of openai's long-form decoding, as transformers names them (`LongFormOpt
 - no_speech_threshold (with logprob_threshold): a window whose mean log-probability is under logprob_threshold
   and whose probability of <|nospeech|> after <|startoftranscript|> is above no_speech_threshold is skipped as
   silence (nothing kept, the next window starts after it).
+- max_ngram_repeats (lightpipe's own): a hard stop on runaway repetition (guards.py). A window whose text repeats
+  one run of tokens more than that many times in a row (or, with compression_ratio_threshold, whose text becomes more
+  compressible than that once 32 tokens long) ends there and counts as a failed attempt: decoded again at
+  the next temperature; skipped as silence when its no-speech probability is above no_speech_threshold (a model
+  looping over audio it finds silent is hallucinating, whatever its log-probability); at the last temperature kept
+  with the extra copies cut off.
+
+These options apply to every window the loop decodes, so to short audio (one window) as much as to long audio, and
+to each chunk of a chunked one.
 
 Each audio is decoded as transformers decodes it alone (batch_size=1): its own frame count bounds the loop and
 its windows are its own features, cut and zero-padded to 30 s. Audios decoded together only share the forward
@@ -37,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import zlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -46,6 +54,7 @@ import torch.nn.functional as F
 from ..errors import InvalidInput
 from ..generation.generate import GenerationConfig, GenerationOutput
 from .alignment import TIME_PRECISION, token_timestamps
+from .guards import check_max_ngram_repeats, compression_ratio, cut_repetition
 from .decoding import detect_language, needs_language_detection, tokens_of, whisper_generate
 from .tokens import WhisperTokens
 
@@ -77,11 +86,12 @@ class LongFormOptions:
     logprob_threshold: float | None = None
     no_speech_threshold: float | None = None
     prompt_condition_type: str = "first-segment"
+    max_ngram_repeats: int | None = None
 
     @classmethod
     def build(cls, generation_config: GenerationConfig, temperature=None, condition_on_prev_tokens=None,
               compression_ratio_threshold=None, logprob_threshold=None, prompt_condition_type=None,
-              no_speech_threshold=None) -> "LongFormOptions":
+              no_speech_threshold=None, max_ngram_repeats=None) -> "LongFormOptions":
         """The call's options, else the checkpoint's generation config's, validated."""
         extra = generation_config.extra
 
@@ -114,7 +124,8 @@ class LongFormOptions:
         if kind == "all-segments" and condition is not True:
             raise InvalidInput("prompt_condition_type='all-segments' needs condition_on_prev_tokens=True.")
         return cls(tuple(None if t is None else float(t) for t in temperatures), bool(condition), **thresholds,
-                   prompt_condition_type=kind)
+                   prompt_condition_type=kind,
+                   max_ngram_repeats=check_max_ngram_repeats(pick(max_ngram_repeats, "max_ngram_repeats")))
 
 
 def transcribe(model, features: torch.Tensor, frames: Sequence[int], generation_config: GenerationConfig, *,
@@ -250,7 +261,9 @@ class _SeekLoop:
                 prompt_ids=None if prompts[rows[0]] is None else [prompts[r] for r in pending],
                 temperature=temperature,
                 detected_language=None if self.detected is None else [self.detected[r] for r in pending],
-                tokens=self.tokens, alignment_heads=self.alignment_heads)
+                tokens=self.tokens, alignment_heads=self.alignment_heads,
+                max_ngram_repeats=self.long_form.max_ngram_repeats,
+                compression_stop=self.long_form.compression_ratio_threshold)
             # With alignment heads, the cross-attention weights come along (for word times).
             out, weights = decoded if self.word_timestamps else (decoded, None)
             last = attempt == len(temperatures) - 1
@@ -258,13 +271,18 @@ class _SeekLoop:
             retry = []
             for i, r in enumerate(pending):
                 tokens = _without_padding(out.generated[i].tolist(), self.config)
-                verdict = self._verdict(tokens, out, i, temperature, None if silence is None else silence[i])
+                no_speech = None if silence is None else silence[i]
+                cut = self._repetition_cut(tokens, lengths[r])
+                verdict = self._verdict(tokens, out, i, temperature, no_speech)
+                if cut is not None:  # a runaway repetition: a failed attempt, or silence the model looped over
+                    verdict = "silence" if no_speech is not None and no_speech > self.long_form.no_speech_threshold \
+                        else "retry"
                 if verdict == "retry" and not last:
                     retry.append(r)
                 elif verdict == "silence":
                     self._skip(r, out, i, lengths[r], temperature)
                 else:
-                    self._keep(r, out, weights, i, tokens, lengths[r], temperature)
+                    self._keep(r, out, weights, i, tokens if cut is None else cut, lengths[r], temperature)
             if not retry:
                 break
             pending = retry
@@ -294,6 +312,16 @@ class _SeekLoop:
         # A window that ends inside its first segment at <|0.00|> would start again where it stood (and decode
         # the same tokens forever): it moves on past its end instead.
         self.seek[r] += advance if advance > 0 else length
+
+    def _repetition_cut(self, tokens: list[int], length: int) -> list[int] | None:
+        """With max_ngram_repeats, the window's tokens with the copies past it cut off when the repetition stop ended
+        them (None otherwise)."""
+        repeats = self.long_form.max_ngram_repeats
+        if repeats is None or not tokens or tokens[-1] not in self.config.eos_token_ids:
+            return None
+        end_step = min(length // self.stride, self.model.config.max_source_positions)
+        return cut_repetition(tokens[:-1], repeats, self.tokens.eot, self.timestamp_begin, self.timestamps, end_step,
+                              self.long_form.compression_ratio_threshold, self.model.config.vocab_size)
 
     # ------------------------------------------------------------------ prompts, limits, fallback
     def _previous_text(self, r: int) -> list[int] | None:
@@ -408,13 +436,6 @@ def split_window(tokens: list[int], timestamp_begin: int, window_frames: int,
     if lone_stamp_ending:
         return segments, window_frames
     return segments, (tokens[pair_ends[-1] - 1] - timestamp_begin) * stride
-
-
-def compression_ratio(tokens: list[int], vocab_size: int) -> float:
-    """Bytes of the token ids over their zlib-compressed bytes: high for repetition loops (openai's test)."""
-    width = int(math.log2(vocab_size) / 8) + 1
-    raw = b"".join(t.to_bytes(width, "little") for t in tokens)
-    return len(raw) / len(zlib.compress(raw))
 
 
 def mean_logprob(out: GenerationOutput, i: int, tokens: list[int], temperature) -> float:
