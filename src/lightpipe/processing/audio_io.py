@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -123,26 +124,62 @@ def load_audio_item(inputs: Any, sampling_rate: int, *, timeout: float | None = 
 
 
 def _from_dict(inputs: dict, target: int) -> AudioItem:
-    """transformers' dict form: {"raw" | "array": samples, "sampling_rate": Hz, "stride"?: (left, right), ...}."""
+    """transformers' dict form: {"raw" | "array": samples, "sampling_rate": Hz, "stride"?: (left, right), ...};
+    also the rows of a 🤗 datasets Audio column: decoded ones in the numpy or torch format (a 0-d array or
+    tensor as "sampling_rate"), in the python format (a list of samples), and undecoded ones
+    (`Audio(decode=False)`: {"bytes": file bytes or None, "path": file path}), which are decoded here."""
+    if "raw" not in inputs and "array" not in inputs and ("bytes" in inputs or "path" in inputs):
+        return _from_file_dict(inputs, target)
     if "sampling_rate" not in inputs or ("raw" not in inputs and "array" not in inputs):
         raise InvalidInput(
             "a dict audio input needs a 'raw' (or 'array') key holding the samples as a numpy array or torch "
-            f"tensor and a 'sampling_rate' key with their rate in Hz; got the keys {sorted(map(str, inputs))}."
+            f"tensor and a 'sampling_rate' key with their rate in Hz, or the 'bytes' or 'path' of an audio file; "
+            f"got the keys {sorted(map(str, inputs))}."
         )
     extra = dict(inputs)  # never modify the caller's dict
     stride = extra.pop("stride", None)
     raw = extra.pop("raw", None)
-    if raw is None:
+    datasets_row = raw is None
+    if datasets_row:
         extra.pop("path", None)  # the `datasets` Audio feature's file name: not audio, not an output
         raw = extra.pop("array", None)
-    rate = number("the dict's 'sampling_rate'", extra.pop("sampling_rate"), positive=True, unit="Hz")
+    rate = number("the dict's 'sampling_rate'", _scalar(extra.pop("sampling_rate")), positive=True, unit="Hz")
     rate = int(rate) if float(rate).is_integer() else float(rate)
+    if datasets_row and isinstance(raw, list) and raw and isinstance(raw[0], numbers.Real):
+        try:  # a datasets row in the python format: "array" is a list of floats
+            raw = np.asarray(raw, dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise InvalidInput(f"the dict's 'array' must be a list of numbers: {e}") from e
     if not isinstance(raw, (np.ndarray, torch.Tensor)):
         raise InvalidInput(
             f"the dict's audio must be a numpy array or torch tensor of samples, not {type(raw).__name__}."
         )
     array = waveform_from_array(raw, rate, target)
     return AudioItem(array, _rescale_stride(stride, rate, target, array.shape[0]), extra)
+
+
+def _scalar(value: Any) -> Any:
+    """A 0-d numpy array or torch tensor (a datasets row in the numpy or torch format) -> its Python number."""
+    if isinstance(value, (np.ndarray, np.generic, torch.Tensor)) and value.ndim == 0:
+        return value.item()
+    return value
+
+
+def _from_file_dict(inputs: dict, target: int) -> AudioItem:
+    """{"bytes": the file's bytes or None, "path": its path or None}: the bytes when given, else the file at path
+    (the rows of a datasets `Audio(decode=False)` column). Other keys are passed through, as for arrays."""
+    extra = {k: v for k, v in inputs.items() if k not in ("bytes", "path", "sampling_rate")}
+    data, path = inputs.get("bytes"), inputs.get("path")
+    if data is not None:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise InvalidInput(f"the dict's 'bytes' must be the bytes of an audio file, not {type(data).__name__}.")
+        return AudioItem(decode_audio(bytes(data), target, name=path if isinstance(path, str) else None), None, extra)
+    if isinstance(path, (str, os.PathLike)) and os.fspath(path):
+        if isinstance(path, str) and is_url(path):
+            raise InvalidInput(f"the dict's 'path' {path!r} is a URL: give the URL itself as the input.")
+        return AudioItem(_from_path(Path(os.fspath(path)).expanduser(), target), None, extra)
+    raise InvalidInput("a dict audio input with 'bytes' and 'path' needs the bytes of an audio file or its path; "
+                       "both are empty.")
 
 
 def _rescale_stride(stride: Any, rate: float, target: int, n_samples: int) -> tuple[int, int, int] | None:

@@ -100,7 +100,8 @@ class FillMaskPipeline(TextPipeline):
     def __call__(self, inputs, **params):
         params = {k: v for k, v in params.items() if not (v is None and k in NONE_MEANS_UNSET)}
         results = super().__call__(inputs, **params)
-        if isinstance(inputs, list) and len(inputs) == 1:  # transformers unwraps a list of one text
+        # transformers unwraps a list of one text (on_error="skip" may have left none)
+        if isinstance(inputs, list) and len(inputs) == 1 and len(results) == 1:
             return results[0]
         return results
 

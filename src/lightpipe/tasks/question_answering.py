@@ -99,7 +99,7 @@ class QuestionAnsweringPipeline(TextPipeline):
         if self._is_stream(inputs):
             return super().__call__(inputs, **params)
         results = super().__call__(inputs, **params)
-        return results[0] if len(inputs) == 1 else results
+        return results[0] if len(inputs) == 1 and len(results) == 1 else results  # on_error='skip' may leave none
 
     def _gather(self, args: tuple, question: Any, context: Any):
         """The call's inputs (as transformers' QuestionAnsweringArgumentHandler reads them) -> a list of

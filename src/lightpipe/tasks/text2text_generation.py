@@ -28,7 +28,7 @@ from .. import checks
 from ..config import read_json_object
 from ..errors import InvalidInput, UnsupportedModel
 from ..generation import GenerationConfig, generate
-from ..runtime import ModelItem, Padding
+from ..runtime import ModelItem, Padding, is_error_record
 from .base import TextPipeline
 from .text_generation import GENERATION_OPTIONS, IGNORED_OPTIONS, _until_end
 
@@ -117,8 +117,8 @@ class Text2TextGenerationPipeline(TextPipeline):
         if isinstance(inputs, (list, tuple)) and not inputs:
             raise InvalidInput("no input given: pass a text or a list of texts.")
         results = super().__call__(inputs, **params)
-        if isinstance(inputs, (list, tuple)) and all(len(r) == 1 for r in results):
-            return [r[0] for r in results]
+        if isinstance(inputs, (list, tuple)) and all(is_error_record(r) or len(r) == 1 for r in results):
+            return [r if is_error_record(r) else r[0] for r in results]  # on_error='record' keeps its records
         return results
 
     # ------------------------------------------------------------------ the three stages
