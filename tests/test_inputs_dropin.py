@@ -200,7 +200,8 @@ def test_empty_texts_as_transformers(checkpoint, arch):
     assert ours("") == []  # token-classification: no entities
     text = pipeline("text-classification", model=str(checkpoint(arch, "sequence-classification")))
     pairs = [{"text": "", "text_pair": "b"}, {"text": "a", "text_pair": ""}]
-    close(text(pairs), transformers.pipeline("text-classification", model=str(checkpoint(arch, "sequence-classification")))(pairs))
+    reference = transformers.pipeline("text-classification", model=str(checkpoint(arch, "sequence-classification")))
+    close(text(pairs), reference(pairs))
 
 
 def test_empty_texts_where_transformers_refuses(checkpoint):
@@ -251,7 +252,8 @@ def test_tokenizer_call_equals_transformers(checkpoint, arch):
                 assert got[key] == (value if key != "offset_mapping" else [[tuple(p) for p in row] for row in value]), (
                     kwargs, key)
     enc = ours(TOKENIZE_TEXTS[0], return_tensors="pt")
-    assert torch.equal(enc.input_ids, enc["input_ids"]) and enc.to("cpu")["input_ids"].shape == (1, len(enc.encodings[0].ids))
+    assert torch.equal(enc.input_ids, enc["input_ids"])
+    assert enc.to("cpu")["input_ids"].shape == (1, len(enc.encodings[0].ids))
     assert ours.batch_decode(ours(TOKENIZE_TEXTS[:2])["input_ids"], skip_special_tokens=True) == ref.batch_decode(
         ref(TOKENIZE_TEXTS[:2])["input_ids"], skip_special_tokens=True)
     assert ours.encode("hello").ids == ref("hello")["input_ids"]  # the Encoding-returning method still works
@@ -276,7 +278,8 @@ def test_dropin_attributes(checkpoint):
     folder = str(checkpoint("bert", "sequence-classification"))
     pipe = pipeline("sentiment-analysis", model=folder)
     ref = transformers.pipeline("sentiment-analysis", model=folder)
-    assert pipe.task == "text-classification" and ref.task == "sentiment-analysis"  # the canonical name; transformers keeps the alias
+    # the canonical name (transformers keeps the alias)
+    assert pipe.task == "text-classification" and ref.task == "sentiment-analysis"
     assert pipe.device == ref.device == torch.device("cpu")
     assert pipe.dtype == ref.dtype == torch.float32
     assert pipe.model.device == ref.model.device and pipe.model.dtype == ref.model.dtype

@@ -37,7 +37,8 @@ def test_text_models_round_trip(checkpoint, tmp_path, arch, head, task, cls):
     pipe = pipeline(task, model=str(folder))
     pipe.save_pretrained(tmp_path / "saved")
     saved = tmp_path / "saved"
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in saved.iterdir()}
+    names = {p.name for p in saved.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
     ours, original = loaded(cls, saved), loaded(cls, folder)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(saved))
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
@@ -158,7 +159,8 @@ def test_ctranslate2_whisper_is_written_in_the_hugging_face_layout(tmp_path):
     assert folder is not None, "the installed faster-whisper tiny.en package is needed"
     pipe = pipeline("automatic-speech-recognition", model=str(folder))
     pipe.save_pretrained(tmp_path)
-    assert {"generation_config.json", "preprocessor_config.json", "tokenizer.json"} <= {p.name for p in tmp_path.iterdir()}
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"generation_config.json", "preprocessor_config.json", "tokenizer.json"} <= names
     features = torch.randn(1, 80, 3000, generator=torch.Generator().manual_seed(0))
     decoder_ids = torch.tensor([[50257, 50362, 440, 2068]])
     with torch.inference_mode():
