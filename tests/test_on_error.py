@@ -233,3 +233,14 @@ def test_runner_isolates_the_failing_item():
     assert isinstance(items[1].error, ValueError) and all(items[i].error is None for i in (0, 2, 3))
     with pytest.raises(ValueError):
         Runner(forward, Padding(values={}), batch_size=4).run_list([ModelItem({"x": torch.tensor([-1.0])})])
+
+
+def test_question_answering_records_a_malformed_question(checkpoint):
+    qa = pipeline("question-answering", model=str(checkpoint("bert", "question-answering")))
+    good = {"question": "Who works here?", "context": "John works at Google in London."}
+    expected = qa([good, good])
+    results = qa([good, {"question": "Where?"}, good], on_error="record")
+    assert close([results[0], results[2]], expected)
+    assert results[1]["type"] == "InvalidInput" and "context" in results[1]["error"]
+    with pytest.raises(InvalidInput):
+        qa([good, {"question": "Where?"}])

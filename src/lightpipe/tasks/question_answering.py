@@ -95,13 +95,16 @@ class QuestionAnsweringPipeline(TextPipeline):
         questions and contexts go pairwise; a list of exactly one input gives one result, not a list.
         A generator or dataset of dicts gives a stream of results.
         """
-        inputs = self._gather(args, question, context)
+        # Each input is checked before any work, unless on_error keeps a bad one to its own place (preprocess
+        # checks it again, as it checks a stream's).
+        on_error = params.get("on_error") or self._defaults.get("on_error")
+        inputs = self._gather(args, question, context, check_each=on_error in (None, "raise"))
         if self._is_stream(inputs):
             return super().__call__(inputs, **params)
         results = super().__call__(inputs, **params)
         return results[0] if len(inputs) == 1 and len(results) == 1 else results  # on_error='skip' may leave none
 
-    def _gather(self, args: tuple, question: Any, context: Any):
+    def _gather(self, args: tuple, question: Any, context: Any, check_each: bool = True):
         """The call's inputs (as transformers' QuestionAnsweringArgumentHandler reads them) -> a list of
         checked {"question", "context"} dicts, or a stream left for preprocess to check."""
         given = question is not _MISSING or context is not _MISSING
@@ -144,7 +147,7 @@ class QuestionAnsweringPipeline(TextPipeline):
         else:
             raise InvalidInput('inputs must be given as question=..., context=..., or as dicts '
                                f'{{"question": ..., "context": ...}}; got {type(inputs).__name__}.')
-        for item in inputs:
+        for item in inputs if check_each else ():
             self._example(item)
         return inputs
 
