@@ -244,3 +244,16 @@ def test_question_answering_records_a_malformed_question(checkpoint):
     assert results[1]["type"] == "InvalidInput" and "context" in results[1]["error"]
     with pytest.raises(InvalidInput):
         qa([good, {"question": "Where?"}])
+
+
+def test_document_question_answering_records_a_malformed_dict(tmp_path):
+    from layoutlm_helpers import layoutlm_checkpoint, word_boxes
+
+    docqa = pipeline("document-question-answering", model=str(layoutlm_checkpoint(tmp_path / "layoutlm")))
+    good = {"image": None, "question": "What is the total?", "word_boxes": word_boxes()}
+    expected = docqa([good, good])
+    results = docqa([good, {"image": None, "word_boxes": word_boxes()}, good], on_error="record")
+    assert close([results[0], results[2]], expected)
+    assert results[1]["type"] == "InvalidInput" and "no question" in results[1]["error"]
+    with pytest.raises(InvalidInput, match="no question"):
+        docqa([good, {"image": None, "word_boxes": word_boxes()}])

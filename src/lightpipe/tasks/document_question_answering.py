@@ -120,9 +120,13 @@ class DocumentQuestionAnsweringPipeline(TextPipeline):
         them); when given, no OCR runs and the image is not opened. Input dicts may carry other keys (a data
         set's ids, answers ...): they are ignored, as in transformers.
         """
-        return super().__call__(self._gather(image, question, word_boxes), **params)
+        # A list's dicts are checked before any work, unless on_error keeps a bad one to its own place (preprocess
+        # checks it again, as it checks a stream's).
+        on_error = params.get("on_error") or self._defaults.get("on_error")
+        return super().__call__(self._gather(image, question, word_boxes, check_each=on_error in (None, "raise")),
+                                **params)
 
-    def _gather(self, image: Any, question: Any, word_boxes: Any):
+    def _gather(self, image: Any, question: Any, word_boxes: Any, check_each: bool = True):
         """The call's arguments -> one checked input dict, a list of them, or a stream left to preprocess."""
         if image is _MISSING:
             if question is None:
@@ -146,7 +150,7 @@ class DocumentQuestionAnsweringPipeline(TextPipeline):
             self._example(image)
             return image
         if isinstance(image, (list, tuple)):
-            for item in image:
+            for item in image if check_each else ():
                 self._example(item)
             return list(image)
         raise InvalidInput("the question is missing: call pipe(image=..., question='...'), or pass dicts "
