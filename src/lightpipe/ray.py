@@ -27,12 +27,13 @@ Results become columns, beside the batch's own (an id column keeps its place):
 on rows that worked, whose result columns are None on rows that failed; "skip" drops failed rows from the
 output; "raise" (the default) fails the batch, and with it the Ray job, as Ray does for any error.
 
-Ray is imported only by `map_pipeline` (and by an actor that asks Ray for its GPUs): `pip install 'lightpipe[ray]'`.
+Ray is imported only by `map_pipeline` (an actor has it already): `pip install 'lightpipe[ray]'`.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import numpy as np
@@ -163,12 +164,9 @@ def map_pipeline(ds, task: str, model: Any = None, *, input_column: str, output_
 
 
 def _ray_gpu_ids() -> list:
-    try:
-        import ray
-
-        return list(ray.get_gpu_ids()) if ray.is_initialized() else []
-    except ImportError:
-        return []
+    """The GPUs Ray gave this process; none outside Ray (where ray was never imported, it is not imported now)."""
+    ray = sys.modules.get("ray")
+    return list(ray.get_gpu_ids()) if ray is not None and ray.is_initialized() else []
 
 
 def _column(batch, name: str) -> list:
