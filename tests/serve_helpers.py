@@ -38,3 +38,31 @@ def live(asgi, *, wait_ready: bool = True):
         thread.join(20)
         sock.close()
         assert not thread.is_alive(), "the server did not stop"
+
+
+_MADE: dict = {}
+
+
+def tiny_speech(tmp_path_factory):
+    """(a tiny random English-only Whisper pipeline that decodes at most 8 tokens, the test audio maker `clip`),
+    built once per test session and shared by the serve tests."""
+    if "speech" not in _MADE:
+        import lightpipe
+        from tasks.test_asr_whisper import clip, tiny_checkpoint
+
+        folder = tiny_checkpoint(tmp_path_factory.mktemp("whisper-en"), multilingual=False, seed=1)
+        # max_new_tokens as a default of the pipeline: short decodes for the server's calls too
+        pipe = lightpipe.pipeline("automatic-speech-recognition", model=str(folder), max_new_tokens=8)
+        _MADE["speech"] = (pipe, clip)
+    return _MADE["speech"]
+
+
+def tiny_generator(tmp_path_factory):
+    """A tiny random GPT-2 text-generation pipeline with a ChatML template, built once per test session."""
+    if "generator" not in _MADE:
+        import lightpipe
+        from text_generation_helpers import tiny_generation_checkpoint
+
+        folder = tiny_generation_checkpoint(tmp_path_factory.mktemp("gpt2-chat"), "gpt2")
+        _MADE["generator"] = lightpipe.pipeline("text-generation", model=str(folder))
+    return _MADE["generator"]

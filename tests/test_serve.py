@@ -18,7 +18,7 @@ import soundfile
 
 import lightpipe
 from lightpipe.serve import app
-from serve_helpers import live
+from serve_helpers import live, tiny_generator, tiny_speech
 from vision_helpers import image_bytes, smooth_image, tiny_vision_checkpoint
 
 TEXTS = ["I love this movie", "the book was terrible and sad", "paris is the capital of france", "good",
@@ -33,6 +33,12 @@ def classifier(checkpoint):
 
 @pytest.fixture(scope="module")
 def server(classifier):
+    with live(app(classifier, max_wait_ms=1, batch_size=8)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def waiting_server(classifier):
     """A classifier server that waits up to 150 ms for a batch to fill, so concurrent requests share batches."""
     with live(app(classifier, max_wait_ms=150, batch_size=8)) as url:
         yield url
@@ -68,7 +74,8 @@ def test_text_classification_equals_the_python_call(server, classifier):
     assert same(pair.json(), classifier({"text": "good", "text_pair": "bad"}))
 
 
-def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(server, classifier):
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(waiting_server, classifier):
+    server = waiting_server
     before, ones_before = batches(server)
     bodies = [{"inputs": t} if i % 3 else {"inputs": t, "parameters": {"top_k": None}} for i, t in enumerate(TEXTS)]
     bodies += [{"inputs": [TEXTS[1], TEXTS[2]]}, {"inputs": 17}]  # a list, and an input that fails alone
@@ -219,28 +226,25 @@ def wav(samples: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="module")
 def speech(tmp_path_factory):
-    from tasks.test_asr_whisper import clip, tiny_checkpoint
-
-    folder = tiny_checkpoint(tmp_path_factory.mktemp("whisper"), multilingual=False, seed=1)
-    return lightpipe.pipeline("automatic-speech-recognition", model=str(folder), max_new_tokens=8), clip
+    return tiny_speech(tmp_path_factory)
 
 
 def test_speech_recognition_from_base64_and_upload(speech):
     pipe, clip = speech
     audios = [wav(clip(9000, 1)), wav(clip(14000, 2))]
-    expected = [pipe(a, max_new_tokens=8) for a in audios]
+    expected = [pipe(a, max_new_tokens=6) for a in audios]
     with live(app(pipe, max_wait_ms=100)) as url:
-        params = {"max_new_tokens": 8}
+        params = {"max_new_tokens": 6}
         with ThreadPoolExecutor(2) as pool:
             answers = list(pool.map(lambda a: httpx.post(f"{url}/", json={
                 "inputs": base64.b64encode(a).decode(), "parameters": params}, timeout=30), audios))
         assert same([a.json() for a in answers], expected)
-        upload = httpx.post(f"{url}/", files={"file": ("a.flac", audios[0])}, data={"parameters": '{"max_new_tokens": 8}'})
+        upload = httpx.post(f"{url}/", files={"file": ("a.flac", audios[0])}, data={"parameters": '{"max_new_tokens": 6}'})
         assert same(upload.json(), expected[0])
         samples = clip(9000, 1)
         array = httpx.post(f"{url}/", json={"inputs": {"array": samples.tolist(), "sampling_rate": RATE},
                                             "parameters": params})
-        assert same(array.json(), pipe({"array": samples, "sampling_rate": RATE}, max_new_tokens=8))
+        assert same(array.json(), pipe({"array": samples, "sampling_rate": RATE}, max_new_tokens=6))
         assert httpx.post(f"{url}/", json={"inputs": "/etc/hosts"}).status_code == 403
         bad = httpx.post(f"{url}/", json={"inputs": base64.b64encode(b"RIFF nonsense").decode()})
         assert bad.status_code == 422 and bad.json()["type"] == "InvalidInput"
@@ -248,10 +252,7 @@ def test_speech_recognition_from_base64_and_upload(speech):
 
 # ---------------------------------------------------------------------------------------------- generation
 def test_text_generation(tmp_path_factory):
-    from text_generation_helpers import tiny_generation_checkpoint
-
-    folder = tiny_generation_checkpoint(tmp_path_factory.mktemp("gpt2"), "gpt2")
-    pipe = lightpipe.pipeline("text-generation", model=str(folder))
+    pipe = tiny_generator(tmp_path_factory)
     params = {"do_sample": False, "max_new_tokens": 6}
     chat = [{"role": "user", "content": "Where is Paris?"}]
     with live(app(pipe, max_wait_ms=50)) as url:

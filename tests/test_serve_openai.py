@@ -6,18 +6,16 @@ from __future__ import annotations
 import base64
 import io
 import json
-import threading
 
 import httpx
 import numpy as np
 import openai
 import pytest
 import soundfile
-import torch
 
 import lightpipe
 from lightpipe.serve import app
-from serve_helpers import live
+from serve_helpers import live, tiny_generator, tiny_speech
 
 RATE = 16000
 
@@ -65,10 +63,7 @@ def test_embeddings_float_and_base64(checkpoint):
 # ---------------------------------------------------------------------------------------------- generation
 @pytest.fixture(scope="module")
 def generator(tmp_path_factory):
-    from text_generation_helpers import tiny_generation_checkpoint
-
-    folder = tiny_generation_checkpoint(tmp_path_factory.mktemp("gpt2-chat"), "gpt2")
-    return lightpipe.pipeline("text-generation", model=str(folder))
+    return tiny_generator(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -193,11 +188,7 @@ def flac(samples: np.ndarray) -> bytes:
 
 
 def test_transcriptions(tmp_path_factory):
-    from tasks.test_asr_whisper import clip, tiny_checkpoint
-
-    folder = tiny_checkpoint(tmp_path_factory.mktemp("whisper-en"), multilingual=False, seed=1)
-    # max_new_tokens as a default of the pipeline: short decodes for the server's calls too
-    pipe = lightpipe.pipeline("automatic-speech-recognition", model=str(folder), max_new_tokens=6)
+    pipe, clip = tiny_speech(tmp_path_factory)
     audio = flac(clip(14000, 3))
     plain = pipe(audio)
     timed = pipe(audio, return_timestamps=True)

@@ -39,6 +39,7 @@ def app(pipe=None, *, loader: Callable[[], Any] | None = None, task: str | None 
     it meanwhile). `settings`: the fields of `lightpipe.serve.Settings` (batch_size, max_wait_ms, max_queue,
     timeout_s, max_body_mb, max_batch_tokens, max_batch_audio_s, api_key, allow_paths, allow_urls)."""
     _starlette()
+    import asyncio
     import contextlib
 
     from starlette.applications import Starlette
@@ -59,7 +60,7 @@ def app(pipe=None, *, loader: Callable[[], Any] | None = None, task: str | None 
         try:
             yield
         finally:  # after the server stopped taking requests and those in flight were answered
-            server.stop()
+            await asyncio.to_thread(server.stop)  # the worker finishes what is queued; the loop stays free
 
     async def not_found(request, exc):
         openai = request.url.path.startswith("/v1/")
