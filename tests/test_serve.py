@@ -92,6 +92,24 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(waiting_se
     assert (after - before) - (ones_after - ones_before) >= 1  # at least one batch of several inputs
 
 
+@pytest.mark.parametrize("task, head, inputs", [
+    ("question-answering", "question-answering",
+     [{"question": "who works?", "context": "john smith works at google in london"},
+      [{"question": "where?", "context": "mary lives in berlin"}],
+      [{"question": "what?", "context": "the river at night"}, {"question": "who?", "context": "the king and queen"}]]),
+    ("fill-mask", "masked-lm", ["paris is the [MASK] of france", ["the [MASK] was good"], ["a [MASK] day", "[MASK] run"]]),
+])
+def test_batched_requests_keep_the_shapes_of_the_python_call(checkpoint, task, head, inputs):
+    """A lone input, a list of one (which these tasks answer unwrapped) and a list of two, batched together."""
+    pipe = lightpipe.pipeline(task, model=str(checkpoint("bert", head)))
+    with live(app(pipe, max_wait_ms=300)) as url:
+        with ThreadPoolExecutor(len(inputs)) as pool:
+            answers = list(pool.map(lambda x: httpx.post(f"{url}/", json={"inputs": x}, timeout=30), inputs))
+        assert max(int(a.headers["x-batch-size"]) for a in answers) > 1
+    for x, answer in zip(inputs, answers):
+        assert same(answer.json(), pipe(x))
+
+
 def test_metrics_health_and_info(server):
     metrics = httpx.get(f"{server}/metrics")
     assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -229,7 +247,7 @@ def speech(tmp_path_factory):
     return tiny_speech(tmp_path_factory)
 
 
-def test_speech_recognition_from_base64_and_upload(speech):
+def test_speech_recognition_from_base64_and_upload(speech, tmp_path):
     pipe, clip = speech
     audios = [wav(clip(9000, 1)), wav(clip(14000, 2))]
     expected = [pipe(a, max_new_tokens=6) for a in audios]
@@ -248,6 +266,11 @@ def test_speech_recognition_from_base64_and_upload(speech):
         assert httpx.post(f"{url}/", json={"inputs": "/etc/hosts"}).status_code == 403
         bad = httpx.post(f"{url}/", json={"inputs": base64.b64encode(b"RIFF nonsense").decode()})
         assert bad.status_code == 422 and bad.json()["type"] == "InvalidInput"
+    path = tmp_path / "speech.flac"
+    path.write_bytes(audios[1])
+    with live(app(pipe, allow_paths=True)) as url:
+        answer = httpx.post(f"{url}/", json={"inputs": str(path), "parameters": params})
+        assert same(answer.json(), expected[1])
 
 
 # ---------------------------------------------------------------------------------------------- generation
@@ -284,3 +307,17 @@ def test_settings_are_checked():
     for bad in ({"batch_size": 0}, {"max_queue": -1}, {"timeout_s": 0}, {"max_wait_ms": float("nan")}):
         with pytest.raises(InvalidInput):
             Settings(**bad)
+
+
+def test_text2text_answers_keep_transformers_shapes():
+    """summarization answers one text with a list of dicts, a list of texts with one dict each (one sequence)."""
+    from lightpipe.serve.batching import Job, own_results, shape
+
+    a, b = {"summary_text": "a"}, {"summary_text": "b"}
+    per_input = own_results("summarization", [a, b])  # what pipe(["x", "y"]) returns, split per input
+    assert per_input == [[a], [b]]
+    assert shape("summarization", Job("x", {}, single=True), per_input[:1]) == [a]
+    assert shape("summarization", Job(["x", "y"], {}, single=False), per_input) == [a, b]
+    two = [[a, b], [b, a]]  # num_return_sequences=2: lists stay lists
+    assert own_results("translation_en_to_de", two) == two
+    assert shape("translation_en_to_de", Job(["x", "y"], {}, single=False), two) == two

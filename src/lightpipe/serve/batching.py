@@ -4,9 +4,9 @@ Requests (`Job`s) wait in arrival order. The worker blocks while nothing waits; 
 deadline is `max_wait_ms` after its arrival, and the worker starts a batch as soon as the requests that can join
 it fill `batch_size` inputs or the token / audio-seconds budget, or the deadline passes (a request that waited
 while the model was busy starts at once). Only requests with the same parameters share a batch, and those
-closest in length to the oldest one join first. The batch runs through the pipeline's public call on a stream of
-the inputs (`pipe(iter(inputs), batch_size=n, **params)`), which gives each input's own result; each request gets
-its results, in the shape the Python call `pipe(inputs, **params)` gives. A failing batch runs again request by
+closest in length to the oldest one join first. The batch runs through the pipeline's public call on the list of
+their inputs (`pipe(inputs, batch_size=n, **params)`, which sorts them by length); each request gets its results,
+in the shape the Python call `pipe(its_inputs, **params)` gives. A failing batch runs again request by
 request, so that a bad input fails its own request only. A request running alone (a lone request, a streaming
 generation) is the Python call itself. The event loop never runs the model: it only queues and awaits.
 """
@@ -224,9 +224,9 @@ class Batcher:
         if len(batch) == 1:
             self._run_alone(pipe, batch[0])
             return
-        flat = [item for job in batch for item in job.items]
+        flat = [item for job in batch for item in job.items]  # two inputs or more
         try:
-            results = list(pipe(iter(flat), batch_size=self.settings.batch_size, **batch[0].params))
+            results = own_results(pipe.task, pipe(flat, batch_size=self.settings.batch_size, **batch[0].params))
         except Exception:  # one bad input: find it by running each request on its own
             self._observe(len(flat), time.monotonic() - start, [])
             for job in batch:
@@ -260,8 +260,16 @@ class Batcher:
             job.inference_s, job.batch_inputs = seconds, inputs
 
 
+def own_results(task: str, results: list) -> list:
+    """The Python call's answer to a list of two inputs or more -> each input's own result: the list itself, but
+    for text2text tasks, which answer one dict per text (not a list of one) when each text has one sequence."""
+    if task in TEXT2TEXT or task.startswith("translation"):
+        return [[r] if isinstance(r, dict) else r for r in results]
+    return results
+
+
 def shape(task: str, job: Job, results: list) -> Any:
-    """Each input's own result (from a stream call) -> what `pipe(job.inputs, **job.params)` returns, by the
+    """Each input's own result -> what `pipe(job.inputs, **job.params)` returns, by the
     pipelines' documented shape rules (transformers'): a lone string given to text-classification without top_k
     answers a list of one; a list of one question (question-answering) or text (fill-mask) answers the result
     itself; text2text tasks answer a list of texts with one dict per text when each has one sequence."""

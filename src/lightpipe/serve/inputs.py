@@ -174,11 +174,12 @@ def _audio_value(item: Any, settings: Settings, what: str) -> Any:
 
 
 def decode_audio(value: Any, sampling_rate: int) -> Any:
-    """Audio bytes -> a float32 waveform at `sampling_rate` (run on a server thread); other values as given."""
-    if isinstance(value, (bytes, bytearray)):
+    """Audio bytes (or a path or URL the settings allowed) -> a float32 waveform at `sampling_rate`, on a server
+    thread, so that neither decoding nor fetching holds the model worker; other values as given."""
+    if isinstance(value, (bytes, bytearray, str)):
         from ..processing.audio_io import load_audio
 
-        return load_audio(bytes(value), sampling_rate)
+        return load_audio(bytes(value) if not isinstance(value, str) else value, sampling_rate)
     return value
 
 
