@@ -3,11 +3,12 @@ against one request at a time (--batch-size 1 --max-wait-ms 0).
 
     python benchmarks/bench_serve.py [--seconds 120] [--clients 64] [--models classifier,whisper]
 
-Models: a bert-base-shaped text classifier (random weights, a real vocabulary; texts of 8 to 32 tokens) and
-Whisper tiny.en (the installed CTranslate2 package; slices of the bundled speech sample, 2 to 11.5 s). Each run
-starts a server process, loads it with `--clients` clients for `--seconds` (or `--max-requests`), checks every
-answer against the Python call's on the same input (labels equal and scores within 1e-4; transcripts equal), then
-stops the server with SIGTERM and checks that it exited cleanly. Prints a Markdown table: requests, lost (no 200
+Models (--models): a bert-base-shaped text classifier (random weights, a real vocabulary; texts of 8 to 32 tokens),
+Whisper tiny.en (the installed CTranslate2 package; slices of the bundled speech sample, 2 to 11.5 s) and, when
+asked for, the real all-MiniLM-L6-v2 behind /v1/embeddings (minilm). Each run starts a server process, loads it
+with `--clients` clients for `--seconds` (or `--max-requests`), checks every answer against the Python call's on
+the same input (labels equal and scores within 1e-4; transcripts equal; embeddings within 1e-4), then stops the
+server with SIGTERM and checks that it shut down cleanly. Prints a Markdown table: requests, lost (no 200
 answer), mismatched, crashes, throughput, p50 / p99 latency.
 """
 
@@ -84,7 +85,7 @@ def stop_server(process: subprocess.Popen) -> bool:
 
 
 async def load(url: str, bodies: list[dict], check, expected: list, clients: int, seconds: float,
-               max_requests: int) -> dict:
+               max_requests: int, route: str = "/") -> dict:
     import httpx
 
     latencies: list[float] = []
@@ -100,7 +101,7 @@ async def load(url: str, bodies: list[dict], check, expected: list, clients: int
                 i += clients
                 start = time.perf_counter()
                 try:
-                    answer = await client.post(f"{url}/", json=bodies[index])
+                    answer = await client.post(f"{url}{route}", json=bodies[index])
                 except httpx.HTTPError:
                     counts["lost"] += 1
                     continue
@@ -142,7 +143,29 @@ def classifier_case():
     def check(got, want) -> bool:
         return got[0]["label"] == want[0]["label"] and abs(got[0]["score"] - want[0]["score"]) < 1e-4
 
-    return "text-classification", str(folder), [{"inputs": t} for t in texts], expected, check
+    return "text-classification", str(folder), [{"inputs": t} for t in texts], expected, check, "/"
+
+
+def minilm_case():
+    """The real all-MiniLM-L6-v2 (6 layers, 384 wide) behind /v1/embeddings: a small model, where a request's own
+    overhead weighs more than its arithmetic."""
+    import numpy as np
+
+    import lightpipe
+
+    model = "sentence-transformers/all-MiniLM-L6-v2"
+    texts = mixed_texts(64, low=8, high=32, seed=1)
+    pipe = lightpipe.pipeline("feature-extraction", model=model)
+    expected = []
+    for t in texts:
+        mean = pipe(t, return_tensors=True)[0].mean(0)
+        expected.append((mean / mean.norm()).numpy())
+
+    def check(got, want) -> bool:
+        return bool(np.allclose(np.array(got["data"][0]["embedding"]), want, atol=1e-4))
+
+    bodies = [{"input": t, "model": "minilm", "encoding_format": "float"} for t in texts]
+    return "feature-extraction", model, bodies, expected, check, "/v1/embeddings"
 
 
 def whisper_case():
@@ -159,7 +182,7 @@ def whisper_case():
     pipe = lightpipe.pipeline("automatic-speech-recognition", model=WHISPER)
     expected = [pipe(c)["text"] for c in clips]
     bodies = [{"inputs": base64.b64encode(c).decode("ascii")} for c in clips]
-    return "automatic-speech-recognition", WHISPER, bodies, expected, lambda got, want: got["text"] == want
+    return "automatic-speech-recognition", WHISPER, bodies, expected, lambda got, want: got["text"] == want, "/"
 
 
 def main() -> None:
@@ -167,17 +190,18 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=120.0, help="load time per run (default 120)")
     parser.add_argument("--max-requests", type=int, default=100_000, help="requests per run, at most")
     parser.add_argument("--clients", type=int, default=64)
-    parser.add_argument("--models", default="classifier,whisper")
+    parser.add_argument("--models", default="classifier,whisper", help="classifier, whisper, minilm (comma-separated)")
     parser.add_argument("--batch-size", type=int, default=32, help="the batched server's --batch-size")
     parser.add_argument("--max-wait-ms", type=float, default=10.0, help="the batched server's --max-wait-ms")
     args = parser.parse_args()
-    cases = {"classifier": classifier_case, "whisper": whisper_case}
+    cases = {"classifier": classifier_case, "whisper": whisper_case, "minilm": minilm_case}
     rows = []
     for name in args.models.split(","):
-        task, model, bodies, expected, check = cases[name]()
+        task, model, bodies, expected, check, route = cases[name]()
         for mode, batch, wait in (("dynamic batching", args.batch_size, args.max_wait_ms), ("one at a time", 1, 0)):
             process, url = start_server(task, model, batch, wait)
-            result = asyncio.run(load(url, bodies, check, expected, args.clients, args.seconds, args.max_requests))
+            result = asyncio.run(load(url, bodies, check, expected, args.clients, args.seconds, args.max_requests,
+                                      route))
             mean_batch = batch_sizes(url)
             clean = stop_server(process)
             rows.append((name, f"{mode} (batch {batch}, wait {wait:g} ms)", result, mean_batch, clean))
