@@ -123,8 +123,10 @@ def test_auto_with_max_memory_offloads(gpt2, tmp_path):
 
 def test_auto_without_a_limit_keeps_everything_in_memory(bert):
     pipe = pipeline("text-classification", model=str(bert), device_map="auto")
-    assert set(pipe.model.hf_device_map.values()) == {"cpu"}
-    assert pipe.model.hf_device_map["bert.encoder.layer.1"] == "cpu"
+    first = 0 if torch.cuda.is_available() else "cpu"  # transformers reports CUDA devices by index
+    assert set(pipe.model.hf_device_map.values()) == {first}
+    assert pipe.model.hf_device_map["bert.encoder.layer.1"] == first
+    assert pipe.device == torch.device("cuda:0" if first == 0 else "cpu") and pipe(TEXTS[0])[0]["label"]
 
 
 def test_dispatch_a_loaded_model(bert, tmp_path):
