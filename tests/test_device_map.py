@@ -366,3 +366,20 @@ def test_accelerator_path_with_meta_standing_in(gpt2):
     assert logits.device.type == "meta" and logits.shape == (1, 3, model.config.vocab_size)
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == stored
     assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def test_parts_outside_blocks_stay_on_an_accelerator_main_device(gpt2):
+    """With a GPU as main device, embeddings, final norm and head (read directly by model code, never called through
+    a hook) are pinned to it; blocks keep their places. On the CPU nothing changes."""
+    model = loading.build_model(loading.load_config(gpt2), "causal-lm")
+    mapping = {"transformer.wte": "cpu", "transformer.wpe": "cuda:0", "transformer.h.0": "cuda:1",
+               "transformer.h.1": "disk", "transformer.ln_f": "disk", "lm_head": "cuda:1"}
+    pinned = dispatch.pin_parts_outside_blocks(model, mapping, torch.device("cuda:0"))
+    assert pinned == {"transformer.wte": "cuda:0", "transformer.wpe": "cuda:0", "transformer.h.0": "cuda:1",
+                      "transformer.h.1": "disk", "transformer.ln_f": "cuda:0", "lm_head": "cuda:0"}
+    assert dispatch.pin_parts_outside_blocks(model, mapping, torch.device("cpu")) == mapping
+    # A part holding blocks is split into its units (its own forward is reached through a method, not a call).
+    whole = dispatch.pin_parts_outside_blocks(model, {"": "cuda:0", "transformer": "disk", "transformer.h.1": "cpu"},
+                                              torch.device("cuda:0"))
+    assert whole == {"transformer.wte": "cuda:0", "transformer.wpe": "cuda:0", "transformer.h.0": "disk",
+                     "transformer.h.1": "cpu", "transformer.ln_f": "cuda:0", "lm_head": "cuda:0"}

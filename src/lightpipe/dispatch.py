@@ -161,22 +161,26 @@ def no_split_classes(model: nn.Module) -> tuple[str, ...]:
 def blocks(model: nn.Module) -> list[str]:
     """The model's units of placement in module order: each block, and each module outside the blocks that holds
     no block ("" alone when the architecture declares no block)."""
-    classes = set(no_split_classes(model))
+    return _units(model, "", set(no_split_classes(model)))
+
+
+def _units(module: nn.Module, prefix: str, classes: set[str]) -> list[str]:
+    """The units of placement under `module` (named `prefix`): see `blocks`."""
     units: list[str] = []
 
     def holds_block(module: nn.Module) -> bool:
         return any(type(m).__name__ in classes for m in module.modules())
 
-    def walk(module: nn.Module, prefix: str) -> None:
+    def walk(module: nn.Module, prefix: str, top: bool) -> None:
         if type(module).__name__ in classes or not holds_block(module):
-            if not prefix or any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
+            if top or any(True for _ in module.parameters()) or any(True for _ in module.buffers()):
                 units.append(prefix)
             return
         for name, child in module.named_children():
             if child is not None:
-                walk(child, f"{prefix}.{name}" if prefix else name)
+                walk(child, f"{prefix}.{name}" if prefix else name, False)
 
-    walk(model, "")
+    walk(module, prefix, True)
     return units
 
 
@@ -419,9 +423,39 @@ def plan(model: nn.Module, request: Request, dtype: torch.dtype) -> DevicePlacer
             budgets["cpu"] = int(_available_ram() * DEFAULT_SHARE)
         sizes = block_sizes(model, units, dtype)
         mapping = plan_blocks(units, sizes, budgets, request.strategy, offload=request.offload_folder is not None)
+    main = _main_device(mapping.values())
+    mapping = pin_parts_outside_blocks(model, mapping, main)
     if DISK in mapping.values() and request.offload_folder is None:
         raise InvalidInput("the device_map puts blocks on 'disk': pass offload_folder= to say where they go.")
-    return DevicePlacer(mapping, _main_device(mapping.values()), request.offload_folder)
+    return DevicePlacer(mapping, main, request.offload_folder)
+
+
+def pin_parts_outside_blocks(model: nn.Module, mapping: dict[str, str], main: torch.device) -> dict[str, str]:
+    """With an accelerator as main device, the mapped parts that hold no block (embeddings, a final norm, a head)
+    go to the main device: model code reads their weights directly (`vocab_logits(hidden, self.lm_head)`) instead
+    of calling them as modules, so a hook could not bring their weights over. Blocks are always called."""
+    if main.type == "cpu":
+        return mapping
+    classes = set(no_split_classes(model))
+    # A part that holds blocks (a whole encoder) is split into its units first: its own forward may be reached
+    # through a method (`decode`) rather than a call, while blocks are always called. Deeper names come later and win.
+    expanded: dict[str, str] = {}
+    for name in sorted(mapping, key=lambda n: (n.count(".") + bool(n), n)):
+        module = model.get_submodule(name) if name else model
+        if type(module).__name__ in classes or not any(type(m).__name__ in classes for m in module.modules()):
+            expanded[name] = mapping[name]
+        else:
+            expanded.update(dict.fromkeys(_units(module, name, classes), mapping[name]))
+    mapping = expanded
+    pinned = dict(mapping)
+    for name, place in mapping.items():
+        module = model.get_submodule(name) if name else model
+        if place != str(main) and not any(type(m).__name__ in classes for m in module.modules()):
+            pinned[name] = str(main)
+    moved = sorted(k for k in pinned if pinned[k] != mapping[k])
+    if moved:
+        logger.info("device_map: %s placed on the main device %s (parts outside the blocks)", ", ".join(moved), main)
+    return pinned
 
 
 # ----------------------------------------------------------------------------------------------
