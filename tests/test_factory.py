@@ -204,8 +204,8 @@ def test_model_kwargs_dtype(seqcls, key):
 
 
 def test_unsupported_model_kwargs(seqcls):
-    with pytest.raises(InvalidInput, match=r"\['attn_implementation', 'load_in_8bit'\].*supported: dtype"):
-        pipeline("text-classification", model=str(seqcls), model_kwargs={"load_in_8bit": True,
+    with pytest.raises(InvalidInput, match=r"\['attn_implementation', 'load_in_2bit'\].*supported: dtype"):
+        pipeline("text-classification", model=str(seqcls), model_kwargs={"load_in_2bit": True,
                                                                            "attn_implementation": "sdpa"})
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import dispatch, hub, loading, models
+from . import dispatch, hub, loading, models, quantize
 from .formats import gguf
 from .config import BaseConfig
 from .errors import InvalidInput, RemoteCodeNotSupported, UnsupportedModel, UnsupportedTask
@@ -57,9 +57,10 @@ def pipeline(task: str | None = None, model: str | nn.Module | None = None, *, c
                 raise InvalidInput(f"dtype was given twice: as an argument and as model_kwargs[{key!r}].")
             dtype = model_kwargs.pop(key)
     device_map, max_memory, offload_folder = _placement(device_map, model_kwargs, task_params)
+    quantization = quantize.pop_request(model_kwargs, task_params)  # load_in_8bit / load_in_4bit / quantization_config
     if model_kwargs:
         raise InvalidInput(f"model_kwargs {sorted(model_kwargs)} are not supported; supported: dtype, device_map, "
-                           "max_memory, offload_folder.")
+                           "max_memory, offload_folder, load_in_8bit, load_in_4bit, quantization_config.")
     target = _device(device, device_map)
     request = dispatch.Request.from_args(device_map, max_memory, offload_folder) if device_map is not None else None
     spec = get_task(task) if task is not None else None
@@ -75,6 +76,9 @@ def pipeline(task: str | None = None, model: str | nn.Module | None = None, *, c
             names = " or ".join(cls.__name__ for cls in needed) or f"a model lightpipe runs for {spec.name}"
             raise UnsupportedModel(f"{spec.name} needs {names}, but the model given is a "
                                    f"{type(loaded).__name__}; load it for this task, or pass its folder.")
+        if quantization is not None:
+            raise InvalidInput("quantisation applies while lightpipe loads a model: pass the model's folder or id "
+                               "with load_in_8bit / load_in_4bit, not a loaded model.")
         if getattr(loaded, "hf_device_map", None) is not None and (device is not None or dtype not in (None, "auto")):
             raise InvalidInput("this model is placed by a device_map (see model.hf_device_map): it is never moved "
                                "or cast as a whole; load it again with the device or dtype wanted.")
@@ -96,8 +100,16 @@ def pipeline(task: str | None = None, model: str | nn.Module | None = None, *, c
         if spec is None:
             spec = _task_from_config(model_config, folder)
         head = _head_for(spec, model_config)
-        loaded = loading.load_model(folder, head, dtype=dtype, device=None if request else target, config=model_config,
+        if quantization is not None:  # loaded on the CPU, quantised layer by layer onto the device (bitsandbytes' way)
+            dtype = quantize.model_dtype(quantization, dtype, target)
+        loaded = loading.load_model(folder, head, dtype=dtype, device=None if request else target if quantization is None
+                                    else torch.device("cpu"), config=model_config,
                                     device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+        if quantization is not None:
+            loaded = quantize.quantize_model(loaded, quantization, None if request else target)
+            if request is None and target.type != "cpu":
+                loaded = loaded.to(target)
+
     cls = spec.pipeline_class()
     given = {"tokenizer": tokenizer, "feature_extractor": feature_extractor, "image_processor": image_processor,
              "generation_config": task_params.pop("generation_config", None)}

@@ -122,15 +122,40 @@ def _one_row_by_input_rows(x: torch.Tensor, layer) -> bool:
             and x.dtype == weight.dtype)
 
 
+class QuantizedLayer(nn.Module):
+    """Base of the layers that lightpipe.quantize puts in place of a loaded model's nn.Linear (int8/int4 weights,
+    bitsandbytes). `linear`, `vocab_logits` and `FusedProjection` call such a layer as a module instead of reading
+    a float `weight`, so the model files stay plain math and quantisation stays an after-load rewrite."""
+
+    def fuse(self, layers: tuple) -> "QuantizedLayer | None":  # noqa: ARG002
+        """One layer computing `layers` (which include self) side by side, or None when they cannot share one."""
+        return None
+
+
+class QuantizedConcat(QuantizedLayer):
+    """Quantised layers reading the same input whose weights cannot be concatenated: outputs joined on the last axis."""
+
+    def __init__(self, layers: tuple) -> None:
+        super().__init__()
+        self.parts = list(layers)  # a plain list: these layers are owned by the model, not by this view
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([linear(x, part) for part in self.parts], dim=-1)
+
+
 def linear(x: torch.Tensor, layer, act: str | None = None) -> torch.Tensor:
     """layer(x) followed by the named activation: on the CPU through oneDNN with the weight packed once, ReLU
-    fused into the product and GELU applied in place on its output.
+    fused into the product and GELU applied in place on its output. A quantised layer (QuantizedLayer) runs its own
+    kernel.
 
     One row against a weight laid out (in, out) goes to BLAS instead: the product is bound by reading the weight,
     and BLAS streams an (in, out) matrix (one input's row of outputs after another, the outputs staying in cache)
     faster than oneDNN's packed product or any (out, in) matrix-vector product: a GPT-2-small decode step at
     batch 1 runs ~17% faster, its 50257 x 768 output matrix alone ~2x (2-core AMD EPYC, AVX2). More rows keep
     oneDNN, which packs its own copy whatever the parameter's layout."""
+    if isinstance(layer, QuantizedLayer):
+        y = layer(x)
+        return y if act is None else activation(act)(y)
     if _one_row_by_input_rows(x, layer):
         flat = x.reshape(1, x.shape[-1])
         y = flat @ layer.weight.t() if layer.bias is None else torch.addmm(layer.bias, flat, layer.weight.t())
@@ -169,7 +194,9 @@ class FusedProjection:
         self.weight: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
 
-    def refresh(self, layers: tuple[nn.Linear, ...]) -> "FusedProjection":
+    def refresh(self, layers: tuple[nn.Linear, ...]) -> "FusedProjection | QuantizedLayer":
+        if any(isinstance(layer, QuantizedLayer) for layer in layers):
+            return self._quantized(layers)
         source = tuple((t.data_ptr(), _version(t), t.dtype, t.device) for layer in layers
                        for t in (layer.weight, layer.bias) if t is not None)
         if source != self.source:
@@ -187,6 +214,18 @@ class FusedProjection:
                      for b, layer in zip(biases, layers)])
             self.source = source
         return self
+
+    def _quantized(self, layers: tuple) -> QuantizedLayer:
+        """Quantised source layers: one fused quantised layer when they allow it, else each in turn. Quantised
+        layers never change in place (quantize.py replaces them), so their identity keys the cache."""
+        if self.source != ("quantized", *map(id, layers)):
+            first = layers[0]
+            fused = first.fuse(layers) if all(type(layer) is type(first) for layer in layers) else None
+            self.fused = fused if fused is not None else QuantizedConcat(layers)
+            self.members = layers  # alive while cached, so their ids stay theirs
+            self.weight = self.bias = None  # drop a float copy made before the model was quantised
+            self.source = ("quantized", *map(id, layers))
+        return self.fused
 
 
 def clamp_half(x: torch.Tensor, *, only_on_overflow: bool = False) -> torch.Tensor:
@@ -344,6 +383,8 @@ def vocab_logits(hidden: torch.Tensor, layer) -> torch.Tensor:
     operand (weight @ hidden^T); one row would take its slower matrix-vector path, so it is paired with a
     copy of itself.
     """
+    if isinstance(layer, QuantizedLayer):
+        return layer(hidden)
     weight = layer.weight
     if _fusable(hidden, layer) or _one_row_by_input_rows(hidden, layer):
         return linear(hidden, layer)
