@@ -226,10 +226,10 @@ def test_repetition_stop_forces_the_end_token_only_on_looping_rows():
 # ---------------------------------------------------------------------------------------------- chunked timestamps
 def test_chunked_segments_survive_a_second_pass_inside_a_chunk(whisper):
     """A 30 s chunk whose last segment was cut off is decoded again from it, its timestamps restarting at 0.
-    Compared by raw value with the strides (the reference's way), the restarted timestamps made the earlier ones look
-    as if they lay in the right stride: the chunk collapsed into one segment. Counted from the chunk's start
-    (`absolute_timestamps`, what the pipeline hands decode_asr for chunks), each segment stays."""
-    from lightpipe.whisper.text import absolute_timestamps, decode_asr
+    Compared by raw value with the strides (the reference's merge), the restarted timestamps make the earlier ones
+    look as if they lay in the right stride: the chunk collapses into one segment. With exact_chunk_timestamps the
+    decoding loop returns them counted from the chunk's start, and each segment stays."""
+    from lightpipe.whisper.text import decode_asr
 
     vocab = whisper.decoding.vocabulary
     begin = vocab.tokens.timestamp_begin
@@ -239,19 +239,44 @@ def test_chunked_segments_survive_a_second_pass_inside_a_chunk(whisper):
 
     a, b, c, d = (vocab.tokenizer.encode(w, add_special_tokens=False).ids for w in (" one", " two", " three four five",
                                                                                " six"))
-    first = [t(0), *a, t(10), t(10), *b, t(20), t(20), t(0), *c, t(3)]  # decoded again from 20 s: " three..." at 20 s
+    restarted = [t(0), *a, t(10), t(10), *b, t(20), t(20), t(0), *c, t(3)]  # decoded again from 20 s
+    exact = [t(0), *a, t(10), t(10), *b, t(20), t(20), t(20), *c, t(23)]
     second = [t(0), *c, t(3), t(3), *d, t(8)]  # the next chunk starts at 20 s (its first 5 s are its left stride)
-    assert absolute_timestamps(first, begin) == [t(0), *a, t(10), t(10), *b, t(20), t(20), t(20), *c, t(23)]
-    assert absolute_timestamps(second, begin) == second
     strides = [(30.0, 0.0, 5.0), (10.0, 5.0, 0.0)]
 
     def segments(chunks):
         outputs = [{"tokens": tokens, "stride": stride} for tokens, stride in zip(chunks, strides)]
         return [(c["text"], c["timestamp"]) for c in decode_asr(vocab, outputs, return_timestamps=True)[1]["chunks"]]
 
-    assert segments([first, second])[0][1] == (0.0, 28.0)  # the reference's way: one segment
-    assert segments([absolute_timestamps(first, begin), second]) == [
+    assert segments([restarted, second])[0][1] == (0.0, 28.0)  # the reference's way: one segment
+    assert segments([exact, second]) == [
         (" one", (0.0, 10.0)), (" two", (10.0, 20.0)), (" three four five six", (20.0, 28.0))]
+
+
+def test_exact_chunk_timestamps_count_from_the_chunk_start(tmp_path):
+    """On a tiny random Whisper (1 s windows) whose chunks are decoded in several passes: the same tokens, the
+    timestamps of later passes moved by where each pass started; the default stays transformers' (tested against
+    it in test_asr_whisper)."""
+    import torch
+
+    from lightpipe.whisper.longform import transcribe
+    from test_asr_whisper import clip, tiny_checkpoint
+
+    pipe = lightpipe.pipeline("automatic-speech-recognition", model=str(tiny_checkpoint(tmp_path / "w", False, 1)))
+    features = pipe.decoding.features(clip(RATE - 3000, 9))["input_features"].T[None]  # (1, n_mels, frames)
+    config, prompt = pipe.decoding.options({"num_beams": 1}, 12, True)
+    frames = [features.shape[-1]]
+    plain = transcribe(pipe.model, features, frames, config, timestamps=True, tokens=pipe.decoding.tokens, **prompt)
+    exact = transcribe(pipe.model, features, frames, config, timestamps=True, tokens=pipe.decoding.tokens,
+                       absolute=True, **prompt)
+    begin = pipe.decoding.tokens.timestamp_begin
+    ours, theirs = exact[0].tokens, plain[0].tokens
+    assert len(ours) == len(theirs)
+    assert [t for t in ours if t < begin] == [t for t in theirs if t < begin]
+    stamps = [t - begin for t in ours if t >= begin]
+    assert stamps == sorted(stamps)  # counted from the chunk's start, they only grow
+    assert torch.tensor([t >= begin for t in theirs]).any()
+    assert [t - begin for t in theirs if t >= begin] != stamps  # the plain tokens restarted (several passes)
 
 
 # ---------------------------------------------------------------------------------------------- CTC

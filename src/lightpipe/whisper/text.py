@@ -490,33 +490,3 @@ def stride_in_seconds(stride: tuple[int, int, int], sampling_rate: int) -> tuple
     chunk_len, left, right = stride
     return chunk_len / sampling_rate, left / sampling_rate, right / sampling_rate
 
-
-def absolute_timestamps(tokens: Sequence[int], timestamp_begin: int, time_precision: float = TIME_PRECISION,
-                        segment_size: int = SEGMENT_SIZE) -> list[int]:
-    """The tokens of one chunk of audio (at most one 30 s window long) with every timestamp counted from the chunk's
-    start.
-
-    Whisper's loop decodes a chunk again from its last whole segment when the text ran past the chunk's end; the
-    second pass's timestamps restart at 0 (sequential output, see `decode_with_offsets`). `decode_asr` compares a
-    chunk's raw timestamps with its strides, as the reference does, so a restart made every earlier timestamp look
-    as if it lay in the right stride: the chunk's segments were dropped and the transcript collapsed into a few
-    segments tens of seconds long. With the restarts added back (each pass's timestamps plus the time it started
-    at), the timestamps only grow and the strides cut where they should. Times past the last timestamp step (only
-    when the passes ran past 30 s) are clamped to it."""
-    tokens = [int(t) for t in tokens]
-    window_max, window_max_before, window_start = 0, 0, 0  # in timestamp steps
-    out = []
-    for i, token in enumerate(tokens):
-        if token >= timestamp_begin:
-            step = token - timestamp_begin
-            if step < window_max:  # a new pass began
-                single_ending = i >= 2 and not (tokens[i - 1] >= timestamp_begin and tokens[i - 2] >= timestamp_begin)
-                if single_ending:
-                    window_start += segment_size
-                else:
-                    window_max = window_max_before
-                    window_start += window_max_before
-            window_max_before, window_max = window_max, step
-            token = timestamp_begin + min(step + window_start, segment_size)
-        out.append(token)
-    return out
