@@ -322,6 +322,18 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
 
 
+_ANCHORS: dict[int, torch.Tensor] = {}
+
+
+def _anchor_rows(width: int) -> torch.Tensor:
+    """(2, width): rows holding -1 and +1, which fix the quantised kernel's input range to [-1, 1]."""
+    if width not in _ANCHORS:
+        rows = torch.zeros(2, width)
+        rows[0, 0], rows[1, 0] = -1.0, 1.0
+        _ANCHORS[width] = rows
+    return _ANCHORS[width]
+
+
 class Int8Linear(QuantizedLayer):
     """y = x W^T + b with W stored as int8 codes (per output channel, symmetric) and float32 scales.
 
@@ -372,41 +384,41 @@ class Int8Linear(QuantizedLayer):
             self.codes = _unpack(self.packed)
         return self.codes.index_select(1, columns).float().mul_(self.weight_scale[:, None])
 
-    def _outliers(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _outliers(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Split off the input values above the threshold: (the input with them zeroed, their product with the
-        weights in float32 as (M, N), or None when there are none). Each row keeps to its own values, so the
-        result of a row never depends on the other rows of its batch."""
-        low, high = torch.aminmax(flat)  # one fast pass; most calls stop here
-        if max(float(high), -float(low)) <= self.threshold:
-            return flat, None
+        weights in float32, (M, N)). Each row keeps to its own values, so the result of a row never depends on the
+        other rows of its batch."""
         mask = flat.abs() > self.threshold  # (M, K)
         columns = mask.any(dim=0).nonzero().squeeze(1)  # the k columns holding outliers
         picked = flat.index_select(1, columns) * mask.index_select(1, columns)  # (M, k): each row's own outliers
-        product = picked @ self._outlier_weight(columns).t()  # (M, N)
-        return flat.masked_fill(mask, 0.0), product
+        return flat.masked_fill(mask, 0.0), picked @ self._outlier_weight(columns).t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape, dtype = x.shape, x.dtype
-        flat = x.reshape(-1, self.in_features).float()  # (M, K)
+        flat = x.reshape(-1, self.in_features)
+        flat = flat if flat.dtype == torch.float32 else flat.float()  # (M, K)
         m = flat.shape[0]
         if m == 0:
             return x.new_zeros(*shape[:-1], self.out_features)
-        outliers = None
-        if self.threshold > 0:
-            flat, outliers = self._outliers(flat)
-        if self.packed is not None:
-            # The kernel quantises its whole input with one range (uint8). Each row is scaled to a peak of 1 and two
-            # anchor rows pin that range to exactly [-1, 1]: every row then gets its own step (per-token
-            # quantisation, as LLM.int8 does) whatever else is in the batch, and a batch of rows gives the same
-            # numbers as each row alone. Rescaling the output rows undoes the scaling exactly.
-            peak = flat.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30)  # (M, 1)
-            rows = flat.new_zeros(m + 2, self.in_features)
-            torch.div(flat, peak, out=rows[:m])
-            rows[m, 0], rows[m + 1, 0] = -1.0, 1.0
-            y = _dynamic_linear(rows, self.packed)[:m]
-            y = y.mul_(peak) if self.bias is None else torch.addcmul(self.bias, y, peak)
-        else:
+        if self.packed is None:
             y = F.linear(flat, self.dequantized(), self.bias)
+            return y.to(dtype).view(*shape[:-1], self.out_features)
+        peak = torch.linalg.vector_norm(flat, ord=math.inf, dim=1, keepdim=True)  # (M, 1) largest |value| per row
+        outliers = None
+        if self.threshold > 0 and float(peak.max()) > self.threshold:
+            flat, outliers = self._outliers(flat)
+            peak = torch.linalg.vector_norm(flat, ord=math.inf, dim=1, keepdim=True)
+        # The kernel quantises its whole input with one range (uint8). Each row is scaled to a peak of 1 and two
+        # anchor rows pin that range to exactly [-1, 1]: every row then gets its own step (per-token quantisation,
+        # as LLM.int8 does) whatever else is in the batch, and a batch gives the numbers of its rows alone.
+        # Rescaling the output rows undoes the scaling exactly.
+        peak.clamp_(min=1e-30)
+        rows = flat.new_empty(m + 2, self.in_features)
+        torch.div(flat, peak, out=rows[:m])
+        rows.narrow(0, m, 2).copy_(_anchor_rows(self.in_features))
+        y = _dynamic_linear(rows, self.packed)[:m].mul_(peak)
+        if self.bias is not None:
+            y += self.bias
         if outliers is not None:
             y += outliers
         return y.to(dtype).view(*shape[:-1], self.out_features)
