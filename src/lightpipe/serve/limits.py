@@ -21,7 +21,7 @@ class Settings:
     timeout_s: float = 60.0  # a request not answered by then is answered 504 (dropped if it has not started)
     max_body_mb: float = 25.0  # a larger request body is answered 413
     max_batch_tokens: int = 16384  # token budget of one batch (texts, estimated at 4 characters a token)
-    max_batch_audio_s: float = 480.0  # audio budget of one batch, in seconds
+    max_batch_audio_s: float = 240.0  # audio budget of one batch, in seconds (eight 30 s Whisper windows)
     api_key: str | None = None  # when set, requests need "Authorization: Bearer <key>" (not /health)
     allow_paths: bool = False  # media inputs may name files on the server
     allow_urls: bool = False  # media inputs may name http(s) URLs for the server to fetch
