@@ -97,7 +97,8 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(waiting_se
      [{"question": "who works?", "context": "john smith works at google in london"},
       [{"question": "where?", "context": "mary lives in berlin"}],
       [{"question": "what?", "context": "the river at night"}, {"question": "who?", "context": "the king and queen"}]]),
-    ("fill-mask", "masked-lm", ["paris is the [MASK] of france", ["the [MASK] was good"], ["a [MASK] day", "[MASK] run"]]),
+    ("fill-mask", "masked-lm",
+     ["paris is the [MASK] of france", ["the [MASK] was good"], ["a [MASK] day", "[MASK] run"]]),
 ])
 def test_batched_requests_keep_the_shapes_of_the_python_call(checkpoint, task, head, inputs):
     """A lone input, a list of one (which these tasks answer unwrapped) and a list of two, batched together."""
@@ -126,7 +127,8 @@ def test_metrics_health_and_info(server):
 
 
 def test_bad_requests_answer_json_errors(server):
-    for body, status in (({"inputs": None}, 422), ({"text": "x"}, 422), ({"inputs": "x", "parameters": {"nope": 1}}, 422),
+    for body, status in (({"inputs": None}, 422), ({"text": "x"}, 422),
+                         ({"inputs": "x", "parameters": {"nope": 1}}, 422),
                          ({"inputs": "x", "parameters": {"batch_size": 64}}, 422)):
         answer = httpx.post(f"{server}/", json=body)
         assert answer.status_code == status
@@ -257,7 +259,8 @@ def test_speech_recognition_from_base64_and_upload(speech, tmp_path):
             answers = list(pool.map(lambda a: httpx.post(f"{url}/", json={
                 "inputs": base64.b64encode(a).decode(), "parameters": params}, timeout=30), audios))
         assert same([a.json() for a in answers], expected)
-        upload = httpx.post(f"{url}/", files={"file": ("a.flac", audios[0])}, data={"parameters": '{"max_new_tokens": 6}'})
+        upload = httpx.post(f"{url}/", files={"file": ("a.flac", audios[0])},
+                            data={"parameters": '{"max_new_tokens": 6}'})
         assert same(upload.json(), expected[0])
         samples = clip(9000, 1)
         array = httpx.post(f"{url}/", json={"inputs": {"array": samples.tolist(), "sampling_rate": RATE},
