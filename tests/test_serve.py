@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import threading
 import time
@@ -288,6 +289,15 @@ def test_text_generation(tmp_path_factory):
                                                          timeout=30), prompts))
         for prompt, answer in zip(prompts, answers):
             assert same(answer.json(), pipe(prompt, **params))
+        # "stream": true: the text as it is generated, then the Python call's answer
+        with httpx.stream("POST", f"{url}/", json={"inputs": chat, "parameters": params, "stream": True}) as events:
+            assert events.headers["content-type"].startswith("text/event-stream")
+            data = [json.loads(line[6:]) for line in events.iter_lines() if line.startswith("data: ")]
+        expected = pipe(chat, **params)
+        assert "".join(d["token"] for d in data[:-1]) == expected[0]["generated_text"][-1]["content"]
+        assert data[-1] == {"result": expected}
+        refused = httpx.post(f"{url}/", json={"inputs": ["a", "b"], "stream": True})
+        assert refused.status_code == 422
 
 
 def test_cli_serve_passes_its_options(monkeypatch):

@@ -78,11 +78,14 @@ def _plain(value: Any):
     raise TypeError(f"cannot answer {type(value).__name__} as JSON")
 
 
+def to_json(data: Any) -> str:
+    return json.dumps(data, ensure_ascii=False, default=_plain, allow_nan=False)
+
+
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None):
     from starlette.responses import Response
 
-    body = json.dumps(data, ensure_ascii=False, default=_plain, allow_nan=False).encode("utf-8")
-    return Response(body, status_code=status, headers=headers, media_type="application/json")
+    return Response(to_json(data).encode("utf-8"), status_code=status, headers=headers, media_type="application/json")
 
 
 def error_response(error: HTTPError, openai: bool = False):

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidInput
+from .batching import Job, solo_params
 from .limits import HTTPError, Settings
 
 AUDIO_TASKS = ("automatic-speech-recognition",)
@@ -203,3 +204,20 @@ def text_cost(value: Any) -> float:
     if isinstance(value, (list, tuple)):
         return sum(text_cost(v) for v in value)
     return 1
+
+
+async def make_job(server, pipe, inputs: Any, single: bool, params: dict[str, Any], **job_options) -> Job:
+    """Pipeline inputs -> a Job with its cost; audio bytes are decoded here, on a server thread."""
+    from starlette.concurrency import run_in_threadpool
+
+    task = pipe.task
+    if task in AUDIO_TASKS:
+        rate = pipe.feature_extractor.sampling_rate
+        items = [inputs] if single else list(inputs)
+        decoded = await run_in_threadpool(lambda: [decode_audio(x, rate) for x in items])
+        cost = sum(audio_seconds(x, rate) for x in decoded)
+        inputs = decoded[0] if single else decoded
+        return Job(inputs, params, single=single, cost=cost, budget="audio", **job_options)
+    solo = job_options.pop("solo", False) or solo_params(task, params)
+    return Job(inputs, params, single=single, cost=0 if media_kind(task) == "image" else text_cost(inputs),
+               solo=solo, **job_options)

@@ -14,7 +14,6 @@ batcher as the native routes; a streaming generation runs alone on the model wor
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import time
@@ -25,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from .http import Server, endpoint, json_response, read_form, read_json, timing_headers
+from .inputs import make_job
 from .limits import HTTPError
-from .routes import make_job
+from .streaming import TokenStream
 
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 
@@ -295,42 +295,6 @@ async def chat_completions(server: Server, request, *, chat: bool = True):
     return json_response(answer, headers=timing_headers(job))
 
 
-class _Stopped(Exception):
-    """Raised inside generation when the client of a stream has gone: generation ends there."""
-
-
-class _EventStreamer:
-    """transformers' streamer protocol (put / end) -> text pieces on the request's event loop. The first put
-    carries the prompt; each later one a generated token."""
-
-    def __init__(self, pipe, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
-        from ..processing.detokenize import Detokenizer
-
-        self.decoder = Detokenizer(pipe.tokenizer, skip_special_tokens=True)
-        self.loop, self.queue = loop, queue
-        self.prompt_tokens: int | None = None
-        self.tokens: list[int] = []
-        self.cancelled = False
-
-    def put(self, token_ids) -> None:
-        if self.cancelled:
-            raise _Stopped()
-        if self.prompt_tokens is None:
-            self.prompt_tokens = int(token_ids.numel())
-            return
-        ids = token_ids.reshape(-1).tolist()
-        self.tokens += ids
-        self._send(self.decoder.add(ids))
-
-    def end(self) -> None:
-        if not self.cancelled:
-            self._send(self.decoder.finish())
-
-    def _send(self, piece: str) -> None:
-        if piece:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, piece)
-
-
 class _StopFilter:
     """Streamed text with the stop strings (and whatever follows them) left out, as OpenAI streams it: the end of
     the text that could begin a stop string is held back until the next piece tells."""
@@ -359,24 +323,7 @@ async def _stream(server: Server, pipe, prompt, params: dict, stops: list[str], 
                   created: int, include_usage: bool, echo: bool):
     from starlette.responses import StreamingResponse
 
-    queue: asyncio.Queue = asyncio.Queue()
-    streamer = _EventStreamer(pipe, asyncio.get_running_loop(), queue)
-    job = await make_job(server, pipe, prompt, True, params, solo=True, call_kwargs={"streamer": streamer})
-    job.bind()
-    server.batcher.submit(job)
-    # Wait for the first piece (or the end) within the timeout, so that a refusal is still an HTTP error.
-    first = asyncio.ensure_future(queue.get())
-    done, _ = await asyncio.wait({first, job.future}, timeout=server.settings.timeout_s,
-                                 return_when=asyncio.FIRST_COMPLETED)
-    if not done:
-        first.cancel()
-        streamer.cancelled = True
-        dropped = server.batcher.cancel(job)
-        raise HTTPError(504, f"the request took longer than {server.settings.timeout_s:g} s"
-                             f"{' in the queue; it was dropped' if dropped else ''}.", "Timeout")
-    if first not in done and job.future.exception() is not None and queue.empty():
-        first.cancel()
-        raise job.future.exception()
+    stream = await TokenStream.start(server, pipe, prompt, params)
     kind = "chat.completion.chunk" if chat else "text_completion"
 
     def chunk(text: str | None = None, finish: str | None = None, *, role: bool = False, usage=None) -> str:
@@ -398,23 +345,11 @@ async def _stream(server: Server, pipe, prompt, params: dict, stops: list[str], 
                 yield chunk(role=True)
             elif echo:
                 yield chunk(prompt)
-            pending = first
-            while True:
-                if not pending.done():
-                    await asyncio.wait({pending, job.future}, return_when=asyncio.FIRST_COMPLETED)
-                if pending.done():
-                    text = stop_filter.feed(pending.result())
-                    if text:
-                        yield chunk(text)
-                    pending = asyncio.ensure_future(queue.get())
-                    continue
-                break  # the job ended: the pieces it sent are all queued already
-            pending.cancel()
-            while not queue.empty():
-                text = stop_filter.feed(queue.get_nowait())
+            async for piece in stream:
+                text = stop_filter.feed(piece)
                 if text:
                     yield chunk(text)
-            error = job.future.exception()
+            error = stream.error
             if error is not None:
                 message = error.message if isinstance(error, HTTPError) else str(error)
                 yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n"
@@ -422,16 +357,13 @@ async def _stream(server: Server, pipe, prompt, params: dict, stops: list[str], 
                 tail = stop_filter.flush()
                 if tail:
                     yield chunk(tail)
-                eos = set(pipe.generation_config.eos_token_ids)
-                ended = bool(streamer.tokens) and streamer.tokens[-1] in eos
-                yield chunk(finish="stop" if ended or stop_filter.stopped else "length")
+                yield chunk(finish="stop" if stream.ended_by_model(pipe) or stop_filter.stopped else "length")
                 if include_usage:
-                    p, c = streamer.prompt_tokens or 0, len(streamer.tokens)
+                    p, c = stream.streamer.prompt_tokens or 0, len(stream.streamer.tokens)
                     yield chunk(usage={"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c})
             yield "data: [DONE]\n\n"
         finally:  # the client went away, or the stream ended: stop generating
-            streamer.cancelled = True
-            server.batcher.cancel(job)
+            stream.close()
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(events(), media_type="text/event-stream", headers=headers)

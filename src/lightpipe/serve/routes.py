@@ -7,33 +7,14 @@ from typing import Any
 
 from .. import __version__
 from ..errors import InvalidInput
-from .batching import Job, solo_params
-from .http import Server, endpoint, json_response, read_form, read_json, read_body, timing_headers
-from .inputs import (AUDIO_TASKS, DOCUMENT_TASKS, audio_seconds, check_params, decode_audio, media_kind,
-                     prepare_inputs, text_cost)
+from .http import Server, endpoint, json_response, read_body, read_form, read_json, timing_headers
+from .inputs import DOCUMENT_TASKS, check_params, make_job, media_kind, prepare_inputs
 from .limits import HTTPError
 from .metrics import CONTENT_TYPE
 
 
-async def make_job(server: Server, pipe, inputs: Any, single: bool, params: dict[str, Any], **job_options) -> Job:
-    """Pipeline inputs -> a Job with its cost; audio bytes are decoded here, on a server thread."""
-    from starlette.concurrency import run_in_threadpool
-
-    task = pipe.task
-    if task in AUDIO_TASKS:
-        rate = pipe.feature_extractor.sampling_rate
-        items = [inputs] if single else list(inputs)
-        decoded = await run_in_threadpool(lambda: [decode_audio(x, rate) for x in items])
-        cost = sum(audio_seconds(x, rate) for x in decoded)
-        inputs = decoded[0] if single else decoded
-        return Job(inputs, params, single=single, cost=cost, budget="audio", **job_options)
-    solo = job_options.pop("solo", False) or solo_params(task, params)
-    return Job(inputs, params, single=single, cost=0 if media_kind(task) == "image" else text_cost(inputs),
-               solo=solo, **job_options)
-
-
-async def _request_inputs(request, server: Server, pipe) -> tuple[Any, bool, dict[str, Any]]:
-    """(inputs, single, parameters) of a JSON body, a multipart form or a raw media body."""
+async def _request_inputs(request, server: Server, pipe) -> tuple[Any, bool, dict[str, Any], bool]:
+    """(inputs, single, parameters, stream) of a JSON body, a multipart form or a raw media body."""
     settings, task = server.settings, pipe.task
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
@@ -50,23 +31,28 @@ async def _request_inputs(request, server: Server, pipe) -> tuple[Any, bool, dic
             items = [{"image": f, "question": question} for f in files]
         else:
             items = files
-        return (items[0], True, params) if len(items) == 1 else (items, False, params)
+        return (items[0], True, params, False) if len(items) == 1 else (items, False, params, False)
     if ctype in ("", "application/json") or ctype.endswith("+json"):
         body = await read_json(request, settings)
         if not isinstance(body, dict) or "inputs" not in body:
             raise HTTPError(422, 'the body must be a JSON object {"inputs": ..., "parameters": {...}}.', "InvalidInput")
-        unknown = sorted(set(body) - {"inputs", "parameters"})
+        unknown = sorted(set(body) - {"inputs", "parameters", "stream"})
         if unknown:
-            raise HTTPError(422, f"unknown field(s) {unknown} in the body; it takes inputs and parameters.",
+            raise HTTPError(422, f"unknown field(s) {unknown} in the body; it takes inputs, parameters and stream.",
                             "InvalidInput")
         params = check_params(body.get("parameters"))
         inputs, single = prepare_inputs(task, body["inputs"], settings)
-        return inputs, single, params
+        stream = body.get("stream", False)
+        if stream not in (True, False):
+            raise HTTPError(422, f"stream must be true or false, not {stream!r}.", "InvalidInput")
+        if stream and (task != "text-generation" or not single):
+            raise HTTPError(422, "stream=true streams one text-generation prompt or chat.", "InvalidInput")
+        return inputs, single, params, stream
     if media_kind(task) is not None and task not in DOCUMENT_TASKS:  # a raw audio or image body
         data = await read_body(request, settings)
         if not data:
             raise InvalidInput("the body is empty: send the file's bytes.")
-        return data, True, {}
+        return data, True, {}, False
     raise HTTPError(415, f"unsupported content type {ctype!r}: send JSON, or a multipart form or raw bytes for "
                          "audio and images.", "UnsupportedMediaType")
 
@@ -80,6 +66,32 @@ def _json_field(value: Any, name: str) -> Any:
         raise HTTPError(422, f"the form field {name!r} must be JSON ({e}).", "InvalidInput") from e
 
 
+async def _stream(server: Server, pipe, inputs: Any, params: dict[str, Any]):
+    """Server-sent events: {"token": piece} as the text is generated, then {"result": the Python call's answer}
+    (or {"error", "type"})."""
+    from starlette.responses import StreamingResponse
+
+    from .http import to_json
+    from .limits import from_exception
+    from .streaming import TokenStream
+
+    stream = await TokenStream.start(server, pipe, inputs, params)
+
+    async def events():
+        try:
+            async for piece in stream:
+                yield f"data: {to_json({'token': piece})}\n\n"
+            if stream.error is not None:
+                error = from_exception(stream.error)
+                yield f"data: {to_json({'error': error.message, 'type': error.type})}\n\n"
+            else:
+                yield f"data: {to_json({'result': stream.result})}\n\n"
+        finally:
+            stream.close()
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
 def native_routes(server: Server) -> list:
     from starlette.responses import Response
     from starlette.routing import Route
@@ -87,7 +99,9 @@ def native_routes(server: Server) -> list:
     @endpoint(server, "/predict")
     async def predict(request):
         pipe = server.ready()
-        inputs, single, params = await _request_inputs(request, server, pipe)
+        inputs, single, params, stream = await _request_inputs(request, server, pipe)
+        if stream:
+            return await _stream(server, pipe, inputs, params)
         job = await make_job(server, pipe, inputs, single, params)
         result = await server.run(job)
         return json_response(result, headers=timing_headers(job))
