@@ -79,18 +79,22 @@ class PackedWindow:
 
 
     def segment_to_original(self, start: float, end: float, rate: int,
-                            snap: float = 1.0) -> tuple[float, float]:
+                            snap: float = 2.0) -> tuple[float, float]:
         """A segment (start, end) on the window's timeline -> on the original audio's.
 
         Two regions are back to back in the window, so a model cannot hear the pause between them, and it often puts
-        the border of two sentences a little before or after the border of their regions. A segment that crosses
-        a border by less than `snap` seconds at its start (or end) is moved to begin (or end) there, in the region
-        that holds the rest of it."""
-        borders = [p.offset / rate for p in self.pieces[1:]]
-        for border in borders:
-            if start < border < end and border - start < snap and border < end - snap:
+        the border of two sentences a little before or after the border of their regions (Whisper's segments follow
+        each other without gaps, so a sentence often starts where the one before ended, in the padding at the end
+        of the region before). A segment that crosses a border at its start (or end) by less than `snap` seconds,
+        and by less than what lies on the other side, is moved to begin (or end) there, in the region that holds
+        the rest of it."""
+        for border in (p.offset / rate for p in self.pieces[1:]):
+            if not start < border < end:
+                continue
+            before, after = border - start, end - border
+            if before < after and before < snap:
                 start = border
-            if start < border < end and end - border < snap and border > start + snap:
+            elif after < before and after < snap:
                 end = border
         return self.to_original(start, rate), self.to_original(end, rate, is_end=True)
 

@@ -240,7 +240,7 @@ class CTCDecoding:
         if params.get("return_language"):
             raise InvalidInput("return_language is for Whisper models only.")
 
-    def features(self, audio: np.ndarray, whole: bool = False, chunk: bool = False) -> dict[str, torch.Tensor]:
+    def features(self, audio: np.ndarray, whole: bool = False) -> dict[str, torch.Tensor]:
         # transformers' pipeline always asks for the mask: padded batches then mask padded frames.
         return self.feature_extractor(audio, return_attention_mask=True)
 
@@ -364,7 +364,6 @@ class WhisperCall:
     return_timestamps: bool | str
     return_language: bool
     progress: bool
-    exact_chunk_timestamps: bool = False
 
 
 class WhisperDecoding:
@@ -467,26 +466,25 @@ class WhisperDecoding:
         return_timestamps = self._return_timestamps(params.get("return_timestamps"))
         config, prompt = self.options(params.get("generate_kwargs"), params.get("max_new_tokens"), return_timestamps)
         return {"call": WhisperCall(config, prompt, return_timestamps, bool(params.get("return_language")),
-                                    bool(params.get("progress")), bool(params.get("exact_chunk_timestamps")))}
+                                    bool(params.get("progress")))}
 
     def _return_timestamps(self, return_timestamps):
         # A checkpoint whose generation config says return_timestamps gives them unasked, as in transformers.
         return return_timestamps or self.generation_config.extra.get("return_timestamps") or False
 
     # ------------------------------------------------------------------ stages
-    def features(self, audio: np.ndarray, whole: bool = False, chunk: bool = False) -> dict[str, torch.Tensor]:
-        """One item -> {"input_features" (frames, n_mels), "attention_mask" (frames,), "frames" (), "chunk" ()}.
+    def features(self, audio: np.ndarray, whole: bool = False) -> dict[str, torch.Tensor]:
+        """One item -> {"input_features" (frames, n_mels), "attention_mask" (frames,), "frames" ()}.
 
         A chunk, or a whole input of up to 30 s, is padded to the feature extractor's 30 s (as transformers'
         pipeline does); a whole input longer than that keeps all its frames for sequential decoding. Features are
         stored frames first so that long items of different lengths pad along time when batched; "frames" is the
-        item's own width, which bounds its decoding loop whatever the batch is padded to. "chunk": the item is one
-        window of chunked audio, whose timestamps are returned counted from its start (see `transcribe`'s absolute)."""
+        item's own width, which bounds its decoding loop whatever the batch is padded to."""
         long_form = whole and self.feature_extractor.n_samples is not None and len(audio) > self.feature_extractor.n_samples
         out = self.feature_extractor(audio, long_form=long_form, return_attention_mask=True)
         features = out["input_features"]
         return {"input_features": features.transpose(0, 1), "attention_mask": out["attention_mask"],
-                "frames": torch.tensor(features.shape[-1]), "chunk": torch.tensor(chunk)}
+                "frames": torch.tensor(features.shape[-1])}
 
     @property
     def max_window_seconds(self) -> float:
@@ -497,7 +495,7 @@ class WhisperDecoding:
         """The features of an item without audio (vad_filter found no speech): no frames, never decoded."""
         own = self.features(np.zeros(1, dtype=np.float32))
         return {"input_features": own["input_features"][:0], "attention_mask": own["attention_mask"][:0],
-                "frames": torch.tensor(0), "chunk": torch.tensor(False)}
+                "frames": torch.tensor(0)}
 
     def forward(self, batch: dict[str, torch.Tensor], call: WhisperCall) -> dict[str, list]:
         from ..whisper.longform import transcribe
@@ -523,7 +521,6 @@ class WhisperDecoding:
                 alignment_heads=self.alignment_heads if call.return_timestamps == "word" else None,
                 audio_frames=batch["attention_mask"].sum(dim=-1).tolist(), time_precision=self.time_precision,
                 on_window=None if bar is None else lambda advanced: bar.update(advanced * self.seconds_per_frame),
-                absolute=call.exact_chunk_timestamps and bool(call.return_timestamps) and bool(batch["chunk"].all()),
                 **call.prompt)
         finally:
             if bar is not None:
@@ -686,8 +683,7 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
     file_is_one_input = True  # pipe(open("speech.flac", "rb")) is one audio file, not a stream of its lines
     preprocess_params = ("chunk_length_s", "stride_length_s", "ignore_warning", "vad_filter", "vad_parameters")
     # progress also reaches forward: Whisper's window loop shows how far it has come in long audio.
-    forward_params = ("generate_kwargs", "max_new_tokens", "return_timestamps", "return_language", "progress",
-                      "exact_chunk_timestamps")
+    forward_params = ("generate_kwargs", "max_new_tokens", "return_timestamps", "return_language", "progress")
     postprocess_params = ("return_timestamps", "return_language")
 
     def __init__(self, model, tokenizer=None, *, feature_extractor=None, folder=None, **kwargs):
@@ -724,9 +720,6 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         pair = stride if isinstance(stride, (list, tuple)) else [stride]
         if stride is not None and (len(pair) not in (1, 2) or not all(_is_seconds(s) for s in pair)):
             raise InvalidInput(f"stride_length_s must be a number of seconds or a (left, right) pair, not {stride!r}.")
-        exact = params.get("exact_chunk_timestamps")
-        if exact is not None and not isinstance(exact, bool):
-            raise InvalidInput(f"exact_chunk_timestamps must be True or False, not {exact!r}.")
         vad = params.get("vad_filter")
         if vad is not None and not isinstance(vad, bool):
             raise InvalidInput(f"vad_filter must be True or False, not {vad!r}.")
@@ -766,7 +759,7 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
         else:
             windows = [(0, len(audio), item.stride)]  # a dict input's own stride, if it gave one
         return [
-            ModelItem(self.decoding.features(audio[start:end], whole=not chunk_length_s, chunk=bool(chunk_length_s)),
+            ModelItem(self.decoding.features(audio[start:end], whole=not chunk_length_s),
                       meta=WindowMeta(samples=end - start, stride=stride, start=start, extra=item.extra, timeline=None),
                       is_last=i == len(windows) - 1)
             for i, (start, end, stride) in enumerate(windows)

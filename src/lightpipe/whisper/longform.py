@@ -133,7 +133,7 @@ def transcribe(model, features: torch.Tensor, frames: Sequence[int], generation_
                audio_frames: Sequence[int] | None = None, time_precision: float = TIME_PRECISION, language=None,
                task: str | None = None, prompt_ids: Sequence[int] | None = None,
                long_form: LongFormOptions | None = None, tokens: WhisperTokens | None = None,
-               on_window: Callable[[int], None] | None = None, absolute: bool = False) -> list[Transcript]:
+               on_window: Callable[[int], None] | None = None) -> list[Transcript]:
     """Decode each audio of `features` (B, n_mels, width) window by window.
 
     frames: each audio's own feature frames (at most `width`): the loop ends when its windows cover them.
@@ -148,10 +148,6 @@ def transcribe(model, features: torch.Tensor, frames: Sequence[int], generation_
     tokens: the checkpoint's special tokens (else those generation_config names).
     on_window: called after each window with the number of mel frames the audios advanced by (their sum over a
         call is sum(frames)): a progress bar for long audio, which is one pipeline item however long it is.
-    absolute: for audio of at most one window (a chunk of chunked audio), return timestamps counted from the audio's
-        start: a window decoded again from its last whole segment restarts its timestamps at 0 (what transformers
-        returns), and merging chunks against their strides then reads the restarted timestamps wrongly (segments
-        collapse). Decoding itself is unchanged (the prompts keep the restarted form).
     """
     batch = features.shape[0]
     if len(frames) != batch or (audio_frames is not None and len(audio_frames) != batch):
@@ -160,7 +156,7 @@ def transcribe(model, features: torch.Tensor, frames: Sequence[int], generation_
     with_timestamps = [bool(timestamps) or int(f) > window for f in frames]
     options = dict(alignment_heads=alignment_heads, time_precision=time_precision, language=language, task=task,
                    prompt_ids=prompt_ids, long_form=long_form, tokens=tokens_of(generation_config, tokens),
-                   on_window=on_window, absolute=absolute)
+                   on_window=on_window)
     if len(set(with_timestamps)) > 1:  # different prompts and rules: decode the two kinds apart
         results: list[Transcript | None] = [None] * batch
         for kind in (False, True):
@@ -181,7 +177,7 @@ class _SeekLoop:
     limits agree; otherwise in groups, so that each one decodes exactly as it would alone."""
 
     def __init__(self, model, features, frames, config, timestamps, audio_frames, *, alignment_heads,
-                 time_precision, language, task, prompt_ids, long_form, tokens, on_window=None, absolute=False):
+                 time_precision, language, task, prompt_ids, long_form, tokens, on_window=None):
         self.model, self.features, self.config, self.tokens = model, features, config, tokens
         self.on_window = on_window
         self.frames = [int(f) for f in frames]
@@ -206,9 +202,6 @@ class _SeekLoop:
             ids = self.prompt_ids[1:] if self.prompt_ids[:1] == [self.start_of_previous] else self.prompt_ids
             self.segments = [[ids] for _ in range(batch)]
         self.first_kept = [len(s) for s in self.segments]
-        self.absolute = absolute and all(f <= self.window for f in self.frames)
-        # The timestamp step each kept segment's window started at (absolute timestamps add it).
-        self.offsets: list[list[int]] = [[0] * len(s) for s in self.segments]
         self.times: list[list[torch.Tensor]] = [[] for _ in range(batch)]
         self.languages: list[int | None] = [None] * batch
         self.detected: list[int] | None = None
@@ -226,12 +219,7 @@ class _SeekLoop:
                 self.on_window(self._frames_done() - done)
         transcripts = []
         for r in range(len(self.seek)):
-            segments = self.segments[r][self.first_kept[r]:]
-            if self.absolute:
-                last = self.timestamp_begin + self.model.config.max_source_positions
-                segments = [[min(t + offset, last) if t >= self.timestamp_begin else t for t in segment]
-                            for segment, offset in zip(segments, self.offsets[r][self.first_kept[r]:])]
-            tokens = [t for segment in segments for t in segment]
+            tokens = [t for segment in self.segments[r][self.first_kept[r]:] for t in segment]
             times = None
             if self.word_timestamps:
                 times = torch.cat(self.times[r]) if self.times[r] else torch.zeros(0)
@@ -316,7 +304,6 @@ class _SeekLoop:
             tokens = tokens[:-1]
         segments, advance = split_window(tokens, self.timestamp_begin, length, self.stride)
         self.segments[r] += segments
-        self.offsets[r] += [self.seek[r] // self.stride] * len(segments)
         if self.word_timestamps:
             times = self._token_times(out, weights, i, r)
             offset = torch.tensor(self.seek[r], dtype=torch.float64) * self.time_precision / self.stride
