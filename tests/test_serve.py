@@ -40,8 +40,8 @@ def server(classifier):
 
 @pytest.fixture(scope="module")
 def waiting_server(classifier):
-    """A classifier server that waits up to 150 ms for a batch to fill, so concurrent requests share batches."""
-    with live(app(classifier, max_wait_ms=150, batch_size=8)) as url:
+    """A classifier server that waits up to 300 ms for a batch to fill, so concurrent requests share batches."""
+    with live(app(classifier, max_wait_ms=300, batch_size=8)) as url:
         yield url
 
 
@@ -54,6 +54,14 @@ def same(ours, ref, tol: float = 1e-5) -> bool:
     if isinstance(ours, (list, tuple)) and isinstance(ref, (list, tuple)):
         return len(ours) == len(ref) and all(same(a, b, tol) for a, b in zip(ours, ref))
     return ours == ref
+
+
+def wait_queued(url: str, n: int = 1, headers: dict | None = None) -> None:
+    """Wait until `n` requests wait in the server's queue."""
+    deadline = time.monotonic() + 10
+    while f"lightpipe_queue_length {n}\n" not in httpx.get(f"{url}/metrics", headers=headers).text:
+        assert time.monotonic() < deadline, "the request never reached the queue"
+        time.sleep(0.01)
 
 
 def batches(url: str) -> tuple[int, int]:
@@ -145,7 +153,7 @@ def test_text_inputs_that_look_like_paths_stay_texts(server, classifier):
 
 
 def test_limits_body_queue_timeout_and_key(classifier):
-    with live(app(classifier, max_body_mb=0.001, max_queue=1, max_wait_ms=1500, timeout_s=0.6,
+    with live(app(classifier, max_body_mb=0.001, max_queue=1, max_wait_ms=4000, timeout_s=1.0,
                   api_key="s3cret")) as url:
         key = {"Authorization": "Bearer s3cret"}
         assert httpx.post(f"{url}/", json={"inputs": "x"}).status_code == 401
@@ -155,11 +163,11 @@ def test_limits_body_queue_timeout_and_key(classifier):
         assert httpx.get(f"{url}/health").status_code == 200  # probes need no key
         big = httpx.post(f"{url}/", json={"inputs": "word " * 400}, headers=key)
         assert big.status_code == 413 and big.json()["type"] == "PayloadTooLarge"
-        # The first request waits for its batch (1.5 s) longer than the timeout: 504, dropped unrun. While it
+        # The first request waits for its batch (4 s) longer than the timeout: 504, dropped unrun. While it
         # waits the queue (of 1) is full: 429 with Retry-After.
         with ThreadPoolExecutor(1) as pool:
             slow = pool.submit(httpx.post, f"{url}/", json={"inputs": "first"}, headers=key, timeout=10)
-            time.sleep(0.2)
+            wait_queued(url, 1, key)
             full = httpx.post(f"{url}/", json={"inputs": "second"}, headers=key)
             assert full.status_code == 429 and full.headers["retry-after"].isdigit()
             assert full.json()["type"] == "QueueFull"
@@ -194,7 +202,7 @@ def test_shutdown_finishes_requests_in_flight(classifier):
     with ThreadPoolExecutor(1) as pool:
         with live(app(classifier, max_wait_ms=600)) as url:
             pending = pool.submit(httpx.post, f"{url}/", json={"inputs": "in flight"}, timeout=10)
-            time.sleep(0.2)  # queued, waiting for its batch when the server is told to stop
+            wait_queued(url)  # queued, waiting for its batch when the server is told to stop
         answer = pending.result()
     assert answer.status_code == 200 and same(answer.json(), classifier("in flight"))
 
