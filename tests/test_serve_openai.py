@@ -208,9 +208,14 @@ def test_transcriptions(tmp_path_factory):
         words = pipe(audio, return_timestamps="word")["chunks"]
         assert [w.word for w in verbose.words] == [c["text"].strip() for c in words]
         srt = api.audio.transcriptions.create(model="whisper", file=("a.flac", audio), response_format="srt")
-        from lightpipe.subtitles import to_srt
+        from lightpipe.subtitles import to_srt, to_vtt
 
         assert srt == to_srt(timed)
+        vtt = api.audio.transcriptions.create(model="whisper", file=("a.flac", audio), response_format="vtt")
+        assert vtt.startswith("WEBVTT") and vtt == to_vtt(timed)
+        prompted = api.audio.transcriptions.create(model="whisper", file=("a.flac", audio), prompt="the fox")
+        ids = pipe.tokenizer.encode(" the fox", add_special_tokens=False).ids
+        assert prompted.text == pipe(audio, generate_kwargs={"prompt_ids": ids})["text"]
         with pytest.raises(openai.BadRequestError):
             api.audio.transcriptions.create(model="whisper", file=("a.flac", audio), response_format="docx")
         with pytest.raises(openai.UnprocessableEntityError):  # not audio
