@@ -299,20 +299,18 @@ def test_minilm_int8_embeddings_keep_their_direction():
 
 @pytest.mark.skipif(not SHARED_TINY_EN.is_dir(), reason="../shared/models/whisper-tiny.en is absent")
 def test_whisper_tiny_en_int8_transcribes_as_float():
+    """The bundled sample's first sentence: int8 hears float32's words. Without the outlier split (threshold 0) the
+    activations' few large values coarsen every other one's step and "brown fox" is misheard."""
     import soundfile
 
-    sys.path.insert(0, str(ROOT / "tests" / "tasks"))
-    from test_asr_whisper import word_error_rate
-
     audio, _ = soundfile.read(str(SAMPLE), dtype="float32")
-    script = (ROOT / "src" / "lightpipe" / "examples" / "sample.txt")
-    reference = lightpipe.pipeline("automatic-speech-recognition", model=str(SHARED_TINY_EN))(audio)["text"]
+    params = {"generate_kwargs": {"max_new_tokens": 12}}  # "The quick brown fox jump over the lazy dog."
+    reference = lightpipe.pipeline("automatic-speech-recognition", model=str(SHARED_TINY_EN))(audio, **params)["text"]
     pipe = lightpipe.pipeline("automatic-speech-recognition", model=str(SHARED_TINY_EN), load_in_8bit=True)
     assert isinstance(pipe.model.model.encoder.layers[0].fc1, Int8Linear)
     assert type(pipe.model.proj_out) is nn.Linear  # tied to the token embeddings: kept in float
-    got = pipe(audio)["text"]
-    truth = script.read_text() if script.exists() else reference
-    assert word_error_rate(got, truth) <= word_error_rate(reference, truth) + 0.01
+    assert "brown fox" in reference
+    assert pipe(audio, **params)["text"] == reference
 
 
 def test_smollm2_int8_gives_the_same_greedy_answers():
