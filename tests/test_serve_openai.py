@@ -216,6 +216,12 @@ def test_transcriptions(tmp_path_factory):
         prompted = api.audio.transcriptions.create(model="whisper", file=("a.flac", audio), prompt="the fox")
         ids = pipe.tokenizer.encode(" the fox", add_special_tokens=False).ids
         assert prompted.text == pipe(audio, generate_kwargs={"prompt_ids": ids})["text"]
+        # English-only model: the language="en" that clients send is dropped; another language is refused
+        assert not pipe.multilingual
+        english = api.audio.transcriptions.create(model="whisper", file=("a.flac", audio), language="en")
+        assert english.text == plain["text"]
+        with pytest.raises(openai.UnprocessableEntityError):
+            api.audio.transcriptions.create(model="whisper", file=("a.flac", audio), language="fr")
         with pytest.raises(openai.BadRequestError):
             api.audio.transcriptions.create(model="whisper", file=("a.flac", audio), response_format="docx")
         with pytest.raises(openai.UnprocessableEntityError):  # not audio

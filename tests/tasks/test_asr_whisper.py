@@ -616,3 +616,10 @@ def test_open_audio_files_are_one_input(pipes, tmp_path):
     with open(path, "r", encoding="latin-1") as f, pytest.raises(InvalidInput, match="text mode"):
         ours(f, max_new_tokens=MAX_NEW)
     assert ours([io.BytesIO(path.read_bytes())], max_new_tokens=MAX_NEW) == [expected]
+
+
+def test_multilingual_says_whether_the_model_takes_a_language(tmp_path):
+    multi = lightpipe.pipeline("automatic-speech-recognition", model=str(tiny_checkpoint(tmp_path / "m")))
+    english = lightpipe.pipeline("automatic-speech-recognition",
+                                 model=str(tiny_checkpoint(tmp_path / "e", multilingual=False)))
+    assert multi.multilingual is True and english.multilingual is False

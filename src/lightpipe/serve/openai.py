@@ -72,7 +72,10 @@ async def transcriptions(server: Server, request):
         raise _bad("timestamp_granularities may hold 'word' and 'segment'.")
     generate: dict[str, Any] = {}
     language = form.get("language")
-    if language:
+    # OpenAI clients often send language="en"; an English-only model takes no language, and English is what it
+    # hears anyway, so the hint is dropped there rather than refused.
+    english_only = not getattr(pipe, "multilingual", True)
+    if language and not (english_only and language.strip().lower() in ("en", "english")):
         generate["language"] = language
     prompt = form.get("prompt")
     if prompt and prompt.strip():

@@ -711,6 +711,12 @@ class AutomaticSpeechRecognitionPipeline(Pipeline):
                                    f"{type(model).__name__}.")
         super().__init__(model, tokenizer, feature_extractor=feature_extractor, folder=folder, **kwargs)
 
+    @property
+    def multilingual(self) -> bool:
+        """Whether the model takes a language (multilingual Whisper); False for English-only Whisper and CTC."""
+        tokens = getattr(self.decoding, "tokens", None)
+        return bool(tokens is not None and tokens.multilingual)
+
     def check_params(self, params: dict[str, Any]) -> None:
         super().check_params(params)
         chunk = params.get("chunk_length_s")
