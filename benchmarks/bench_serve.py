@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 
-from common import ROOT, bert_base_checkpoint, mixed_texts
+from common import ROOT, bert_base_checkpoint, float32_matmul_peak, mixed_texts
 
 WHISPER = "Systran/faster-whisper-tiny.en"
 SAMPLE = ROOT / "src" / "lightpipe" / "examples" / "sample.flac"
@@ -132,6 +132,9 @@ def batch_sizes(url: str) -> float:
     return total / count if count else float("nan")
 
 
+FLOPS_PER_REQUEST: dict[str, float] = {}
+
+
 def classifier_case():
     import lightpipe
 
@@ -139,6 +142,11 @@ def classifier_case():
     texts = mixed_texts(64, low=8, high=32, seed=1)
     pipe = lightpipe.pipeline("text-classification", model=str(folder))
     expected = [pipe(t) for t in texts]
+    # The arithmetic of one request, unpadded: 2 FLOPs per weight of the matrices per token (attention's own
+    # products are small at these lengths and left out, so this is a lower bound of the work).
+    matrices = sum(p.numel() for name, p in pipe.model.named_parameters() if p.dim() == 2 and "embeddings" not in name)
+    tokens = sum(len(pipe.tokenizer(t)["input_ids"]) for t in texts) / len(texts)
+    FLOPS_PER_REQUEST["classifier"] = 2 * matrices * tokens
 
     def check(got, want) -> bool:
         return got[0]["label"] == want[0]["label"] and abs(got[0]["score"] - want[0]["score"]) < 1e-4
@@ -218,6 +226,13 @@ def main() -> None:
     for name in dict.fromkeys(r[0] for r in rows):
         batched, single = [r[2]["throughput"] for r in rows if r[0] == name]
         print(f"\n{name}: dynamic batching gives {batched / single:.2f}x the throughput of one request at a time")
+        if name in FLOPS_PER_REQUEST:
+            flops, peak = FLOPS_PER_REQUEST[name], float32_matmul_peak()
+            ceiling = peak / flops
+            print(f"Arithmetic bound: {flops / 1e9:.2f} GFLOP of matrix products per request; at this machine's "
+                  f"measured float32 peak of {peak / 1e9:.0f} GFLOP/s no server answers more than {ceiling:.1f} req/s, "
+                  f"so batching can gain at most {ceiling / single:.2f}x over one at a time here (batched: "
+                  f"{batched / ceiling:.0%} of the bound).")
 
 
 if __name__ == "__main__":
