@@ -196,3 +196,18 @@ def assert_text_model_parity(folder: Path, arch: str, head: str, texts: list[str
                     row = value[i] if (head, key) in SEQUENCE_OUTPUTS else value[i][mask]
                     assert (row - single[key][0]).abs().max() <= tol, (arch, head, key, side, texts[i])
     return got
+
+
+def results_close(a, b, tol: float = 1e-5) -> bool:
+    """Pipeline results equal up to float noise: the same structure, labels and words, numbers within tol
+    (lists, tuples and numpy arrays compared item by item, numpy scalars as floats)."""
+    import numpy as np
+
+    if isinstance(a, (list, tuple, np.ndarray)):
+        return isinstance(b, (list, tuple, np.ndarray)) and len(a) == len(b) and all(
+            results_close(x, y, tol) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(results_close(a[k], b[k], tol) for k in a)
+    if isinstance(a, (float, np.floating)):
+        return abs(a - b) <= tol
+    return a == b

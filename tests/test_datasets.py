@@ -15,19 +15,13 @@ import torch
 from ctc_helpers import CLIPS, RATE, ctc_checkpoint
 from lightpipe import KeyDataset, pipeline
 from vision_helpers import smooth_image, tiny_vision_checkpoint
+from helpers import results_close
 
 TEXTS = ["I love this movie, it is great!", "bad", "The river flows through the old city at night.", "ok then",
          "what where who when why how does did do can will would should could not no yes very much many"]
 
 
-def close(a, b, tol=1e-5):
-    if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(close(x, y, tol) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(close(a[k], b[k], tol) for k in a)
-    if isinstance(a, float):
-        return abs(a - b) <= tol
-    return a == b
+close = results_close  # results equal up to float noise (tests/helpers.py)
 
 
 @pytest.fixture(scope="module")

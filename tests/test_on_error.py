@@ -9,6 +9,7 @@ import torch
 
 from lightpipe import InvalidInput, KeyDataset, pipeline
 from lightpipe.runtime import ModelItem, Padding, Runner
+from helpers import results_close
 
 TEXTS = ["I love it", 42, "The river flows through the old city at night.", "", "ok then", None, "fine"]
 BAD = {1, 5}  # not strings: InvalidInput in preprocess
@@ -16,14 +17,7 @@ GOOD = [t for i, t in enumerate(TEXTS) if i not in BAD]
 LONG = " ".join(["John Smith works at Google in London and Mary lives in Berlin ."] * 12)
 
 
-def close(a, b, tol=1e-5):
-    if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(close(x, y, tol) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(close(a[k], b[k], tol) for k in a)
-    if isinstance(a, float):
-        return abs(a - b) <= tol
-    return a == b
+close = results_close  # results equal up to float noise (tests/helpers.py)
 
 
 @pytest.fixture(scope="module")

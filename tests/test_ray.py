@@ -12,19 +12,13 @@ import soundfile
 from ctc_helpers import CLIPS, RATE, ctc_checkpoint
 from lightpipe import InvalidInput, pipeline
 from lightpipe.ray import PipelinePredictor, map_pipeline
+from helpers import results_close
 
 TEXTS = ["I love this movie, it is great!", "bad", "The river flows through the old city at night.", "ok then",
          "what where who when why how does did do can will would", "fine", "no", "The end."]
 
 
-def close(a, b, tol=1e-5):
-    if isinstance(a, (list, tuple, np.ndarray)):
-        return len(a) == len(b) and all(close(x, y, tol) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(close(a[k], b[k], tol) for k in a)
-    if isinstance(a, (float, np.floating)):
-        return abs(a - b) <= tol
-    return a == b
+close = results_close  # results equal up to float noise (tests/helpers.py)
 
 
 def wav_bytes(clip) -> bytes:

@@ -9,6 +9,7 @@ import torch
 
 from lightpipe import InvalidInput, KeyDataset, pipeline
 from lightpipe.runtime import ModelItem, Padding, Runner, collate, prefetch, split
+from helpers import results_close
 
 # Lengths vary a lot, so that length-sorted batches differ from the input order.
 TEXTS = [
@@ -23,15 +24,7 @@ TEXTS = [
 LONG = " ".join(["John Smith works at Google in London and Mary lives in Berlin ."] * 12)  # > 128 tokens
 
 
-def close(a, b, tol=1e-5):
-    """Results equal up to float noise: same structure, same labels/words, scores within tol."""
-    if isinstance(a, list):
-        return isinstance(b, list) and len(a) == len(b) and all(close(x, y, tol) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(close(a[k], b[k], tol) for k in a)
-    if isinstance(a, float):
-        return abs(a - b) <= tol
-    return a == b
+close = results_close  # results equal up to float noise (tests/helpers.py)
 
 
 @pytest.fixture(scope="module")
