@@ -124,6 +124,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, quantised engine "
           f"{torch.backends.quantized.engine}, int4 kernel {quantize.int4_kernel_available()}")
     lines = ["| case | variant | time | speed-up | weights | peak RSS | accuracy |", "|---|---|---:|---:|---:|---:|---|"]
+    bounds = []
     for case in args.cases.split(","):
         made = {variant: make(case, variant, args) for variant in VARIANTS}
         last = {}  # each variant's latest outputs, judged after the timing
@@ -132,6 +133,7 @@ def main() -> None:
             return lambda: last.__setitem__(variant, work())
 
         times = timed_together([keep(variant, work) for variant, (_, work) in made.items()], args.repeat)
+        bounds.append(f"{case}: " + int8_bound(made["float32"][1]))
         for (variant, (pipe, work)), spent in zip(made.items(), times):
             rss = "-" if args.no_rss else f"{peak_rss(case, variant, args):.0f} MB"
             lines.append(f"| {case} | {variant} | {spent:.2f} s | {times[0] / spent:.2f}× | "
@@ -140,6 +142,30 @@ def main() -> None:
             print(lines[-1], flush=True)
         del made
     print("\n".join(lines))
+    print("\n" + "\n".join(bounds))
+
+
+# Linear-layer kernels of a float32 run: what int8 layers can speed up. The vocabulary projection is among them
+# but stays in float, so the share over-counts what quantisation reaches and the bound below is generous.
+LINEAR_OPS = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear")
+# int8 against float32 multiply-accumulates per vector instruction (AVX512-VNNI's 4-way int8 dot against FMA):
+# the most any int8 product can gain over float32 on the arithmetic alone.
+INT8_PEAK_GAIN = 4.0
+
+
+def int8_bound(work) -> str:
+    """Amdahl's bound of int8 linear layers on this workload: the share f of a float32 run's time spent in linear
+    kernels, sped up by at most INT8_PEAK_GAIN, caps the whole run's gain at 1 / ((1 - f) + f / gain)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        work()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    share = sum(e.self_cpu_time_total for e in events if e.key in LINEAR_OPS) / total
+    bound = 1 / ((1 - share) + share / INT8_PEAK_GAIN)
+    return (f"linear layers are {share:.0%} of the float32 run; with int8 products {INT8_PEAK_GAIN:g}x faster "
+            f"(the arithmetic peak) and all else unchanged, int8 can be at most {bound:.2f}x faster than float32")
 
 
 if __name__ == "__main__":
