@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, bert_base_checkpoint, mixed_texts, timed_together  # noqa: E402
+from common import ROOT, bert_base_checkpoint, mixed_texts, timed_together, word_error_rate  # noqa: E402
 
 WHISPER = ROOT.parent / "shared" / "models" / "whisper-tiny.en"
 LONG_SPEECH = ROOT / "tests" / "data" / "long_speech.flac"
@@ -37,20 +36,6 @@ VARIANTS = {
     "int8, llm_int8_threshold=0": {"quantization_config": {"load_in_8bit": True, "llm_int8_threshold": 0}},
     "int4, group_size=32": {"quantization_config": {"load_in_4bit": True, "group_size": 32}},
 }
-
-
-def words(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split()
-
-
-def word_error_rate(hypothesis: str, reference: str) -> float:
-    hyp, ref = words(hypothesis), words(reference)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        previous, row = row, [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            row[j] = min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (r != h))
-    return row[-1] / len(ref)
 
 
 def smollm_path() -> str:

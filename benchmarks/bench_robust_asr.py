@@ -12,13 +12,13 @@ the non-speech parts (segments whose middle falls in a gap). Needs espeak-ng and
 from __future__ import annotations
 
 import argparse
-import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from common import word_error_rate, words
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_WHISPER = ROOT.parent / "shared" / "models" / "whisper-tiny.en"
@@ -95,20 +95,6 @@ def build_audio(seed: int = 0) -> tuple[np.ndarray, list[tuple[float, float]], l
     gaps.append((position / RATE, (position + len(tail)) / RATE))
     parts.append(tail)
     return np.concatenate(parts), spans, gaps, " ".join(SENTENCES)
-
-
-def words(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9' ]+", " ", text.lower()).split()
-
-
-def word_error_rate(hypothesis: str, reference: str) -> float:
-    h, r = words(hypothesis), words(reference)
-    row = list(range(len(h) + 1))
-    for i, rw in enumerate(r, start=1):
-        previous, row[0] = row[0], i
-        for j, hw in enumerate(h, start=1):
-            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (rw != hw))
-    return row[-1] / max(1, len(r))
 
 
 def scores(text: str, segments: list[tuple[float, float, str]], spans, gaps, script: str) -> dict:

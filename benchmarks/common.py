@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import random
 import shutil
@@ -161,3 +162,19 @@ def arithmetic_bound(flops: float, ours: float, ref: float, unit: str) -> str:
             f"machine's measured float32 peak of {peak / 1e9:.0f} GFLOP/s they alone take {floor * 1000:.0f} ms, so "
             f"no float32 library doing that arithmetic can be more than {ref / floor:.2f}× faster than transformers' "
             f"{ref * 1000:.0f} ms (lightpipe: {ours * 1000:.0f} ms, {ref / ours:.2f}×).")
+
+
+def words(text: str) -> list[str]:
+    """Lower-case words for a word error rate: punctuation dropped, hyphenated words split, apostrophes kept."""
+    return re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split()
+
+
+def word_error_rate(hypothesis: str, reference: str) -> float:
+    """Word-level edit distance (substitutions, insertions, deletions) over the reference's word count."""
+    hyp, ref = words(hypothesis), words(reference)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        previous, row = row, [i] + [0] * len(hyp)
+        for j, h in enumerate(hyp, 1):
+            row[j] = min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (r != h))
+    return row[-1] / max(1, len(ref))

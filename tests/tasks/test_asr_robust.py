@@ -4,7 +4,6 @@ restart inside a chunk, and vad_filter on a CTC model."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from lightpipe.errors import InvalidInput
 from lightpipe.processing.regions import PackedWindow, Piece, pack_regions
 from lightpipe.vad import speech_regions, vad_options
 from lightpipe.whisper.guards import RepetitionStop, cut_repetition, repeated_tail
+from helpers import word_error_rate, words
 
 RATE = 16000
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,20 +26,6 @@ SHARED_TINY_EN = ROOT.parent / "shared" / "models" / "whisper-tiny.en"
 PACKAGE_ID = "Systran/faster-whisper-tiny.en"
 GUARDS = {"no_speech_threshold": 0.6, "logprob_threshold": -1.0, "compression_ratio_threshold": 1.35,
           "max_ngram_repeats": 4}
-
-
-def words(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9 ]+", " ", text.lower()).split()
-
-
-def word_error_rate(hypothesis: str, reference: str) -> float:
-    h, r = words(hypothesis), words(reference)
-    row = list(range(len(h) + 1))
-    for i, rw in enumerate(r, start=1):
-        previous, row[0] = row[0], i
-        for j, hw in enumerate(h, start=1):
-            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (rw != hw))
-    return row[-1] / max(1, len(r))
 
 
 def longest_run(items: list[str]) -> int:

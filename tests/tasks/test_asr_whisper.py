@@ -5,7 +5,6 @@ installed faster-whisper tiny.en package, and ../shared/models/whisper-tiny.en w
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from lightpipe.errors import InvalidInput
 from whisper_helpers import WHISPER_TEXT_TOKENS, tiny_whisper, whisper_special_ids
 
 import transformers
+from helpers import word_error_rate, words
 
 RATE = 16000
 ROOT = Path(__file__).resolve().parents[2]
@@ -487,20 +487,6 @@ def test_english_only_model_refuses_language(pipes):
 
 
 # ---------------------------------------------------------------------------------------------- real weights
-def words(text: str) -> list[str]:
-    return re.sub(r"[^a-z0-9' ]+", " ", text.lower().replace("-", " ")).split()
-
-
-def word_error_rate(hypothesis: str, reference: str) -> float:
-    hyp, ref = words(hypothesis), words(reference)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        previous, row = row, [i] + [0] * len(hyp)
-        for j, h in enumerate(hyp, 1):
-            row[j] = min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (r != h))
-    return row[-1] / len(ref)
-
-
 def check_timestamps(chunks, duration: float):
     starts = [c["timestamp"][0] for c in chunks]
     assert starts == sorted(starts)
