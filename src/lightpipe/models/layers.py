@@ -114,12 +114,27 @@ def _laid_out_by_input_rows(weight: torch.Tensor) -> bool:
     return weight.dim() == 2 and weight.stride(0) == 1 and weight.stride(1) == weight.shape[0]
 
 
+_onednn_one_row: bool | None = None
+
+
+def _onednn_streams_one_row() -> bool:
+    """Whether oneDNN's packed product beats BLAS for one row on this CPU. With AVX-512 it streams the packed
+    weight faster than BLAS streams an (in, out) matrix (GPT-2 small's 48 layer matrices: 12.3 ms against 20.6 ms;
+    its 50257 x 768 head 4.6 against 5.9 ms, 2-core AMD EPYC); on an AVX2 CPU BLAS was the faster by ~17% per
+    decode step (see linear)."""
+    global _onednn_one_row
+    if _onednn_one_row is None:
+        _onednn_one_row = torch.backends.cpu.get_cpu_capability().startswith("AVX512") and _fused_linear_works()
+    return _onednn_one_row
+
+
 def _one_row_by_input_rows(x: torch.Tensor, layer) -> bool:
     """One row of input (a batch-1 decode step) against a weight whose memory is laid out (in, out), seen as (out, in)
-    (`weight.t()` contiguous: GPT-2's Conv1D layout, which gpt2.sanitize keeps, or a storage transposed at load)."""
+    (`weight.t()` contiguous: GPT-2's Conv1D layout, which gpt2.sanitize keeps, or a storage transposed at load),
+    which BLAS multiplies fastest unless oneDNN's packed product is the faster here."""
     weight = layer.weight
     return (x.device.type == "cpu" and x.numel() == x.shape[-1] and _laid_out_by_input_rows(weight)
-            and x.dtype == weight.dtype)
+            and x.dtype == weight.dtype and not (_fusable(x, layer) and _onednn_streams_one_row()))
 
 
 class QuantizedLayer(nn.Module):
@@ -274,37 +289,12 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tu
 
     `mask` is the cache's `attention_mask(t)`: (boolean mask or None, is_causal). Hq may be a multiple of Hkv
     (grouped-query attention): each key/value head serves Hq // Hkv consecutive query heads, without copying.
+    A decode step's single query goes to SDPA too: with torch 2.13 its CPU kernel beats two matrix-vector products
+    by 2-3x at short lengths and still by ~20% at 1000 cached positions (GPT-2's 12 heads; 15 against 32 us at 100).
     """
     attn_mask, is_causal = mask
-    if attn_mask is None and not is_causal and q.shape[2] == 1:
-        return one_query_attention(q, k, v, scale)
-    grouped = q.shape[1] != k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                                          enable_gqa=grouped)
-
-
-def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
-                        mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Unmasked attention of one query per (row, head): (B, Hq, 1, D) over (B, Hkv, S, D) -> (B, Hq, 1, D).
-
-    A greedy decode step has one query per row. SDPA's CPU kernel tiles for blocks of queries and takes about
-    twice as long here as two matrix-vector products, which only stream the keys and values once (the cost
-    that bounds this step). With grouped-query attention the query heads of one key/value head are stacked as
-    that head's rows. Same math, to float rounding. mask: boolean, broadcastable to (B, 1, 1, S), True where
-    attended (an encoder's padding, for cross-attention), or None.
-    """
-    if q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
-                                              enable_gqa=q.shape[1] != k.shape[1])
-    b, hq, _, d = q.shape
-    hkv = k.shape[1]
-    grouped = q.reshape(b, hkv, hq // hkv, d)  # (B, Hkv, G, D)
-    scores = torch.matmul(grouped, k.transpose(-1, -2))  # (B, Hkv, G, S)
-    if scale != 1.0:
-        scores = scores * (d ** -0.5 if scale is None else scale)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(scores.softmax(dim=-1), v).reshape(b, hq, 1, d)
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -322,10 +312,7 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     groups = rows // batch
     folded = q if groups == 1 else q.view(batch, groups, num_heads, t, dim).transpose(1, 2).reshape(
         batch, num_heads, groups * t, dim)  # (B, H, G*t, D)
-    if folded.shape[2] == 1:
-        out = one_query_attention(folded, k, v, scale, mask)
-    else:
-        out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)
     if groups > 1:
         out = out.view(batch, num_heads, groups, t, dim).transpose(1, 2).reshape(rows, num_heads, t, dim)
     weights = None
