@@ -5,7 +5,9 @@
 - `model.new_cache(rows, max_length, encoder_hidden=None) -> KVCache`: an empty cache for `rows`
   sequences (cross-attention keys/values computed here, once, for encoder-decoder models);
 - `model.decode_step(tokens (rows, t), cache, *, last_only=False)` -> logits (rows, t or 1, V);
-- optionally `model.max_positions`, the longest sequence its position embeddings allow.
+- optionally `model.max_positions`, the longest sequence its position embeddings allow;
+- optionally `model.greedy_step(tokens, cache)` -> (rows,) the argmax of decode_step's last logits, found without
+  computing them all; plain greedy decoding (no processors, no scores kept) uses it.
 
 The first step (prefill) feeds the whole prompt; each later step feeds one token per row. A list of
 logits processors shapes the scores, a strategy (greedy, sampling, beam search) picks the tokens, and
@@ -412,6 +414,13 @@ def _decode(model, tokens, cache) -> torch.Tensor:
     return model.decode_step(tokens, cache, last_only=True)[:, -1].float()
 
 
+def _argmax_only(model, plan: _Plan, config: GenerationConfig) -> bool:
+    """Whether each step needs only the best token, which a model with `greedy_step` finds without computing every
+    logit: greedy decoding with nothing that reads or changes the scores."""
+    return (hasattr(model, "greedy_step") and not config.do_sample and not plan.processors
+            and not config.output_scores)
+
+
 def _sample(model, plan: _Plan, config: GenerationConfig, encoder_hidden, on_token, generator) -> GenerationOutput:
     """Greedy decoding or sampling. Rows that are done leave the batch (their cache rows are dropped), so they stop
     costing work - except with an encoder-decoder cache, whose rows share their input's encoder output; there, done
@@ -432,14 +441,18 @@ def _sample(model, plan: _Plan, config: GenerationConfig, encoder_hidden, on_tok
     active: torch.Tensor | None = None  # rows the cache holds, in its order; None = all rows
     all_scores = []
     length, step_input = prompt_length, prompt
+    argmax_only = _argmax_only(model, plan, config)
     while True:
-        scores = _decode(model, step_input, cache)  # (rows in the cache, V)
-        history = tokens[:, :length] if active is None else tokens[active, :length]
-        scores = P.apply(plan.processors, history, scores)
-        if config.output_scores:
-            all_scores.append(scores if active is None else
-                              scores.new_full((rows, scores.shape[1]), -math.inf).index_copy_(0, active, scores))
-        chosen = select(scores)
+        if argmax_only:
+            chosen = model.greedy_step(step_input, cache)  # (rows in the cache,)
+        else:
+            scores = _decode(model, step_input, cache)  # (rows in the cache, V)
+            history = tokens[:, :length] if active is None else tokens[active, :length]
+            scores = P.apply(plan.processors, history, scores)
+            if config.output_scores:
+                all_scores.append(scores if active is None else
+                                  scores.new_full((rows, scores.shape[1]), -math.inf).index_copy_(0, active, scores))
+            chosen = select(scores)
         if active is None:
             chosen = torch.where(running, chosen, fill) if criteria else chosen
             tokens[:, length] = chosen

@@ -31,8 +31,8 @@ from torch import nn
 from ..config import BaseConfig
 from ..errors import InvalidInput, UnsupportedModel
 from ..generation.cache import KVCache
-from .layers import (Embedding, FusedProjection, activation, by_input_rows, cached_attention, full_sequence_cache, linear,
-                     merge_heads, vocab_logits)
+from .layers import (Embedding, FusedProjection, activation, by_input_rows, cached_attention, full_sequence_cache,
+                     greedy_tokens, linear, merge_heads, vocab_logits)
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 DEFAULT_ROPE_THETA = 10000.0
@@ -410,6 +410,11 @@ class LlamaForCausalLM(nn.Module):
         """tokens (B, t) appended to the cache -> logits (B, t, V), or (B, 1, V) of the last position only."""
         hidden = self.model.decode(tokens, cache)
         return vocab_logits(hidden[:, -1:] if last_only else hidden, self.lm_head)
+
+    def greedy_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """tokens (B, t) appended to the cache -> (B,) the most likely next token of each row: the argmax of
+        decode_step's last logits, found without computing them all (layers.greedy_tokens)."""
+        return greedy_tokens(self.model.decode(tokens, cache)[:, -1], self.lm_head)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Logits (B, T, V) of every position (padding as in LlamaModel.forward)."""
