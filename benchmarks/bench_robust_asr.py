@@ -106,7 +106,7 @@ def scores(text: str, segments: list[tuple[float, float, str]], spans, gaps, scr
             "gap_words": in_gaps}
 
 
-def run_lightpipe(audio, mode: str, beams: int, batch_size: int) -> tuple[float, str, list]:
+def run_lightpipe(audio, mode: str, beams: int, batch_size: int) -> tuple[float, str, list, dict]:
     import lightpipe
 
     pipe = lightpipe.pipeline("automatic-speech-recognition", model=str(SHARED_WHISPER))
@@ -116,12 +116,47 @@ def run_lightpipe(audio, mode: str, beams: int, batch_size: int) -> tuple[float,
     elif mode == "vad-batched":
         params.update(vad_filter=True, batch_size=batch_size)
     pipe(audio[: 10 * RATE], **params)  # warm-up (and the VAD network's first load)
+    work = count_work(pipe.model)
     start = time.perf_counter()
     result = pipe(audio, **params)
     elapsed = time.perf_counter() - start
     segments = [(c["timestamp"][0], c["timestamp"][1] if c["timestamp"][1] is not None else c["timestamp"][0],
                  c["text"]) for c in result["chunks"]]
-    return elapsed, result["text"], segments
+    return elapsed, result["text"], segments, work
+
+
+def count_work(model) -> dict:
+    """Counts, from now on, the windows `model` encodes and its decode steps and their rows (wrapping the two calls)."""
+    work = {"windows": 0, "steps": 0, "rows": 0}
+    encode, decode_step = model.encode, model.decode_step
+
+    def counted_encode(features, *args, **kwargs):
+        work["windows"] += features.shape[0]
+        return encode(features, *args, **kwargs)
+
+    def counted_step(tokens, cache, **kwargs):
+        work["steps"] += 1
+        work["rows"] += tokens.shape[0]
+        return decode_step(tokens, cache, **kwargs)
+
+    model.encode, model.decode_step = counted_encode, counted_step
+    return work
+
+
+def work_floor(model, work: dict, peak: float, rate: float) -> float:
+    """The seconds `work` takes at this machine's float32 peak (FLOP/s) and read rate (bytes/s), whoever does it:
+    each encoded 30 s window's arithmetic (two convolutions, the layers' products and attention) at the peak; each
+    decode step reads the decoder's weights once (its cross-attention key/value projections run once per window, not
+    per step) and each of its rows that window's cached encoder keys/values, at the read rate."""
+    c = model.config
+    d, frames = c.d_model, c.max_source_positions
+    encoder_flops = 2 * (2 * frames * c.num_mel_bins * d * 3 + frames * d * d * 3
+                         + c.encoder_layers * (frames * (4 * d * d + 2 * d * c.encoder_ffn_dim) + 2 * frames * frames * d))
+    step_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+                     if name.startswith("model.decoder.") and "embed_positions" not in name
+                     and not any(f"encoder_attn.{k}_proj" in name for k in "kv"))
+    row_bytes = c.decoder_layers * 2 * frames * d * 4  # cross-attention keys and values, float32
+    return work["windows"] * encoder_flops / peak + (work["steps"] * step_bytes + work["rows"] * row_bytes) / rate
 
 
 def run_faster_whisper(audio, compute_type: str, beams: int, batch_size: int) -> tuple[float, str, list]:
@@ -171,8 +206,11 @@ def main() -> None:
           "segment starts vs sequential mean / max (s) |")
     print("|---|---:|---:|---:|---:|---:|")
     sequential = None
+    floors = {}
     for name, run in runs:
-        elapsed, text, segments = run()
+        elapsed, text, segments, *work = run()
+        if work:
+            floors[name] = (elapsed, work[0])
         s = scores(text, segments, spans, gaps, script)
         if name == "lightpipe sequential":
             sequential = [start for start, _, t in segments if t.strip()]
@@ -187,6 +225,32 @@ def main() -> None:
         if args.verbose:
             for segment in segments:
                 print("   ", segment)
+    print_work_bound(floors)
+
+
+def print_work_bound(floors: dict) -> None:
+    """Each lightpipe way's work (windows encoded, decode steps and rows) and the least time it takes on this machine,
+    then the most VAD-batched decoding can gain over sequential decoding when both run at those floors."""
+    if not floors:
+        return
+    import lightpipe
+    from bench_textgen import streaming_rate
+    from common import float32_matmul_peak
+
+    model = lightpipe.pipeline("automatic-speech-recognition", model=str(SHARED_WHISPER)).model
+    peak, rate = float32_matmul_peak(), streaming_rate()
+    print(f"\nWork and its floor at this machine's float32 peak {peak / 1e9:.0f} GFLOP/s and read rate "
+          f"{rate / 1e9:.1f} GB/s:")
+    least = {}
+    for name, (elapsed, work) in floors.items():
+        least[name] = work_floor(model, work, peak, rate)
+        print(f"  {name}: {work['windows']} windows encoded, {work['steps']} decode steps of {work['rows']} rows in "
+              f"all: at least {least[name]:.2f} s (measured {elapsed:.2f} s, {least[name] / elapsed:.0%} of the floor "
+              "rate)")
+    if "lightpipe sequential" in least and "lightpipe vad-batched" in least:
+        print(f"  VAD-batched over sequential, both at their floors: at most "
+              f"{least['lightpipe sequential'] / least['lightpipe vad-batched']:.2f}x; with the sequential time as "
+              f"measured: at most {floors['lightpipe sequential'][0] / least['lightpipe vad-batched']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ SHAPES = {
         do_layer_norm_before=False, vocab_size=50272, max_position_embeddings=2048)),
 }
 PROMPTS = 8
+# Models that are not built from SHAPES: name -> () -> (lightpipe model, transformers model) on the same weights.
+LOADERS: dict = {}
 
 
 def checkpoint(name: str):
@@ -65,9 +67,12 @@ def runners(name: str, new_tokens: int):
     from lightpipe.generation import GenerationConfig, generate
     from lightpipe.loading import load_model
 
-    folder = checkpoint(name)
-    ours = load_model(folder, "causal-lm")
-    ref = getattr(transformers, SHAPES[name][1]).from_pretrained(str(folder)).eval()
+    if name in LOADERS:
+        ours, ref = LOADERS[name]()
+    else:
+        folder = checkpoint(name)
+        ours = load_model(folder, "causal-lm")
+        ref = getattr(transformers, SHAPES[name][1]).from_pretrained(str(folder)).eval()
     eos = ours.config.eos_token_id
     pad = eos  # GPT-2 has no pad token: pad with the end token, as its users do
     rows = prompts(ours.config.vocab_size)
@@ -97,7 +102,7 @@ def runners(name: str, new_tokens: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES) + list(LOADERS))
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
