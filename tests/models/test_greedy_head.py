@@ -42,6 +42,8 @@ def test_greedy_tokens_equal_argmax_of_float32_logits(layout):
         with torch.inference_mode():
             expected = vocab_logits(hidden, layer).argmax(dim=-1)
             assert torch.equal(greedy_tokens(hidden, layer), expected), trial
+        # The bfloat16 screen ran (it is built on first use) where the CPU has bfloat16 instructions.
+        assert hasattr(layer, "_lightpipe_screen") == layers._bf16_screen_works()
 
 
 def test_greedy_tokens_near_ties_and_fallbacks():
