@@ -69,6 +69,7 @@ _GELU_IN_PLACE = {
     "gelu_new": "tanh",
     "gelu_fast": "tanh",
 }
+_ONEDNN_ACTIVATIONS = frozenset(_FUSED_ACTIVATIONS) | frozenset(_GELU_IN_PLACE)
 _fused_ok: bool | None = None
 
 
@@ -85,30 +86,31 @@ def _fused_linear_works() -> bool:
     return _fused_ok
 
 
-def _version(tensor: torch.Tensor) -> int:
+def write_counter(tensor: torch.Tensor) -> int:
     """The tensor's in-place write counter; -1 for an inference tensor (a model loaded under
     torch.inference_mode()), which has none: such weights can only change inside inference mode."""
     return -1 if tensor.is_inference() else tensor._version
 
 
-def _packed_weight(layer, *, streamed: bool = False) -> torch.Tensor:
-    """The layer's weight reordered once into oneDNN's blocked layout, kept beside the parameter.
+def _packed_weight(layer, weight: torch.Tensor, *, streamed: bool = False) -> torch.Tensor:
+    """The layer's weight (`weight`, already read from it) reordered once into oneDNN's blocked layout, kept beside
+    the parameter.
 
     Without it oneDNN reorders the plain (out, in) matrix on every call: ~15% of an encoder's time,
     and far more when other processes compete for memory bandwidth. The cache follows the weight:
-    a moved or replaced parameter is packed again. `streamed`: the caller multiplies one row (a decode step), which
+    a moved or replaced parameter is packed again. `streamed`: the caller multiplies few rows (a decode step), which
     reads the whole copy for little arithmetic; the copy is then moved to huge pages once (see huge_pages).
     """
-    weight = layer.weight
-    key = (weight.data_ptr(), _version(weight))
     cached = getattr(layer, "_lightpipe_packed", None)
-    if cached is None or cached[0] != key:
-        cached = [key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 128), False]
+    if (cached is None or cached[0] != weight.data_ptr()
+            or cached[1] != (-1 if weight.is_inference() else weight._version)):
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 128)
+        cached = [weight.data_ptr(), write_counter(weight), packed, False]
         layer._lightpipe_packed = cached
-    if streamed and not cached[2]:
-        huge_pages(cached[1])
-        cached[2] = True
-    return cached[1]
+    if streamed and not cached[3]:
+        huge_pages(cached[2])
+        cached[3] = True
+    return cached[2]
 
 
 _MADV_COLLAPSE = 25  # Linux 6.1+
@@ -147,8 +149,8 @@ def huge_pages(packed: torch.Tensor) -> None:
         _madvise(first, last - first, _MADV_COLLAPSE)  # refused (no THP, old kernel): the pages stay as they are
 
 
-def _fusable(x: torch.Tensor, layer) -> bool:
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and layer.weight.dtype == torch.float32
+def _fusable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (x.is_cpu and x.dtype == torch.float32 and weight.dtype == torch.float32
             and not torch.is_grad_enabled() and _fused_linear_works())
 
 
@@ -179,11 +181,15 @@ def _onednn_streams_one_row() -> bool:
 _FEWEST_ROWS = 4
 
 
-def _padded_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
-    flat = x.reshape(rows, x.shape[-1])
+def _few_rows_product(x: torch.Tensor, rows: int, packed: torch.Tensor, bias, *post_op) -> torch.Tensor:
+    """oneDNN's product of 1-3 rows of x (rows = x's leading dims multiplied) run on four rows (see _FEWEST_ROWS)."""
+    lead = x if x.shape[0] == rows else x.reshape(rows, x.shape[-1])  # the rows along the first dim
     if rows == 1:
-        return flat.expand(_FEWEST_ROWS, -1)  # oneDNN reads the broadcast row as is
-    return torch.cat([flat, flat[:1].expand(_FEWEST_ROWS - rows, -1)])
+        padded = lead.expand(_FEWEST_ROWS, *lead.shape[1:])  # oneDNN reads the broadcast row as is
+    else:
+        padded = torch.cat([lead, lead[:1].expand(_FEWEST_ROWS - rows, *lead.shape[1:])])
+    y = torch.ops.mkldnn._linear_pointwise(padded, packed, bias, *post_op)[:rows]
+    return y if lead is x else y.view(*x.shape[:-1], y.shape[-1])
 
 
 def _one_row_by_input_rows(x: torch.Tensor, layer) -> bool:
@@ -226,25 +232,25 @@ def linear(x: torch.Tensor, layer, act: str | None = None) -> torch.Tensor:
     if isinstance(layer, QuantizedLayer):
         y = layer(x)
         return y if act is None else activation(act)(y)
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    one_row = rows == 1
-    if _fusable(x, layer) and (act in _FUSED_ACTIVATIONS or act in _GELU_IN_PLACE) and (
-            not one_row or _onednn_streams_one_row() or not _laid_out_by_input_rows(layer.weight)):
-        attr, scalars, algorithm = _FUSED_ACTIVATIONS.get(act, _FUSED_ACTIVATIONS[None])
-        few = 0 < rows < _FEWEST_ROWS and _onednn_streams_one_row()
-        packed = _packed_weight(layer, streamed=few or one_row)
-        if few:
-            y = torch.ops.mkldnn._linear_pointwise(_padded_rows(x, rows), packed, layer.bias, attr, scalars, algorithm)
-            y = y[:rows].view(*x.shape[:-1], y.shape[-1])
-        else:
-            y = torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, attr, scalars, algorithm)
-        return y if act not in _GELU_IN_PLACE else torch.ops.aten.gelu_(y, approximate=_GELU_IN_PLACE[act])
+    # A decode step calls this ~100 times per token: the checks below are ordered and written for few Python calls.
+    weight = layer.weight
+    if act in _ONEDNN_ACTIVATIONS and _fusable(x, weight) and x.shape[-1]:
+        rows = x.numel() // x.shape[-1]
+        few = rows < _FEWEST_ROWS and _onednn_streams_one_row()
+        if few or rows != 1 or not _laid_out_by_input_rows(weight):
+            attr, scalars, algorithm = _FUSED_ACTIVATIONS.get(act, _FUSED_ACTIVATIONS[None])
+            packed = _packed_weight(layer, weight, streamed=few or rows == 1)
+            if few and rows:
+                y = _few_rows_product(x, rows, packed, layer.bias, attr, scalars, algorithm)
+            else:
+                y = torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, attr, scalars, algorithm)
+            return y if act not in _GELU_IN_PLACE else torch.ops.aten.gelu_(y, approximate=_GELU_IN_PLACE[act])
     if _one_row_by_input_rows(x, layer):
         flat = x.reshape(1, x.shape[-1])
-        y = flat @ layer.weight.t() if layer.bias is None else torch.addmm(layer.bias, flat, layer.weight.t())
+        y = flat @ weight.t() if layer.bias is None else torch.addmm(layer.bias, flat, weight.t())
         y = y.view(*x.shape[:-1], y.shape[-1])
         return y if act is None else activation(act)(y)
-    y = _folded_linear(x, layer.weight, layer.bias)
+    y = _folded_linear(x, weight, layer.bias)
     return y if act is None else activation(act)(y)
 
 
@@ -255,6 +261,21 @@ def _folded_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if x.dim() <= 2:
         return F.linear(x, weight, bias)
     return F.linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
+
+
+def _source_key(layers: tuple[nn.Linear, ...]) -> list:
+    """What identifies the layers' current weights and biases: their memory, write counters, dtype and device.
+    Read from the modules' parameter dicts: a decode step refreshes ~60 fused projections, and Module.__getattr__
+    made this check cost more than the small products it guards."""
+    key = []
+    for layer in layers:
+        params = layer.__dict__.get("_parameters") or {}
+        weight = params["weight"] if "weight" in params else layer.weight
+        bias = params["bias"] if "bias" in params else layer.bias
+        key += (weight.data_ptr(), write_counter(weight), weight.dtype, weight.device)
+        if bias is not None:
+            key += (bias.data_ptr(), write_counter(bias))
+    return key
 
 
 class FusedProjection:
@@ -269,15 +290,14 @@ class FusedProjection:
     """
 
     def __init__(self) -> None:
-        self.source: tuple | None = None
+        self.source: list | None = None
         self.weight: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
 
     def refresh(self, layers: tuple[nn.Linear, ...]) -> "FusedProjection | QuantizedLayer":
         if any(isinstance(layer, QuantizedLayer) for layer in layers):
             return self._quantized(layers)
-        source = tuple((t.data_ptr(), _version(t), t.dtype, t.device) for layer in layers
-                       for t in (layer.weight, layer.bias) if t is not None)
+        source = _source_key(layers)
         if source != self.source:
             # Built outside inference mode: inference tensors have no version counter to cache on.
             with torch.inference_mode(False), torch.no_grad():
@@ -437,7 +457,7 @@ def vocab_logits(hidden: torch.Tensor, layer) -> torch.Tensor:
     if isinstance(layer, QuantizedLayer):
         return layer(hidden)
     weight = layer.weight
-    if _fusable(hidden, layer) or _one_row_by_input_rows(hidden, layer):
+    if _fusable(hidden, weight) or _one_row_by_input_rows(hidden, layer):
         return linear(hidden, layer)
     shape = hidden.shape
     rows = hidden.reshape(-1, shape[-1])
@@ -491,7 +511,7 @@ class _Screen:
 
 def _screen(layer) -> _Screen:
     weight = layer.weight
-    key = (weight.data_ptr(), _version(weight))
+    key = (weight.data_ptr(), write_counter(weight))
     cached = getattr(layer, "_lightpipe_screen", None)
     if cached is None or cached[0] != key:
         cached = (key, _Screen(weight.detach()))
@@ -515,7 +535,11 @@ def greedy_tokens(hidden: torch.Tensor, layer) -> torch.Tensor:
         return vocab_logits(hidden, layer).argmax(dim=-1)
     screen = _screen(layer)
     low = hidden.to(torch.bfloat16)
-    approx = torch.ops.mkldnn._linear_pointwise(low, screen.packed, None, "none", [], "").float()  # (B, V)
+    rows = hidden.shape[0]
+    if rows < _FEWEST_ROWS and _onednn_streams_one_row():
+        approx = _few_rows_product(low, rows, screen.packed, None, "none", [], "").float()  # (B, V)
+    else:
+        approx = torch.ops.mkldnn._linear_pointwise(low, screen.packed, None, "none", [], "").float()
     size = torch.linalg.vector_norm(hidden, dim=1, keepdim=True)  # (B, 1)
     lost = torch.linalg.vector_norm(hidden - low.float(), dim=1, keepdim=True)
     accumulation = 2 * hidden.shape[1] * _FLOAT32_UNIT * size
