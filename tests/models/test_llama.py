@@ -313,6 +313,22 @@ def test_rms_norm_in_half_precision_equals_transformers():
         assert torch.equal(ours(x), ref(x))
 
 
+def test_rms_norm_in_float32_equals_transformers_and_follows_its_weight():
+    """float32 runs as layer_norm over [x, -x] with a doubled copy of the weight: equal to transformers' RMSNorm to
+    float32 rounding, for large and tiny rows, and the copy follows an in-place change of the weight."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 4, 48, generator=gen) * torch.tensor([1e-3, 1.0, 50.0]).view(3, 1, 1) + 0.3
+    ref, ours = LlamaRMSNorm(48, eps=1e-6), llama.LlamaRMSNorm(48, 1e-6)
+    with torch.no_grad():
+        for _ in range(2):  # the second round after an in-place change of the weight
+            ref.weight.copy_(1 + 0.2 * torch.randn(48, generator=gen))
+            ours.weight.copy_(ref.weight)
+            torch.testing.assert_close(ours(x), ref(x), rtol=2e-6, atol=1e-6)
+            assert ours(x[:1, :1]).shape == (1, 1, 48)
+
+
 def test_bfloat16_runs_close_to_float32(llama_folder):
     full, half = load_model(llama_folder, "causal-lm"), load_model(llama_folder, "causal-lm", dtype="bfloat16")
     ids, mask = padded(PROMPTS)
