@@ -547,3 +547,31 @@ def test_static_cache_equals_dynamic_on_whisper(whisper, options):
     assert static.sequences.tolist() == dynamic.sequences.tolist()
     for a, b in zip(static.scores, dynamic.scores):
         torch.testing.assert_close(a.nan_to_num(neginf=0), b.nan_to_num(neginf=0), rtol=0, atol=1e-5)
+
+
+def test_dynamic_cache_grows_keeping_its_slots_and_reorders_after_growing():
+    """A dynamic cache starts small and doubles: every written slot survives each growth, attention reads exactly
+    the filled slots, and beam reordering after a growth moves whole rows. A static cache is allocated whole."""
+    gen = torch.Generator().manual_seed(0)
+    cache = KVCache(2, 3, 2, 4, 300, dtype=torch.float32, device="cpu")
+    assert cache.keys[0].shape[2] < 300
+    written = []
+    for t in [5] + [1] * 100 + [70]:
+        k, v = torch.randn(3, 2, t, 4, generator=gen), torch.randn(3, 2, t, 4, generator=gen)
+        written.append((k, v))
+        for layer in range(2):
+            keys, values = cache.update(layer, k, v)
+            assert keys.shape == (3, 2, cache.length + t, 4)
+        cache.advance(t)
+    assert 175 <= cache.keys[0].shape[2] <= 300
+    all_k = torch.cat([k for k, _ in written], dim=2)
+    all_v = torch.cat([v for _, v in written], dim=2)
+    assert torch.equal(cache.keys[1][:, :, :175], all_k) and torch.equal(cache.values[0][:, :, :175], all_v)
+    cache.reorder(torch.tensor([2, 0, 0]))
+    assert torch.equal(cache.keys[0][:, :, :175], all_k[[2, 0, 0]])
+    assert torch.equal(cache.values[1][:, :, :175], all_v[[2, 0, 0]])
+    cache.check_room(125)
+    with pytest.raises(InvalidInput):
+        cache.check_room(126)
+    static = KVCache(1, 1, 1, 2, 300, dtype=torch.float32, device="cpu", static=True)
+    assert static.keys[0].shape[2] == 300 and not static.keys[0].any()

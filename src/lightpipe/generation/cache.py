@@ -1,10 +1,11 @@
 """The key/value cache of autoregressive decoding: an explicit object the model reads and writes.
 
-Self-attention keys and values live in buffers preallocated for the whole generation, (B, Hkv, max_length, D)
-per layer, where Hkv is the model's key/value head count (smaller than its query head count under grouped-query
-attention). A decode step writes its t new positions at slots [length, length + t). Left padding (batched prompts
-of different lengths) is described by one number per row, which gives both the attention mask and each row's own
-position of every slot (slot minus the row's padding), so the rows of a left-padded batch count from 0.
+Self-attention keys and values live in buffers (B, Hkv, room, D) per layer - allocated for max_length slots at
+once when static, else for a few dozen and doubled when full - where Hkv is the model's key/value head count
+(smaller than its query head count under grouped-query attention). A decode step writes its t new positions at
+slots [length, length + t). Left padding (batched prompts of different lengths) is described by one number per row,
+which gives both the attention mask and each row's own position of every slot (slot minus the row's padding), so
+the rows of a left-padded batch count from 0.
 
 Two shapes of the same computation, giving the same tokens:
 - dynamic (the default): attention reads the filled slots [0, length + t), a view that grows by one per step.
@@ -23,8 +24,11 @@ import torch
 from ..errors import InvalidInput
 
 
+_FIRST_CAPACITY = 64  # slots a dynamic cache holds before it first grows
+
+
 class KVCache:
-    """Per-layer self-attention keys/values, preallocated.
+    """Per-layer self-attention keys/values in preallocated buffers.
 
     The model calls, for each decode step of t tokens: `check_room(t)`, `attention_mask(t)` and `positions(t)`
     once, `update(layer, k, v)` in every layer, and `advance(t)` at the end.
@@ -35,7 +39,11 @@ class KVCache:
 
     def __init__(self, num_layers: int, batch_size: int, num_kv_heads: int, head_dim: int, max_length: int, *,
                  dtype: torch.dtype, device: torch.device | str, static: bool = False):
-        shape = (batch_size, num_kv_heads, max_length, head_dim)
+        # A dynamic cache starts with room for a few dozen slots and doubles when full (see _grow): beam search
+        # moves whole buffers when it reorders rows, and a buffer sized for max_length (Whisper: 448) while ~100
+        # slots are used moved 4x the bytes. A static one is allocated whole, as its shapes must never change.
+        capacity = max_length if static else min(max_length, _FIRST_CAPACITY)
+        shape = (batch_size, num_kv_heads, capacity, head_dim)
         # Static caches are read whole: the empty slots must hold finite numbers (masked, weight 0, but 0 * NaN
         # would still be NaN), so they start at zero.
         make = torch.zeros if static else torch.empty
@@ -99,6 +107,8 @@ class KVCache:
         end = self.length + k.shape[2]
         if k.device != self.keys[layer].device:  # a layer placed on another device (a device_map): its buffers follow
             self.keys[layer], self.values[layer] = self.keys[layer].to(k.device), self.values[layer].to(k.device)
+        if end > self.keys[layer].shape[2]:
+            self._grow(layer, end)
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
         if self.static:
@@ -107,6 +117,16 @@ class KVCache:
 
     def advance(self, t: int) -> None:
         self.length += t
+
+    def _grow(self, layer: int, end: int) -> None:
+        """Room for at least `end` slots in the layer's buffers (twice the old room, at most max_length), the filled
+        slots copied over."""
+        for buffers in (self.keys, self.values):
+            old = buffers[layer]
+            capacity = min(self.max_length, max(end, 2 * old.shape[2]))
+            grown = old.new_empty((*old.shape[:2], capacity, old.shape[3]))
+            grown[:, :, :self.length] = old[:, :, :self.length]
+            buffers[layer] = grown
 
     # ------------------------------------------------------------------ set-up and beams
     def set_left_padding(self, padding: torch.Tensor | None) -> None:
@@ -130,8 +150,8 @@ class KVCache:
                 self._spare = torch.empty_like(self.keys[0])
             for buffers in (self.keys, self.values):
                 for layer in range(len(buffers)):
-                    if buffers[layer].device != self._spare.device:  # layers on several devices (a device_map)
-                        self._spare = torch.empty_like(buffers[layer])
+                    if buffers[layer].device != self._spare.device or buffers[layer].shape != self._spare.shape:
+                        self._spare = torch.empty_like(buffers[layer])  # layers on several devices, a grown cache
                     torch.index_select(buffers[layer], 0, index.to(buffers[layer].device), out=self._spare)
                     buffers[layer], self._spare = self._spare, buffers[layer]
         if self.padding is not None:

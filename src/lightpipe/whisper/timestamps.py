@@ -27,22 +27,22 @@ class WhisperTimestamps:
         self.detect_timestamp_from_logprob = detect_timestamp_from_logprob
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        # Each rule masks a slice of the vocabulary for the rows it concerns ((rows, 1) conditions broadcast over a
+        # view): no (rows, vocabulary) mask is built, which cost ~1 ms per step at batch 4 and 4 ms with 5 beams.
         scores = scores.clone()
         scores[:, self.no_timestamps_token_id] = NEG_INF
         begin = self.timestamp_begin
+        stamps = scores[:, begin:]  # (rows, timestamps), a view
         generated = input_ids[:, self.begin_index:]  # (rows, n)
         rows, n = generated.shape
-        vocab = torch.arange(scores.shape[-1], device=scores.device)
-        is_timestamp = vocab >= begin  # (V,)
 
         if n:
             stamp = generated >= begin  # (rows, n)
             last_was = stamp[:, -1]
             penultimate_was = stamp[:, -2] if n >= 2 else torch.ones_like(last_was)
             # After a lone timestamp the next token is a timestamp or end of text; after a pair, text.
-            text_or_eos_forbidden = (last_was & ~penultimate_was)[:, None] & (vocab < self.eos_token_id)
-            timestamp_forbidden = (last_was & penultimate_was)[:, None] & is_timestamp
-            scores.masked_fill_(text_or_eos_forbidden | timestamp_forbidden, NEG_INF)
+            scores[:, :self.eos_token_id].masked_fill_((last_was & ~penultimate_was)[:, None], NEG_INF)
+            stamps.masked_fill_((last_was & penultimate_was)[:, None], NEG_INF)
             # Timestamps never decrease: below the last one is forbidden, and so is the last one itself unless it
             # opens a pair that must be closed (a repeated <|0.00|> otherwise).
             index = torch.arange(n, device=generated.device)
@@ -50,7 +50,8 @@ class WhisperTimestamps:
             last_stamp = generated.gather(1, last_index.clamp(min=0)[:, None]).squeeze(1)
             lowest = torch.where(last_was & ~penultimate_was, last_stamp, last_stamp + 1)
             lowest = torch.where(last_index >= 0, lowest, torch.full_like(lowest, begin))
-            scores.masked_fill_(is_timestamp & (vocab < lowest[:, None]), NEG_INF)
+            offsets = torch.arange(stamps.shape[1], device=scores.device)  # timestamp j is token begin + j
+            stamps.masked_fill_(offsets < (lowest - begin)[:, None], NEG_INF)
         else:
             # The first generated token must be a timestamp, and an early one.
             scores[:, :begin] = NEG_INF
