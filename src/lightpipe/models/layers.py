@@ -92,6 +92,17 @@ def write_counter(tensor: torch.Tensor) -> int:
     return -1 if tensor.is_inference() else tensor._version
 
 
+def derived_copy(owner, name: str, weight: torch.Tensor, build):
+    """`build(weight)`, kept on `owner` as attribute `name` and built again when the weight moves, is replaced or is
+    written in place (its memory or write counter changes)."""
+    key = (weight.data_ptr(), write_counter(weight))
+    cached = getattr(owner, name, None)
+    if cached is None or cached[0] != key:
+        cached = (key, build(weight))
+        setattr(owner, name, cached)
+    return cached[1]
+
+
 def _packed_weight(layer, weight: torch.Tensor, *, streamed: bool = False) -> torch.Tensor:
     """The layer's weight (`weight`, already read from it) reordered once into oneDNN's blocked layout, kept beside
     the parameter.
@@ -101,16 +112,18 @@ def _packed_weight(layer, weight: torch.Tensor, *, streamed: bool = False) -> to
     a moved or replaced parameter is packed again. `streamed`: the caller multiplies few rows (a decode step), which
     reads the whole copy for little arithmetic; the copy is then moved to huge pages once (see huge_pages).
     """
-    cached = getattr(layer, "_lightpipe_packed", None)
-    if (cached is None or cached[0] != weight.data_ptr()
-            or cached[1] != (-1 if weight.is_inference() else weight._version)):
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 128)
-        cached = [weight.data_ptr(), write_counter(weight), packed, False]
-        layer._lightpipe_packed = cached
-    if streamed and not cached[3]:
-        huge_pages(cached[2])
-        cached[3] = True
-    return cached[2]
+    packed = derived_copy(layer, "_lightpipe_packed", weight, _PackedCopy)
+    if streamed and not packed.huge:
+        huge_pages(packed.tensor)
+        packed.huge = True
+    return packed.tensor
+
+
+class _PackedCopy:
+    def __init__(self, weight: torch.Tensor):
+        self.tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 128)
+        self.huge = False  # moved to huge pages (done once, for decode steps)
+
 
 
 _MADV_COLLAPSE = 25  # Linux 6.1+
@@ -510,13 +523,7 @@ class _Screen:
 
 
 def _screen(layer) -> _Screen:
-    weight = layer.weight
-    key = (weight.data_ptr(), write_counter(weight))
-    cached = getattr(layer, "_lightpipe_screen", None)
-    if cached is None or cached[0] != key:
-        cached = (key, _Screen(weight.detach()))
-        layer._lightpipe_screen = cached
-    return cached[1]
+    return derived_copy(layer, "_lightpipe_screen", layer.weight, lambda weight: _Screen(weight.detach()))
 
 
 def greedy_tokens(hidden: torch.Tensor, layer) -> torch.Tensor:

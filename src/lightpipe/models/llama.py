@@ -32,7 +32,7 @@ from ..config import BaseConfig
 from ..errors import InvalidInput, UnsupportedModel
 from ..generation.cache import KVCache
 from .layers import (Embedding, FusedProjection, activation, by_input_rows, cached_attention,
-                     full_sequence_cache, greedy_tokens, linear, merge_heads, vocab_logits, write_counter)
+                     derived_copy, full_sequence_cache, greedy_tokens, linear, merge_heads, vocab_logits)
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 DEFAULT_ROPE_THETA = 10000.0
@@ -255,24 +255,21 @@ class LlamaRMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(size))
         self.eps = eps
-        self._doubled: tuple | None = None  # ((data_ptr, version), [weight, weight])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight
         if x.dtype == torch.float32 and weight.dtype == torch.float32:
             size = x.shape[-1]
-            return F.layer_norm(torch.cat((x, x.neg()), dim=-1), (2 * size,), self._doubled_weight(weight), None,
-                                self.eps)[..., :size]
+            doubled = derived_copy(self, "_doubled_weight", weight, _doubled)
+            return F.layer_norm(torch.cat((x, x.neg()), dim=-1), (2 * size,), doubled, None, self.eps)[..., :size]
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
-    def _doubled_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        key = (weight.data_ptr(), write_counter(weight))
-        if self._doubled is None or self._doubled[0] != key:
-            with torch.inference_mode(False), torch.no_grad():  # usable in and out of inference mode
-                self._doubled = (key, torch.cat((weight, weight)))
-        return self._doubled[1]
+
+def _doubled(weight: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode(False), torch.no_grad():  # usable in and out of inference mode
+        return torch.cat((weight, weight))
 
 
 class LlamaAttention(nn.Module):
