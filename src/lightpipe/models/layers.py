@@ -194,8 +194,15 @@ def _onednn_streams_one_row() -> bool:
 _FEWEST_ROWS = 4
 
 
-def _few_rows_product(x: torch.Tensor, rows: int, packed: torch.Tensor, bias, *post_op) -> torch.Tensor:
-    """oneDNN's product of 1-3 rows of x (rows = x's leading dims multiplied) run on four rows (see _FEWEST_ROWS)."""
+def _pads_rows(rows: int) -> bool:
+    return 0 < rows < _FEWEST_ROWS and _onednn_streams_one_row()
+
+
+def _onednn_product(x: torch.Tensor, rows: int, packed: torch.Tensor, bias, *post_op) -> torch.Tensor:
+    """oneDNN's product of x (`rows` = its leading dims multiplied) with a packed weight; 1-3 rows run as four on
+    AVX-512 (see _FEWEST_ROWS)."""
+    if not _pads_rows(rows):
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, *post_op)
     lead = x if x.shape[0] == rows else x.reshape(rows, x.shape[-1])  # the rows along the first dim
     if rows == 1:
         padded = lead.expand(_FEWEST_ROWS, *lead.shape[1:])  # oneDNN reads the broadcast row as is
@@ -249,14 +256,11 @@ def linear(x: torch.Tensor, layer, act: str | None = None) -> torch.Tensor:
     weight = layer.weight
     if act in _ONEDNN_ACTIVATIONS and _fusable(x, weight) and x.shape[-1]:
         rows = x.numel() // x.shape[-1]
-        few = rows < _FEWEST_ROWS and _onednn_streams_one_row()
+        few = _pads_rows(rows)
         if few or rows != 1 or not _laid_out_by_input_rows(weight):
             attr, scalars, algorithm = _FUSED_ACTIVATIONS.get(act, _FUSED_ACTIVATIONS[None])
             packed = _packed_weight(layer, weight, streamed=few or rows == 1)
-            if few and rows:
-                y = _few_rows_product(x, rows, packed, layer.bias, attr, scalars, algorithm)
-            else:
-                y = torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, attr, scalars, algorithm)
+            y = _onednn_product(x, rows, packed, layer.bias, attr, scalars, algorithm)
             return y if act not in _GELU_IN_PLACE else torch.ops.aten.gelu_(y, approximate=_GELU_IN_PLACE[act])
     if _one_row_by_input_rows(x, layer):
         flat = x.reshape(1, x.shape[-1])
@@ -542,11 +546,7 @@ def greedy_tokens(hidden: torch.Tensor, layer) -> torch.Tensor:
         return vocab_logits(hidden, layer).argmax(dim=-1)
     screen = _screen(layer)
     low = hidden.to(torch.bfloat16)
-    rows = hidden.shape[0]
-    if rows < _FEWEST_ROWS and _onednn_streams_one_row():
-        approx = _few_rows_product(low, rows, screen.packed, None, "none", [], "").float()  # (B, V)
-    else:
-        approx = torch.ops.mkldnn._linear_pointwise(low, screen.packed, None, "none", [], "").float()
+    approx = _onednn_product(low, hidden.shape[0], screen.packed, None, "none", [], "").float()  # (B, V)
     size = torch.linalg.vector_norm(hidden, dim=1, keepdim=True)  # (B, 1)
     lost = torch.linalg.vector_norm(hidden - low.float(), dim=1, keepdim=True)
     accumulation = 2 * hidden.shape[1] * _FLOAT32_UNIT * size
