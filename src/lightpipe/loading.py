@@ -482,6 +482,8 @@ def load_model(folder: Path, head: str, *, dtype: Any = "auto", device: Any = No
     model.eval().requires_grad_(False)
     if device_map is not None:
         dispatch.attach(model, placer)
+    elif gguf.is_gguf_path(folder):
+        gguf.attach_four_bit(model, folder)  # 4-bit blocks kept for decode steps (a no-op for other types)
     model.name_or_path = str(folder)
     return model
 

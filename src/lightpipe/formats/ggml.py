@@ -214,3 +214,48 @@ def dequantize(raw: torch.Tensor, type_id: int, shape: tuple[int, ...]) -> torch
         return DEQUANTIZERS[type_id](raw).view(shape)
     kind = GGML_TYPES[type_id]
     return DEQUANTIZERS[type_id](_blocks(raw, kind)).view(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4-bit blocks kept as they are: Q4_0, Q4_1 and Q4_K are all scale * code + zero over blocks of 32 codes 0..15,
+# which lightpipe.native multiplies without dequantising (decode steps read 0.625 bytes per weight instead of 4).
+# scale and zero are the float32 numbers the dequantisers above use, so the kernel's fused multiply-add rebuilds
+# every value to the bit (scale * code is exact: a float16 times at most 6 + 4 bits).
+
+
+def _q4_0_form(blocks):
+    d = _half(blocks, 0)
+    return blocks[:, 2:18], d, d * -8.0  # d * (q - 8) == d * q - 8 d exactly: both sides are exact
+
+
+def _q4_1_form(blocks):
+    return blocks[:, 4:20], _half(blocks, 0), _half(blocks, 2)
+
+
+def _q4_k_form(blocks):
+    n = blocks.shape[0]
+    scales, mins = _k_scales(blocks[:, 4:16])
+    d = _half(blocks, 0) * scales.float()  # (n, 8): one per group of 32, as _k_scaled computes them
+    dm = _half(blocks, 2) * mins.float()
+    chunks = blocks[:, 16:144].reshape(n, 4, 2, 16)  # 4 chunks of 32 bytes: low nibbles group 2c, high group 2c + 1
+    first, second = chunks[:, :, 0], chunks[:, :, 1]  # bytes j and 16 + j of a chunk
+    even = (first & 0x0F) | (second << 4)  # group 2c: value j low, value 16 + j high
+    odd = (first >> 4) | (second & 0xF0)  # group 2c + 1
+    codes = torch.stack([even, odd], dim=2).reshape(n, 8 * 16)
+    return codes, d, -dm
+
+
+FOUR_BIT_FORMS = {2: _q4_0_form, 3: _q4_1_form, 12: _q4_k_form}
+
+
+def four_bit_form(raw: torch.Tensor, type_id: int, shape: tuple[int, ...]):
+    """A 2-D tensor of a 4-bit type as a native.FourBitWeight (codes, scale, zero per block of 32), or None for other
+    types and shapes."""
+    if type_id not in FOUR_BIT_FORMS or len(shape) != 2 or shape[1] % 32:
+        return None
+    from ..native import FourBitWeight
+
+    out, width = shape
+    codes, scale, zero = FOUR_BIT_FORMS[type_id](_blocks(raw, GGML_TYPES[type_id]))
+    groups = width // 32
+    return FourBitWeight(codes.reshape(out, groups * 16), scale.reshape(out, groups), zero.reshape(out, groups))

@@ -241,6 +241,24 @@ class QuantizedConcat(QuantizedLayer):
         return torch.cat([linear(x, part) for part in self.parts], dim=-1)
 
 
+# A weight kept beside its float32 values as the 4-bit blocks of the GGUF file it came from (native.FourBitWeight):
+# few-row products read those (0.625 bytes per weight instead of 4) with the same values. Above this many rows the
+# product has arithmetic enough to hide the reading, and oneDNN's packed float kernel is the faster.
+FOUR_BIT_MOST_ROWS = 8
+
+
+def keep_four_bit(layer, weight: torch.Tensor, form) -> None:
+    """Keep `form`, the 4-bit blocks equal to `weight`, on `layer` for layers.linear, valid while `weight` is."""
+    layer._lightpipe_four_bit = ((weight.data_ptr(), write_counter(weight)), form)
+
+
+def _four_bit_form(layer, weight: torch.Tensor):
+    kept = layer.__dict__.get("_lightpipe_four_bit")
+    if kept is None or kept[0] != (weight.data_ptr(), write_counter(weight)):
+        return None
+    return kept[1]
+
+
 def linear(x: torch.Tensor, layer, act: str | None = None) -> torch.Tensor:
     """layer(x) followed by the named activation: on the CPU through oneDNN with the weight packed once, ReLU
     fused into the product and GELU applied in place on its output. A quantised layer (QuantizedLayer) runs its own
@@ -256,6 +274,10 @@ def linear(x: torch.Tensor, layer, act: str | None = None) -> torch.Tensor:
     weight = layer.weight
     if act in _ONEDNN_ACTIVATIONS and _fusable(x, weight) and x.shape[-1]:
         rows = x.numel() // x.shape[-1]
+        if rows <= FOUR_BIT_MOST_ROWS and "_lightpipe_four_bit" in layer.__dict__ \
+                and (four_bit := _four_bit_form(layer, weight)) is not None:
+            y = four_bit.product(x.reshape(rows, x.shape[-1]).contiguous(), layer.bias).view(*x.shape[:-1], -1)
+            return y if act is None else activation(act)(y)
         few = _pads_rows(rows)
         if few or rows != 1 or not _laid_out_by_input_rows(weight):
             attr, scalars, algorithm = _FUSED_ACTIVATIONS.get(act, _FUSED_ACTIVATIONS[None])
@@ -328,8 +350,18 @@ class FusedProjection:
                 self.bias = None if all(b is None for b in biases) else torch.cat(
                     [b if b is not None else layer.weight.new_zeros(layer.out_features)
                      for b, layer in zip(biases, layers)])
+                self._stack_four_bit(layers)
             self.source = source
         return self
+
+    def _stack_four_bit(self, layers: tuple[nn.Linear, ...]) -> None:
+        """Source layers that all keep 4-bit blocks (see keep_four_bit) give the fused weight theirs, stacked."""
+        self.__dict__.pop("_lightpipe_four_bit", None)
+        forms = [_four_bit_form(layer, layer.weight) for layer in layers]
+        if forms and all(form is not None for form in forms):
+            from ..native import FourBitWeight
+
+            keep_four_bit(self, self.weight, FourBitWeight.stacked(forms))
 
     def _quantized(self, layers: tuple) -> QuantizedLayer:
         """Quantised source layers: one fused quantised layer when they allow it, else each in turn. Quantised

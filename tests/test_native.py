@@ -1,0 +1,94 @@
+"""lightpipe.native: the compiled 4-bit block product against torch's product over the same (dequantised) weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightpipe import native
+from lightpipe.native import FourBitWeight
+
+
+def random_weight(out: int, width: int, seed: int = 0) -> FourBitWeight:
+    """Codes 0..15 with float16-valued scales and zeros, as ggml's 4-bit blocks hold them."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 256, (out, width // 2), dtype=torch.uint8, generator=g)
+    scale = (torch.rand(out, width // 32, generator=g) * 0.02).half().float()
+    zero = (torch.randn(out, width // 32, generator=g) * 0.1).half().float()
+    return FourBitWeight(codes, scale, zero)
+
+
+def test_kernel_builds_and_passes_its_self_check():
+    assert native.available()  # a C compiler is part of the test setup (.ci/run installs one when missing)
+
+
+@pytest.mark.parametrize("out, width", [(1, 32), (3, 64), (4, 96), (13, 256), (64, 576), (130, 1536)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_product_equals_torch_over_the_dequantised_weight(out, width, with_bias):
+    weight = random_weight(out, width)
+    bias = torch.randn(out) if with_bias else None
+    dense = weight.dequantized()
+    for rows in (1, 2, 3, 4, 5, 7, 8, 9, 17):
+        x = torch.randn(rows, width, generator=torch.Generator().manual_seed(rows))
+        got = weight.product(x, bias)
+        expected = F.linear(x, dense, bias)
+        assert got.shape == expected.shape
+        assert (got - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max().item()), rows
+
+
+def test_each_row_has_the_same_bits_in_any_batch():
+    """Rows never share sums: a row's result does not depend on which rows run beside it (batched == unbatched)."""
+    weight = random_weight(37, 256, seed=1)
+    x = torch.randn(8, 256)
+    together = weight.product(x, None)
+    for count in range(1, 9):
+        assert torch.equal(weight.product(x[:count].contiguous(), None), together[:count]), count
+    for i in range(8):
+        assert torch.equal(weight.product(x[i:i + 1].contiguous(), None), together[i:i + 1]), i
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    weight = random_weight(64, 512, seed=2)
+    x = torch.randn(3, 512)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = weight.product(x, None)
+        torch.set_num_threads(2)
+        two = weight.product(x, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_dequantized_rebuilds_values_with_one_rounding():
+    """scale * code + zero, rounded once: for float16 scales the product is exact, so this is ggml's d * q + m."""
+    weight = random_weight(5, 64, seed=3)
+    blocks = weight.codes.view(5, 2, 16)
+    codes = torch.cat([blocks & 15, blocks >> 4], dim=-1).view(5, 64).float()
+    expected = codes * weight.scale.repeat_interleave(32, 1) + weight.zero.repeat_interleave(32, 1)
+    assert torch.equal(weight.dequantized(), expected)
+    assert torch.equal(weight.dequantized(slice(2, 4)), expected[2:4])
+
+
+def test_rows_and_stacking_follow_the_rows():
+    a, b = random_weight(6, 64, seed=4), random_weight(3, 64, seed=5)
+    both = FourBitWeight.stacked([a, b])
+    assert both.shape == (9, 64)
+    assert torch.equal(both.dequantized(), torch.cat([a.dequantized(), b.dequantized()]))
+    order = torch.tensor([5, 0, 3, 1, 2, 4])
+    assert torch.equal(a.rows(order).dequantized(), a.dequantized()[order])
+
+
+@pytest.mark.parametrize("codes, groups, dtype", [((4, 40), 2, torch.uint8), ((4, 16), 2, torch.uint8),
+                                                  ((4, 16), 1, torch.int8), ((3, 16), 1, torch.uint8)])
+def test_malformed_weights_are_refused(codes, groups, dtype):
+    """Widths not made of whole blocks, scales of another shape, codes of another type or row count."""
+    with pytest.raises(ValueError):
+        FourBitWeight(torch.zeros(codes, dtype=dtype), torch.ones(4, groups), torch.zeros(4, groups))
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("LIGHTPIPE_NATIVE", "0")
+    assert native._load() is None
