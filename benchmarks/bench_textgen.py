@@ -96,19 +96,17 @@ def runners(name: str, new_tokens: int):
         return out
 
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied matrices counted once
-    return lightpipe_run, transformers_run, (weight_bytes, four_bit_saving(ours))
+    return lightpipe_run, transformers_run, (weight_bytes, block_saving(ours))
 
 
-def four_bit_saving(model) -> int:
-    """Bytes a batch-1 step of lightpipe does not read: the float32 matrices it multiplies from their GGUF 4-bit
-    blocks instead (layers.keep_four_bit), less the blocks' own bytes."""
+def block_saving(model) -> int:
+    """Bytes a batch-1 step of lightpipe does not read: the float32 layer matrices it multiplies from their GGUF
+    quantised blocks instead (layers.keep_blocks), less the blocks' own bytes."""
     saved = 0
-    for module in model.modules():
-        kept = module.__dict__.get("_lightpipe_four_bit")
-        if kept is not None:
-            form = kept[1]
-            saved += module.weight.numel() * 4 - sum(t.numel() * t.element_size()
-                                                     for t in (form.codes, form.scale, form.zero))
+    for name, module in model.named_modules():
+        kept = module.__dict__.get("_lightpipe_blocks")
+        if kept is not None and name != "lm_head":  # greedy steps screen the head in bfloat16 instead (greedy_tokens)
+            saved += module.weight.numel() * 4 - kept[1].nbytes
     return saved
 
 
@@ -178,7 +176,7 @@ def memory_bound(name: str, weights: tuple[int, int], ours: float, ref: float) -
             f"token (lightpipe: {ours * 1000:.0f} ms, {ref / ours:.2f}x).")
     if saved:
         read = weight_bytes - saved
-        note += (f" lightpipe multiplies the GGUF's 4-bit blocks as they are (the same values): it reads "
+        note += (f" lightpipe multiplies the GGUF's quantised blocks as they are (the same values): it reads "
                  f"{read / 1e6:.0f} MB per step, {read / rate * 1000:.0f} ms at that rate.")
     return note
 

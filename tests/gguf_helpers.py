@@ -125,8 +125,9 @@ def gguf_name(hf_name: str) -> str:
 
 
 def write_llama_gguf(path: Path, model, qtype=Q.F32, *, name: str = "tiny llama", tokenizer: bool = True,
-                     arch: str = "llama", extra=None) -> Path:
-    """Write `model` (a transformers Llama) as llama.cpp does: 2-D weights in `qtype`, norms in F32."""
+                     arch: str = "llama", extra=None, types: dict | None = None) -> Path:
+    """Write `model` (a transformers Llama) as llama.cpp does: 2-D weights in `qtype`, norms in F32. `types`: weight
+    name ending -> another type for those (llama.cpp's mixed files: Q4_K_M keeps v_proj and down_proj in Q6_K)."""
     config = model.config
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name(name)
@@ -156,7 +157,7 @@ def write_llama_gguf(path: Path, model, qtype=Q.F32, *, name: str = "tiny llama"
             values = llama_permute(values, config.num_attention_heads)
         elif arch == "llama" and key.endswith("k_proj.weight"):
             values = llama_permute(values, config.num_key_value_heads)
-        kind = qtype if values.ndim == 2 else Q.F32
+        kind = next((t for end, t in (types or {}).items() if key.endswith(end)), qtype) if values.ndim == 2 else Q.F32
         data = encode_tensor(values, kind, seed=index)
         plain = data.dtype in (np.float32, np.float16)  # the writer infers F32/F16 from the array itself
         writer.add_tensor(gguf_name(key), data, raw_dtype=None if plain else kind)

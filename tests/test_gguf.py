@@ -157,53 +157,64 @@ def test_model_logits_equal_transformers(folder, arch):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4-bit blocks multiplied as they are (native kernel) in few-row products: the same values, the same outputs
+# Quantised blocks multiplied as they are (native kernel) in few-row products: the same values, the same outputs
 
-FOUR_BIT = [Q.Q4_0, Q.Q4_1, Q.Q4_K]
+BLOCK_TYPES = [Q.Q4_0, Q.Q4_1, Q.Q4_K, Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K, Q.Q8_0]
+Q4_K_M = {"v_proj.weight": Q.Q6_K, "down_proj.weight": Q.Q6_K}  # llama.cpp's mixed Q4_K_M file, in small
 
 
-@pytest.mark.parametrize("qtype", FOUR_BIT, ids=lambda q: q.name)
-def test_four_bit_form_rebuilds_the_dequantised_values(qtype):
+@pytest.mark.parametrize("qtype", BLOCK_TYPES, ids=lambda q: q.name)
+def test_block_form_rebuilds_the_dequantised_values(qtype):
     for seed in range(3):
         raw = torch.from_numpy(stored_bytes(qtype, seed=seed).reshape(-1))
-        form = ggml.four_bit_form(raw, int(qtype), (6, 512))
+        form = ggml.block_form(raw, int(qtype), (6, 512))
         assert torch.equal(bits(form.dequantized()), bits(ggml.dequantize(raw, int(qtype), (6, 512))))
 
 
-def test_other_types_have_no_four_bit_form():
-    for qtype in (Q.Q8_0, Q.Q5_K, Q.Q6_K, Q.IQ4_NL):
-        assert ggml.four_bit_form(torch.from_numpy(stored_bytes(qtype).reshape(-1)), int(qtype), (6, 512)) is None
+def test_other_types_have_no_block_form():
+    for qtype in (Q.F16, Q.Q2_K, Q.Q3_K, Q.IQ4_NL, Q.IQ4_XS):
+        assert ggml.block_form(torch.from_numpy(stored_bytes(qtype).reshape(-1)), int(qtype), (6, 512)) is None
 
 
 def close(got: torch.Tensor, expected: torch.Tensor) -> bool:
-    """Within 1e-4, or 1e-6 of the largest logit: random K-quant blocks make logits in the thousands."""
-    return (got - expected).abs().max().item() < max(1e-4, 1e-6 * expected.abs().max().item())
+    """Within 1e-4, or 1e-5 of the largest logit: random K-quant blocks make weights of ~50 and logits in the
+    thousands, where float32 sums in another order differ by ~1e-6 of the largest (the float path's too)."""
+    return (got - expected).abs().max().item() < max(1e-4, 1e-5 * expected.abs().max().item())
 
 
-def four_bit_layers(model) -> list[str]:
-    return [name for name, module in model.named_modules() if "_lightpipe_four_bit" in module.__dict__]
+def block_layers(model) -> list[str]:
+    return [name for name, module in model.named_modules() if "_lightpipe_blocks" in module.__dict__]
 
 
-@pytest.mark.parametrize("qtype", FOUR_BIT, ids=lambda q: q.name)
-def test_four_bit_products_equal_transformers(folder, llama_files, qtype, monkeypatch):
-    """Every 4-bit matrix (Q/K rows put back in transformers' order) is multiplied from its blocks for up to 8 rows:
-    logits of one row and of a batch, and greedy decoding (unbatched and batched), equal transformers'."""
-    name = llama_files(qtype)
+@pytest.fixture
+def block_calls(monkeypatch):
+    """The row counts of every product run on blocks, recorded."""
+    from lightpipe.native import BlockWeight
+
+    calls = []
+    product = BlockWeight.product
+    monkeypatch.setattr(BlockWeight, "product", lambda self, x, bias: calls.append(x.shape[0]) or product(self, x, bias))
+    return calls
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0, "Q4_K_M"], ids=str)
+def test_block_products_equal_transformers(folder, llama_files, qtype, block_calls):
+    """Every quantised matrix (Q/K rows put back in transformers' order) is multiplied from its blocks for up to 8
+    rows: logits of one row and of a batch, and greedy decoding (unbatched and batched), equal transformers'."""
+    if qtype == "Q4_K_M":
+        name = write_llama_gguf(folder / "llama-Q4_K_M.gguf", tiny_llama(), Q.Q4_K, types=Q4_K_M).name
+    else:
+        name = llama_files(qtype)
     reference = reference_model(folder, name)
     ours = loading.load_model(folder / name, "causal-lm")
     layers_count = ours.config.num_hidden_layers
-    assert len(four_bit_layers(ours)) == 7 * layers_count + 1  # q, k, v, o, gate, up, down and the untied head
-    from lightpipe.native import FourBitWeight
-
-    calls = []
-    product = FourBitWeight.product
-    monkeypatch.setattr(FourBitWeight, "product", lambda self, x, bias: calls.append(x.shape[0]) or product(self, x, bias))
+    assert len(block_layers(ours)) == 7 * layers_count + 1  # q, k, v, o, gate, up, down and the untied head
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18]])
     with torch.no_grad():
         expected = reference(ids).logits
         for rows in (slice(0, 1), slice(1, 2), slice(0, 2)):
             assert close(ours(ids[rows])["logits"], expected[rows])
-    assert calls and max(calls) <= 8  # the one-row forwards ran on the blocks (7 tokens), the batch of 14 did not
+    assert block_calls and max(block_calls) <= 8  # the one-row forwards ran on blocks (7 tokens), 14 rows did not
 
     reference_tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
     prompts = ["The river flows", "Paris is the capital of France and"]
@@ -213,20 +224,36 @@ def test_four_bit_products_equal_transformers(folder, llama_files, qtype, monkey
         out = reference.generate(prompt_ids, max_new_tokens=8, do_sample=False, pad_token_id=2)
         expected_text.append(reference_tokenizer.decode(out[0, prompt_ids.shape[1]:]))
     pipe = lightpipe.pipeline("text-generation", model=str(folder / name))
-    assert four_bit_layers(pipe.model)
+    assert block_layers(pipe.model)
     for batch_size in (1, 2):
-        calls.clear()
+        block_calls.clear()
         results = pipe(prompts, max_new_tokens=8, do_sample=False, return_full_text=False, batch_size=batch_size)
         assert [r[0]["generated_text"] for r in results] == expected_text
-        assert calls.count(batch_size) >= 7 * 4 * layers_count  # 7 decode steps: fused q/k/v, o, fused gate/up, down
+        assert block_calls.count(batch_size) >= 7 * 4 * layers_count  # 7 decode steps: fused q/k/v, o, gate/up, down
 
 
-def test_four_bit_form_is_dropped_when_the_weight_changes(folder, llama_files):
+def test_tied_head_multiplies_the_embedding_blocks(folder):
+    """A head tied to Q8_0 token embeddings reads their blocks for its logits (what sampling needs)."""
+    from lightpipe.models.layers import kept_blocks
+
+    name = write_llama_gguf(folder / "llama-tied-Q8_0.gguf", tiny_llama(tie=True), Q.Q8_0).name
+    ours = loading.load_model(folder / name, "causal-lm")
+    head = kept_blocks(ours.lm_head, ours.lm_head.weight)
+    assert head is not None and head.bits == 8 and head.shape == tuple(ours.model.embed_tokens.weight.shape)
+    used, product = [], head.product
+    head.product = lambda x, bias: used.append(x.shape[0]) or product(x, bias)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert close(ours(ids)["logits"], reference_model(folder, name)(ids).logits)
+    assert used == [4]
+
+
+def test_block_form_is_dropped_when_the_weight_changes(folder, llama_files):
     """A weight written in place, replaced or cast no longer matches its blocks: the float product takes over."""
     ours = loading.load_model(folder / llama_files(Q.Q4_1), "causal-lm")
     plain = loading.load_model(folder / llama_files(Q.Q4_1), "causal-lm")
     for module in plain.modules():
-        module.__dict__.pop("_lightpipe_four_bit", None)
+        module.__dict__.pop("_lightpipe_blocks", None)
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         for model in (ours, plain):
@@ -237,14 +264,14 @@ def test_four_bit_form_is_dropped_when_the_weight_changes(folder, llama_files):
     assert close(got, expected)
 
 
-def test_without_the_native_kernel_four_bit_files_load_as_floats(folder, llama_files, monkeypatch):
+def test_without_the_native_kernel_quantised_files_load_as_floats(folder, llama_files, monkeypatch):
     from lightpipe import native
 
     monkeypatch.setattr(native, "_tried", True)
     monkeypatch.setattr(native, "_library", None)
     name = llama_files(Q.Q4_K)
     ours = loading.load_model(folder / name, "causal-lm")
-    assert not four_bit_layers(ours)
+    assert not block_layers(ours)
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         assert close(ours(ids)["logits"], reference_model(folder, name)(ids).logits)

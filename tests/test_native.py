@@ -1,4 +1,6 @@
-"""lightpipe.native: the compiled 4-bit block product against torch's product over the same (dequantised) weights."""
+"""lightpipe.native: the compiled block product against torch's product over the same (dequantised) weights, for
+every kind of block it takes (4-bit codes with a zero, 8-bit codes in groups of 32 with or without a zero, 8-bit
+codes in groups of 16)."""
 
 from __future__ import annotations
 
@@ -7,26 +9,26 @@ import torch
 import torch.nn.functional as F
 
 from lightpipe import native
-from lightpipe.native import FourBitWeight
+from lightpipe.native import KINDS, BlockConcat, BlockWeight, sample_weight, side_by_side
 
 
-def random_weight(out: int, width: int, seed: int = 0) -> FourBitWeight:
-    """Codes 0..15 with float16-valued scales and zeros, as ggml's 4-bit blocks hold them."""
-    g = torch.Generator().manual_seed(seed)
-    codes = torch.randint(0, 256, (out, width // 2), dtype=torch.uint8, generator=g)
-    scale = (torch.rand(out, width // 32, generator=g) * 0.02).half().float()
-    zero = (torch.randn(out, width // 32, generator=g) * 0.1).half().float()
-    return FourBitWeight(codes, scale, zero)
+def random_weight(out: int, width: int, seed: int = 0, kind=KINDS[0]) -> BlockWeight:
+    bits, group, with_zero = kind
+    return sample_weight(out, width, bits, group, with_zero, seed)
+
+
+each_kind = pytest.mark.parametrize("kind", KINDS, ids=lambda k: f"{k[0]}bit-g{k[1]}{'-zero' if k[2] else ''}")
 
 
 def test_kernel_builds_and_passes_its_self_check():
     assert native.available()  # a C compiler is part of the test setup (.ci/run installs one when missing)
 
 
+@each_kind
 @pytest.mark.parametrize("out, width", [(1, 32), (3, 64), (4, 96), (13, 256), (64, 576), (130, 1536)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_product_equals_torch_over_the_dequantised_weight(out, width, with_bias):
-    weight = random_weight(out, width)
+def test_product_equals_torch_over_the_dequantised_weight(kind, out, width, with_bias):
+    weight = random_weight(out, width, kind=kind)
     bias = torch.randn(out) if with_bias else None
     dense = weight.dequantized()
     for rows in (1, 2, 3, 4, 5, 7, 8, 9, 17):
@@ -37,9 +39,10 @@ def test_product_equals_torch_over_the_dequantised_weight(out, width, with_bias)
         assert (got - expected).abs().max() <= 1e-5 * max(1.0, expected.abs().max().item()), rows
 
 
-def test_each_row_has_the_same_bits_in_any_batch():
+@each_kind
+def test_each_row_has_the_same_bits_in_any_batch(kind):
     """Rows never share sums: a row's result does not depend on which rows run beside it (batched == unbatched)."""
-    weight = random_weight(37, 256, seed=1)
+    weight = random_weight(37, 256, seed=1, kind=kind)
     x = torch.randn(8, 256)
     together = weight.product(x, None)
     for count in range(1, 9):
@@ -63,30 +66,46 @@ def test_results_do_not_depend_on_the_thread_count():
 
 
 def test_dequantized_rebuilds_values_with_one_rounding():
-    """scale * code + zero, rounded once: for float16 scales the product is exact, so this is ggml's d * q + m."""
+    """scale * code (+ zero), rounded once: for float16 scales the product is exact, so this is ggml's d * q + m."""
     weight = random_weight(5, 64, seed=3)
     blocks = weight.codes.view(5, 2, 16)
     codes = torch.cat([blocks & 15, blocks >> 4], dim=-1).view(5, 64).float()
     expected = codes * weight.scale.repeat_interleave(32, 1) + weight.zero.repeat_interleave(32, 1)
     assert torch.equal(weight.dequantized(), expected)
     assert torch.equal(weight.dequantized(slice(2, 4)), expected[2:4])
+    sixteen = random_weight(5, 64, seed=3, kind=(8, 16, False))
+    expected = sixteen.codes.float() * sixteen.scale.repeat_interleave(16, 1)
+    assert torch.equal(sixteen.dequantized(), expected)
 
 
-def test_rows_and_stacking_follow_the_rows():
+def test_rows_stacking_and_mixed_kinds_follow_the_rows():
     a, b = random_weight(6, 64, seed=4), random_weight(3, 64, seed=5)
-    both = FourBitWeight.stacked([a, b])
-    assert both.shape == (9, 64)
+    both = side_by_side([a, b])
+    assert isinstance(both, BlockWeight) and both.shape == (9, 64)
     assert torch.equal(both.dequantized(), torch.cat([a.dequantized(), b.dequantized()]))
     order = torch.tensor([5, 0, 3, 1, 2, 4])
     assert torch.equal(a.rows(order).dequantized(), a.dequantized()[order])
-
-
-@pytest.mark.parametrize("codes, groups, dtype", [((4, 40), 2, torch.uint8), ((4, 16), 2, torch.uint8),
-                                                  ((4, 16), 1, torch.int8), ((3, 16), 1, torch.uint8)])
-def test_malformed_weights_are_refused(codes, groups, dtype):
-    """Widths not made of whole blocks, scales of another shape, codes of another type or row count."""
+    c = random_weight(4, 64, seed=6, kind=(8, 16, False))
+    mixed = side_by_side([a, c])
+    assert isinstance(mixed, BlockConcat)
+    x, bias = torch.randn(2, 64), torch.randn(10)
+    expected = F.linear(x, torch.cat([a.dequantized(), c.dequantized()]), bias)
+    assert (mixed.product(x, bias) - expected).abs().max() < 1e-5
     with pytest.raises(ValueError):
-        FourBitWeight(torch.zeros(codes, dtype=dtype), torch.ones(4, groups), torch.zeros(4, groups))
+        BlockWeight.stacked([a, c])
+
+
+@pytest.mark.parametrize("codes, groups, dtype, bits, group", [
+    ((4, 40), 2, torch.uint8, 4, 32),  # not whole blocks
+    ((4, 16), 2, torch.uint8, 4, 32),  # scales of another shape
+    ((4, 16), 1, torch.int8, 4, 32),  # 4-bit codes of another type
+    ((4, 32), 1, torch.uint8, 8, 32),  # 8-bit codes of another type
+    ((4, 32), 1, torch.int8, 8, 64),  # a group the kernel does not take
+    ((4, 32), 1, torch.int8, 8, 16),  # groups of 16: two scales per 32 values
+])
+def test_malformed_weights_are_refused(codes, groups, dtype, bits, group):
+    with pytest.raises(ValueError):
+        BlockWeight(torch.zeros(codes, dtype=dtype), torch.ones(codes[0], groups), None, bits, group)
 
 
 def test_disabled_by_environment(monkeypatch):

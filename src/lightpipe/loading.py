@@ -483,7 +483,7 @@ def load_model(folder: Path, head: str, *, dtype: Any = "auto", device: Any = No
     if device_map is not None:
         dispatch.attach(model, placer)
     elif gguf.is_gguf_path(folder):
-        gguf.attach_four_bit(model, folder)  # 4-bit blocks kept for decode steps (a no-op for other types)
+        gguf.attach_blocks(model, folder)  # quantised blocks kept for decode steps (a no-op for float files)
     model.name_or_path = str(folder)
     return model
 

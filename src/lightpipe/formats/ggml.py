@@ -217,45 +217,78 @@ def dequantize(raw: torch.Tensor, type_id: int, shape: tuple[int, ...]) -> torch
 
 
 # ----------------------------------------------------------------------------------------------
-# 4-bit blocks kept as they are: Q4_0, Q4_1 and Q4_K are all scale * code + zero over blocks of 32 codes 0..15,
-# which lightpipe.native multiplies without dequantising (decode steps read 0.625 bytes per weight instead of 4).
-# scale and zero are the float32 numbers the dequantisers above use, so the kernel's fused multiply-add rebuilds
-# every value to the bit (scale * code is exact: a float16 times at most 6 + 4 bits).
+# Blocks kept as they are: every type below is scale * code (+ zero) over groups of 32 (or 16) integer codes, which
+# lightpipe.native multiplies without dequantising (decode steps read 0.6 or 1.1 bytes per weight instead of 4).
+# scale and zero are the float32 numbers the dequantisers above use, and the kernel rebuilds each value with one
+# rounding as they do (scale * code is exact wherever a zero is added: a float16 times at most 6 + 5 bits), so every
+# value is the dequantised one to the bit. Each form: blocks -> (codes, scale, zero or None, bits, group) per block.
 
 
 def _q4_0_form(blocks):
     d = _half(blocks, 0)
-    return blocks[:, 2:18], d, d * -8.0  # d * (q - 8) == d * q - 8 d exactly: both sides are exact
+    return blocks[:, 2:18], d, d * -8.0, 4, 32  # d * q - 8 d == d * (q - 8) exactly: both sides are exact
 
 
 def _q4_1_form(blocks):
-    return blocks[:, 4:20], _half(blocks, 0), _half(blocks, 2)
+    return blocks[:, 4:20], _half(blocks, 0), _half(blocks, 2), 4, 32
+
+
+def _k_factors(blocks):
+    """Q4_K/Q5_K: the (n, 8) scales and negated mins per group of 32, as _k_scaled computes them."""
+    scales, mins = _k_scales(blocks[:, 4:16])
+    return _half(blocks, 0) * scales.float(), -(_half(blocks, 2) * mins.float())
 
 
 def _q4_k_form(blocks):
     n = blocks.shape[0]
-    scales, mins = _k_scales(blocks[:, 4:16])
-    d = _half(blocks, 0) * scales.float()  # (n, 8): one per group of 32, as _k_scaled computes them
-    dm = _half(blocks, 2) * mins.float()
+    scale, zero = _k_factors(blocks)
     chunks = blocks[:, 16:144].reshape(n, 4, 2, 16)  # 4 chunks of 32 bytes: low nibbles group 2c, high group 2c + 1
     first, second = chunks[:, :, 0], chunks[:, :, 1]  # bytes j and 16 + j of a chunk
     even = (first & 0x0F) | (second << 4)  # group 2c: value j low, value 16 + j high
     odd = (first >> 4) | (second & 0xF0)  # group 2c + 1
-    codes = torch.stack([even, odd], dim=2).reshape(n, 8 * 16)
-    return codes, d, -dm
+    return torch.stack([even, odd], dim=2).reshape(n, 8 * 16), scale, zero, 4, 32
 
 
-FOUR_BIT_FORMS = {2: _q4_0_form, 3: _q4_1_form, 12: _q4_k_form}
+def _q8_0_form(blocks):
+    return blocks[:, 2:].view(torch.int8), _half(blocks, 0), None, 8, 32
 
 
-def four_bit_form(raw: torch.Tensor, type_id: int, shape: tuple[int, ...]):
-    """A 2-D tensor of a 4-bit type as a native.FourBitWeight (codes, scale, zero per block of 32), or None for other
-    types and shapes."""
-    if type_id not in FOUR_BIT_FORMS or len(shape) != 2 or shape[1] % 32:
+def _q5_0_form(blocks):
+    return (_five_bit(blocks[:, 6:], blocks[:, 2:6]).view(torch.int8) - 16), _half(blocks, 0), None, 8, 32
+
+
+def _q5_1_form(blocks):
+    return _five_bit(blocks[:, 8:], blocks[:, 4:8]).view(torch.int8), _half(blocks, 0), _half(blocks, 2), 8, 32
+
+
+def _q5_k_form(blocks):
+    n = blocks.shape[0]
+    low = _nibbles(blocks[:, 48:176].reshape(n, 4, 32)).view(n, 8, 32)
+    high = _bits(blocks[:, 16:48]).view(n, 8, 32)
+    scale, zero = _k_factors(blocks)
+    return (low | (high << 4)).view(torch.int8).reshape(n, 256), scale, zero, 8, 32
+
+
+def _q6_k_form(blocks):
+    n = blocks.shape[0]
+    scale = _half(blocks, 208) * blocks[:, 192:208].view(torch.int8).float()  # (n, 16): one per group of 16
+    low = _nibbles(blocks[:, :128].reshape(n, 2, 64)).view(n, 8, 32)
+    high = _crumbs(blocks[:, 128:192].reshape(n, 2, 32)).reshape(n, 8, 32)
+    return ((low | (high << 4)).view(torch.int8) - 32).reshape(n, 256), scale, None, 8, 16
+
+
+BLOCK_FORMS = {2: _q4_0_form, 3: _q4_1_form, 12: _q4_k_form, 8: _q8_0_form, 6: _q5_0_form, 7: _q5_1_form,
+               13: _q5_k_form, 14: _q6_k_form}
+
+
+def block_form(raw: torch.Tensor, type_id: int, shape: tuple[int, ...]):
+    """A 2-D tensor of a type in BLOCK_FORMS as a native.BlockWeight, or None for other types and shapes."""
+    if type_id not in BLOCK_FORMS or len(shape) != 2 or shape[1] % 32:
         return None
-    from ..native import FourBitWeight
+    from ..native import BlockWeight
 
     out, width = shape
-    codes, scale, zero = FOUR_BIT_FORMS[type_id](_blocks(raw, GGML_TYPES[type_id]))
-    groups = width // 32
-    return FourBitWeight(codes.reshape(out, groups * 16), scale.reshape(out, groups), zero.reshape(out, groups))
+    codes, scale, zero, bits, group = BLOCK_FORMS[type_id](_blocks(raw, GGML_TYPES[type_id]))
+    groups = width // group
+    return BlockWeight(codes.reshape(out, -1), scale.reshape(out, groups),
+                       None if zero is None else zero.reshape(out, groups), bits, group)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, InvalidInput, UnsupportedModel
-from .ggml import DEQUANTIZERS, FOUR_BIT_FORMS, GGML_TYPES, dequantize, four_bit_form, ggml_type_label
+from .ggml import BLOCK_FORMS, DEQUANTIZERS, GGML_TYPES, block_form, dequantize, ggml_type_label
 
 logger = logging.getLogger(__name__)
 
@@ -491,54 +491,66 @@ def state_dict(gguf: GGUFFile, config: dict[str, Any] | None = None,
     return state
 
 
-def _four_bit_sources(gguf: GGUFFile, arch: Architecture) -> dict[str, tuple[str, str]]:
-    """transformers' weight name -> (GGUF name, stem) for the matrices stored in a 4-bit type (Q4_0, Q4_1, Q4_K)."""
+def _block_sources(gguf: GGUFFile, arch: Architecture) -> dict[str, tuple[str, str]]:
+    """transformers' weight name -> (GGUF name, stem) for the matrices stored in a type in ggml.BLOCK_FORMS."""
     sources = {}
     for name, info in gguf.tensors.items():
-        target = hf_name(arch, name) if info.ggml_type in FOUR_BIT_FORMS and len(info.shape) == 2 else None
+        target = hf_name(arch, name) if info.ggml_type in BLOCK_FORMS and len(info.shape) == 2 else None
         if target is not None and target[1] not in arch.conv1d:  # a transposed matrix has other blocks
             sources[target[0]] = (name, target[1])
     return sources
 
 
 def _same_values(form, weight: torch.Tensor) -> bool:
-    """The 4-bit form rebuilds the loaded weight, checked on its first, middle and last rows."""
+    """The block form rebuilds the loaded weight, checked on its first, middle and last rows."""
     rows = weight.shape[0]
     return all(torch.equal(form.dequantized(slice(i, i + 1)), weight[i:i + 1]) for i in {0, rows // 2, rows - 1})
 
 
-def attach_four_bit(model: torch.nn.Module, path: str | os.PathLike) -> int:
-    """Give every float32 CPU linear layer of `model` whose weight the GGUF file at `path` stores in a 4-bit type
-    that weight's blocks as they are (native.FourBitWeight), for the few-row products of decode steps
-    (layers.linear). Returns how many layers got one; 0 where the native kernel is unavailable."""
+def _source_for(names, sources: dict[str, tuple[str, str]], prefix: str) -> tuple[str, str] | None:
+    """The file's tensor for a parameter known by `names` in the model (its base-model prefix added or dropped)."""
+    for key in names:
+        for candidate in (key, prefix + key, key.removeprefix(prefix)):
+            if candidate in sources:
+                return sources[candidate]
+    return None
+
+
+def attach_blocks(model: torch.nn.Module, path: str | os.PathLike) -> int:
+    """Give every float32 CPU linear layer of `model` whose weight the GGUF file at `path` stores in a quantised type
+    of ggml.BLOCK_FORMS that weight's blocks as they are (native.BlockWeight), for the few-row products of decode
+    steps (layers.linear; a head through vocab_logits). A head tied to the token embeddings gets the embeddings' blocks.
+    Returns how many layers got one; 0 where the native kernel is unavailable."""
     from .. import native
-    from ..models.layers import keep_four_bit
+    from ..models.layers import keep_blocks
 
     gguf = read(path)
     arch = architecture_of(gguf)
-    sources = _four_bit_sources(gguf, arch)
+    sources = _block_sources(gguf, arch)
     if not sources or not native.available():
         return 0
     config = config_dict(gguf)
     prefix = getattr(model, "base_model_prefix", "") + "."
+    names_of: dict[int, list[str]] = {}  # a parameter -> every name it has (a tied head shares the embeddings')
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(parameter), []).append(name)
     attached = 0
-    for module_name, module in model.named_modules():
+    for module in model.modules():
         weight = getattr(module, "weight", None)
         if not isinstance(module, torch.nn.Linear) or weight is None or weight.dtype != torch.float32 \
                 or not weight.is_cpu:
             continue
-        key = module_name + ".weight"
-        found = sources.get(key) or sources.get(prefix + key) or sources.get(key.removeprefix(prefix))
+        found = _source_for(names_of.get(id(weight), ()), sources, prefix)
         if found is None:
             continue
         name, stem = found
         info = gguf.tensors[name]
-        form = four_bit_form(gguf.raw(name), info.ggml_type, info.shape)
+        form = block_form(gguf.raw(name), info.ggml_type, info.shape)
         if arch.unpermute_qk and stem in ("attn_q", "attn_k"):
             heads = config["num_attention_heads"] if stem == "attn_q" else config["num_key_value_heads"]
             form = form.rows(unpermute_rows(torch.arange(info.shape[0]), heads))
         if form.shape == tuple(weight.shape) and _same_values(form, weight):
-            keep_four_bit(module, weight, form)
+            keep_blocks(module, weight, form)
             attached += 1
     return attached
 

@@ -241,19 +241,20 @@ class QuantizedConcat(QuantizedLayer):
         return torch.cat([linear(x, part) for part in self.parts], dim=-1)
 
 
-# A weight kept beside its float32 values as the 4-bit blocks of the GGUF file it came from (native.FourBitWeight):
-# few-row products read those (0.625 bytes per weight instead of 4) with the same values. Above this many rows the
-# product has arithmetic enough to hide the reading, and oneDNN's packed float kernel is the faster.
-FOUR_BIT_MOST_ROWS = 8
+# A weight kept beside its float32 values as the quantised blocks of the GGUF file it came from (native.BlockWeight):
+# few-row products read those (0.6 or 1.1 bytes per weight instead of 4) and rebuild the same values. Above this many
+# rows a product has arithmetic enough to hide the reading, and oneDNN's packed float kernel is the faster.
+BLOCK_MOST_ROWS = 8
 
 
-def keep_four_bit(layer, weight: torch.Tensor, form) -> None:
-    """Keep `form`, the 4-bit blocks equal to `weight`, on `layer` for layers.linear, valid while `weight` is."""
-    layer._lightpipe_four_bit = ((weight.data_ptr(), write_counter(weight)), form)
+def keep_blocks(layer, weight: torch.Tensor, form) -> None:
+    """Keep `form`, quantised blocks equal to `weight`, on `layer` for few-row products, valid while `weight` is."""
+    layer._lightpipe_blocks = ((weight.data_ptr(), write_counter(weight)), form)
 
 
-def _four_bit_form(layer, weight: torch.Tensor):
-    kept = layer.__dict__.get("_lightpipe_four_bit")
+def kept_blocks(layer, weight: torch.Tensor):
+    """The blocks kept for `weight` (see keep_blocks), or None: none kept, or the weight has changed since."""
+    kept = layer.__dict__.get("_lightpipe_blocks")
     if kept is None or kept[0] != (weight.data_ptr(), write_counter(weight)):
         return None
     return kept[1]
@@ -274,9 +275,9 @@ def linear(x: torch.Tensor, layer, act: str | None = None) -> torch.Tensor:
     weight = layer.weight
     if act in _ONEDNN_ACTIVATIONS and _fusable(x, weight) and x.shape[-1]:
         rows = x.numel() // x.shape[-1]
-        if rows <= FOUR_BIT_MOST_ROWS and "_lightpipe_four_bit" in layer.__dict__ \
-                and (four_bit := _four_bit_form(layer, weight)) is not None:
-            y = four_bit.product(x.reshape(rows, x.shape[-1]).contiguous(), layer.bias).view(*x.shape[:-1], -1)
+        if rows <= BLOCK_MOST_ROWS and "_lightpipe_blocks" in layer.__dict__ \
+                and (blocks := kept_blocks(layer, weight)) is not None:
+            y = blocks.product(x.reshape(rows, x.shape[-1]).contiguous(), layer.bias).view(*x.shape[:-1], -1)
             return y if act is None else activation(act)(y)
         few = _pads_rows(rows)
         if few or rows != 1 or not _laid_out_by_input_rows(weight):
@@ -350,18 +351,18 @@ class FusedProjection:
                 self.bias = None if all(b is None for b in biases) else torch.cat(
                     [b if b is not None else layer.weight.new_zeros(layer.out_features)
                      for b, layer in zip(biases, layers)])
-                self._stack_four_bit(layers)
+                self._stack_blocks(layers)
             self.source = source
         return self
 
-    def _stack_four_bit(self, layers: tuple[nn.Linear, ...]) -> None:
-        """Source layers that all keep 4-bit blocks (see keep_four_bit) give the fused weight theirs, stacked."""
-        self.__dict__.pop("_lightpipe_four_bit", None)
-        forms = [_four_bit_form(layer, layer.weight) for layer in layers]
+    def _stack_blocks(self, layers: tuple[nn.Linear, ...]) -> None:
+        """Source layers that all keep quantised blocks (see keep_blocks) give the fused weight theirs, side by side."""
+        self.__dict__.pop("_lightpipe_blocks", None)
+        forms = [kept_blocks(layer, layer.weight) for layer in layers]
         if forms and all(form is not None for form in forms):
-            from ..native import FourBitWeight
+            from ..native import side_by_side
 
-            keep_four_bit(self, self.weight, FourBitWeight.stacked(forms))
+            keep_blocks(self, self.weight, side_by_side(forms))
 
     def _quantized(self, layers: tuple) -> QuantizedLayer:
         """Quantised source layers: one fused quantised layer when they allow it, else each in turn. Quantised

@@ -1,125 +1,166 @@
-/* Products with weights kept as 4-bit codes in blocks of 32, the form of ggml's Q4_0, Q4_1 and Q4_K tensors.
+/* Products with weights kept as small integer codes in blocks, the form of ggml's quantised tensors.
 
-   y[m, n] = bias[n] + sum_k x[m, k] * w[n, k],   w[n, k] = scale[n, g] * code[n, k] + zero[n, g],   g = k / 32
+   y[m, n] = bias[n] + sum_k x[m, k] * w[n, k],   w[n, k] = scale[n, g] * code[n, k] (+ zero[n, g]),   g = k / group
 
-   Every weight is rebuilt in registers with one fused multiply-add, which rounds once: the same float32 value that
-   ggml's dequantisation (d * q + m, with d * q exact) gives, so the product differs from one over the dequantised
-   matrix only in the order of its sums. A decode step reads each weight once for few rows of x: reading 0.625
+   Every weight is rebuilt in a register with one multiply (or fused multiply-add), which rounds once: the same
+   float32 value as ggml's dequantisation (scale * code, + zero), so the product differs from one over the dequantised
+   matrix only in the order of its sums. A decode step reads each weight once for few rows of x: reading 0.6 or 1.1
    bytes per weight instead of 4 is what makes it faster.
 
-   Codes: row n holds K / 2 bytes; block g is bytes [16 g, 16 g + 16): byte j's low nibble is element 32 g + j,
-   its high nibble element 32 g + 16 + j (ggml's Q4_0/Q4_1 order). Threads: OpenMP, the runtime torch itself loads,
-   so these loops share torch's thread pool instead of fighting it. */
+   Codes, row n (K values):
+   - 4 bits (group 32): K / 2 bytes; block g is bytes [16 g, 16 g + 16): byte j's low nibble is value 32 g + j, its
+     high nibble value 32 g + 16 + j (ggml's Q4_0 / Q4_1 order); codes 0..15.
+   - 8 bits (group 32 or 16): K signed bytes, one per value.
+   Rows of x never share sums, so a row's result has the same bits whatever rows run beside it. Threads: OpenMP, the
+   runtime torch itself loads, so these loops share torch's thread pool instead of fighting it. */
 
 #include <stdint.h>
 #include <string.h>
 
-#define BLOCK 32
-#define ROWS_AT_ONCE 4 /* output rows computed together: independent sums keep the FMA units busy */
-#define X_AT_ONCE 8    /* input rows sharing each rebuilt weight (4 output rows x 4 inputs, or 2 x 8: 16 sums) */
+#define UNIT 32          /* values rebuilt at a time: two vectors of 16 */
+#define ROWS_AT_ONCE 4   /* output rows computed together: independent sums keep the FMA units busy */
+#define X_AT_ONCE 8      /* input rows sharing each rebuilt weight (4 output rows x 4 inputs, or 2 x 8: 16 sums) */
+
+typedef struct {
+    const void *codes;
+    const float *scale, *zero; /* zero may be NULL: w = scale * code */
+    long K;
+} Blocks;
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
+typedef __m512 vec;
+#define VZERO() _mm512_setzero_ps()
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VSUM(v) _mm512_reduce_add_ps(v)
 
-static inline void weights_of_block(const uint8_t *codes, float scale, float zero, __m512 *low, __m512 *high) {
-    __m128i packed = _mm_loadu_si128((const __m128i *)codes);
-    __m128i nibble = _mm_set1_epi8(0x0F);
-    __m512 s = _mm512_set1_ps(scale), z = _mm512_set1_ps(zero);
-    *low = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(packed, nibble))), s, z);
-    *high = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(packed, 4), nibble))), s, z);
+static inline __attribute__((always_inline)) vec rebuilt(__m512i codes, float scale, const float *zero) {
+    vec q = _mm512_cvtepi32_ps(codes), s = _mm512_set1_ps(scale);
+    return zero ? _mm512_fmadd_ps(q, s, _mm512_set1_ps(*zero)) : _mm512_mul_ps(q, s);
 }
 
-/* `nr` output rows from n, `mr` input rows from m (both at most 4; constants after inlining). */
-static inline __attribute__((always_inline)) void tile(const float *x, long ldx, long K, const uint8_t *codes,
-        const float *scale, const float *zero, long n, int nr, int mr, const float *bias, float *y, long ldy) {
-    __m512 acc[ROWS_AT_ONCE][X_AT_ONCE];
+/* The 32 values of unit u of row `row`: `low` values 0..15, `high` 16..31. */
+static inline __attribute__((always_inline)) void unit_weights(const Blocks *b, int bits, int group, long row, long u,
+                                                               vec *low, vec *high) {
+    long groups = b->K / group;
+    if (bits == 4) {
+        __m128i packed = _mm_loadu_si128((const __m128i *)((const uint8_t *)b->codes + row * (b->K / 2) + 16 * u));
+        __m128i nibble = _mm_set1_epi8(0x0F);
+        const float *z = b->zero ? b->zero + row * groups + u : NULL;
+        float s = b->scale[row * groups + u];
+        *low = rebuilt(_mm512_cvtepu8_epi32(_mm_and_si128(packed, nibble)), s, z);
+        *high = rebuilt(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(packed, 4), nibble)), s, z);
+    } else {
+        const int8_t *c = (const int8_t *)b->codes + row * b->K + UNIT * u;
+        __m512i first = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)c));
+        __m512i second = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + 16)));
+        long g = row * groups + u * (UNIT / group); /* group of the unit's first value */
+        long h = group == 16 ? g + 1 : g;          /* and of its second half */
+        *low = rebuilt(first, b->scale[g], b->zero ? b->zero + g : NULL);
+        *high = rebuilt(second, b->scale[h], b->zero ? b->zero + h : NULL);
+    }
+}
+
+#else /* portable: plain loops over 16-value arrays, which the compiler vectorises */
+
+typedef struct { float v[16]; } vec;
+static inline vec VZERO(void) { vec r; memset(&r, 0, sizeof r); return r; }
+static inline vec VLOAD(const float *p) { vec r; memcpy(r.v, p, sizeof r.v); return r; }
+static inline vec VFMA(vec a, vec b, vec c) { for (int j = 0; j < 16; j++) c.v[j] = __builtin_fmaf(a.v[j], b.v[j], c.v[j]); return c; }
+static inline float VSUM(vec a) { float s = 0.0f; for (int j = 0; j < 16; j++) s += a.v[j]; return s; }
+
+static inline float rebuilt_one(int code, float scale, const float *zero) {
+    return zero ? __builtin_fmaf((float)code, scale, *zero) : (float)code * scale;
+}
+
+static inline void unit_weights(const Blocks *b, int bits, int group, long row, long u, vec *low, vec *high) {
+    long groups = b->K / group;
+    if (bits == 4) {
+        const uint8_t *c = (const uint8_t *)b->codes + row * (b->K / 2) + 16 * u;
+        const float *z = b->zero ? b->zero + row * groups + u : NULL;
+        float s = b->scale[row * groups + u];
+        for (int j = 0; j < 16; j++) {
+            low->v[j] = rebuilt_one(c[j] & 0x0F, s, z);
+            high->v[j] = rebuilt_one(c[j] >> 4, s, z);
+        }
+    } else {
+        const int8_t *c = (const int8_t *)b->codes + row * b->K + UNIT * u;
+        long g = row * groups + u * (UNIT / group), h = group == 16 ? g + 1 : g;
+        for (int j = 0; j < 16; j++) {
+            low->v[j] = rebuilt_one(c[j], b->scale[g], b->zero ? b->zero + g : NULL);
+            high->v[j] = rebuilt_one(c[16 + j], b->scale[h], b->zero ? b->zero + h : NULL);
+        }
+    }
+}
+#endif
+
+/* Output rows n .. n + nr - 1 for input rows 0 .. mr - 1 of x (nr, mr, bits, group: constants after inlining). */
+static inline __attribute__((always_inline)) void tile(const Blocks *b, int bits, int group, const float *x, long n,
+                                                       int nr, int mr, const float *bias, float *y, long N) {
+    long K = b->K;
+    vec acc[ROWS_AT_ONCE][X_AT_ONCE];
     for (int r = 0; r < nr; r++)
-        for (int i = 0; i < mr; i++) acc[r][i] = _mm512_setzero_ps();
-    long groups = K / BLOCK;
-    for (long g = 0; g < groups; g++) {
-        __m512 xl[X_AT_ONCE], xh[X_AT_ONCE];
+        for (int i = 0; i < mr; i++) acc[r][i] = VZERO();
+    for (long u = 0; u < K / UNIT; u++) {
+        vec xl[X_AT_ONCE], xh[X_AT_ONCE];
         for (int i = 0; i < mr; i++) {
-            xl[i] = _mm512_loadu_ps(x + i * ldx + g * BLOCK);
-            xh[i] = _mm512_loadu_ps(x + i * ldx + g * BLOCK + 16);
+            xl[i] = VLOAD(x + i * K + u * UNIT);
+            xh[i] = VLOAD(x + i * K + u * UNIT + 16);
         }
         for (int r = 0; r < nr; r++) {
-            long row = n + r;
-            __m512 wl, wh;
-            weights_of_block(codes + row * (K / 2) + g * 16, scale[row * groups + g], zero[row * groups + g], &wl, &wh);
+            vec wl, wh;
+            unit_weights(b, bits, group, n + r, u, &wl, &wh);
             for (int i = 0; i < mr; i++) {
-                acc[r][i] = _mm512_fmadd_ps(wl, xl[i], acc[r][i]);
-                acc[r][i] = _mm512_fmadd_ps(wh, xh[i], acc[r][i]);
+                acc[r][i] = VFMA(wl, xl[i], acc[r][i]);
+                acc[r][i] = VFMA(wh, xh[i], acc[r][i]);
             }
         }
     }
     for (int r = 0; r < nr; r++)
         for (int i = 0; i < mr; i++)
-            y[i * ldy + n + r] = _mm512_reduce_add_ps(acc[r][i]) + (bias ? bias[n + r] : 0.0f);
+            y[i * N + n + r] = VSUM(acc[r][i]) + (bias ? bias[n + r] : 0.0f);
 }
 
-#else /* portable: the compiler vectorises the 16-wide inner loops */
-
-static inline __attribute__((always_inline)) void tile(const float *x, long ldx, long K, const uint8_t *codes,
-        const float *scale, const float *zero, long n, int nr, int mr, const float *bias, float *y, long ldy) {
-    float acc[ROWS_AT_ONCE][X_AT_ONCE][16];
-    memset(acc, 0, sizeof(acc));
-    long groups = K / BLOCK;
-    for (long g = 0; g < groups; g++) {
-        for (int r = 0; r < nr; r++) {
-            long row = n + r;
-            const uint8_t *c = codes + row * (K / 2) + g * 16;
-            float s = scale[row * groups + g], z = zero[row * groups + g];
-            float wl[16], wh[16];
-            for (int j = 0; j < 16; j++) {
-                wl[j] = __builtin_fmaf((float)(c[j] & 0x0F), s, z);
-                wh[j] = __builtin_fmaf((float)(c[j] >> 4), s, z);
-            }
-            for (int i = 0; i < mr; i++) {
-                const float *xi = x + i * ldx + g * BLOCK;
-                for (int j = 0; j < 16; j++) acc[r][i][j] += wl[j] * xi[j] + wh[j] * xi[16 + j];
-            }
-        }
+/* Every (nr, mr) pair gets its own fully unrolled tile, with at most 16 sums: 4 output rows for up to 4 inputs, 2 for
+   up to 8, 1 for the last rows. */
+#define TILES(BITS, GROUP)                                                                                          \
+    static void tile_##BITS##_##GROUP(const Blocks *b, const float *x, long n, int nr, int mr, const float *bias,   \
+                                      float *y, long N) {                                                           \
+        switch (nr * 16 + mr) {                                                                                     \
+            case 4 * 16 + 4: tile(b, BITS, GROUP, x, n, 4, 4, bias, y, N); break;                                   \
+            case 4 * 16 + 3: tile(b, BITS, GROUP, x, n, 4, 3, bias, y, N); break;                                   \
+            case 4 * 16 + 2: tile(b, BITS, GROUP, x, n, 4, 2, bias, y, N); break;                                   \
+            case 4 * 16 + 1: tile(b, BITS, GROUP, x, n, 4, 1, bias, y, N); break;                                   \
+            case 2 * 16 + 8: tile(b, BITS, GROUP, x, n, 2, 8, bias, y, N); break;                                   \
+            case 2 * 16 + 7: tile(b, BITS, GROUP, x, n, 2, 7, bias, y, N); break;                                   \
+            case 2 * 16 + 6: tile(b, BITS, GROUP, x, n, 2, 6, bias, y, N); break;                                   \
+            case 2 * 16 + 5: tile(b, BITS, GROUP, x, n, 2, 5, bias, y, N); break;                                   \
+            case 1 * 16 + 8: tile(b, BITS, GROUP, x, n, 1, 8, bias, y, N); break;                                   \
+            case 1 * 16 + 7: tile(b, BITS, GROUP, x, n, 1, 7, bias, y, N); break;                                   \
+            case 1 * 16 + 6: tile(b, BITS, GROUP, x, n, 1, 6, bias, y, N); break;                                   \
+            case 1 * 16 + 5: tile(b, BITS, GROUP, x, n, 1, 5, bias, y, N); break;                                   \
+            case 1 * 16 + 4: tile(b, BITS, GROUP, x, n, 1, 4, bias, y, N); break;                                   \
+            case 1 * 16 + 3: tile(b, BITS, GROUP, x, n, 1, 3, bias, y, N); break;                                   \
+            case 1 * 16 + 2: tile(b, BITS, GROUP, x, n, 1, 2, bias, y, N); break;                                   \
+            default: tile(b, BITS, GROUP, x, n, 1, 1, bias, y, N); break;                                           \
+        }                                                                                                           \
     }
-    for (int r = 0; r < nr; r++)
-        for (int i = 0; i < mr; i++) {
-            float sum = 0.0f;
-            for (int j = 0; j < 16; j++) sum += acc[r][i][j];
-            y[i * ldy + n + r] = sum + (bias ? bias[n + r] : 0.0f);
-        }
-}
-#endif
+TILES(4, 32)
+TILES(8, 32)
+TILES(8, 16)
 
-#define TILE_CASE(NR, MR) tile(xm, K, K, codes, scale, zero, n, NR, MR, bias, ym, N)
+typedef void (*TileFn)(const Blocks *, const float *, long, int, int, const float *, float *, long);
 
-/* Output rows n .. n + nr - 1 for input rows 0 .. mr - 1 of xm; every (nr, mr) pair gets its own fully unrolled
-   tile, with at most 16 sums in registers: 4 output rows for up to 4 inputs, 2 for up to 8. */
-static void rows_tile(const float *xm, long K, const uint8_t *codes, const float *scale, const float *zero,
-                      long N, long n, int nr, int mr, const float *bias, float *ym) {
-    switch (nr * 16 + mr) {
-        case 4 * 16 + 4: TILE_CASE(4, 4); break;
-        case 4 * 16 + 3: TILE_CASE(4, 3); break;
-        case 4 * 16 + 2: TILE_CASE(4, 2); break;
-        case 4 * 16 + 1: TILE_CASE(4, 1); break;
-        case 2 * 16 + 8: TILE_CASE(2, 8); break;
-        case 2 * 16 + 7: TILE_CASE(2, 7); break;
-        case 2 * 16 + 6: TILE_CASE(2, 6); break;
-        case 2 * 16 + 5: TILE_CASE(2, 5); break;
-        case 1 * 16 + 8: TILE_CASE(1, 8); break;
-        case 1 * 16 + 7: TILE_CASE(1, 7); break;
-        case 1 * 16 + 6: TILE_CASE(1, 6); break;
-        case 1 * 16 + 5: TILE_CASE(1, 5); break;
-        case 1 * 16 + 4: TILE_CASE(1, 4); break;
-        case 1 * 16 + 3: TILE_CASE(1, 3); break;
-        case 1 * 16 + 2: TILE_CASE(1, 2); break;
-        default: TILE_CASE(1, 1); break;
-    }
-}
-
-/* x: (M, K) float32, contiguous; codes (N, K / 2); scale, zero (N, K / 32); bias (N) or NULL; y: (M, N).
-   `threads`: torch's intra-op thread count, passed in because OpenMP's own setting is per calling thread. */
-int lp_four_bit_linear(const float *x, long M, long K, const uint8_t *codes, const float *scale, const float *zero,
-                       long N, const float *bias, float *y, int threads) {
-    if (K % BLOCK || M < 0 || N < 0 || threads < 1) return 1;
+/* x: (M, K) float32, contiguous; codes as above; scale (and zero, or NULL) (N, K / group); bias (N) or NULL;
+   y: (M, N). `threads`: torch's intra-op thread count, passed in because OpenMP's own setting is per calling thread.
+   Returns 0, or 1 for arguments it does not take. */
+int lp_block_linear(const float *x, long M, long K, const void *codes, const float *scale, const float *zero,
+                    int bits, int group, long N, const float *bias, float *y, int threads) {
+    TileFn fn = bits == 4 && group == 32 ? tile_4_32 : bits == 8 && group == 32 ? tile_8_32
+              : bits == 8 && group == 16 ? tile_8_16 : NULL;
+    if (!fn || K % UNIT || M < 0 || N < 0 || threads < 1) return 1;
+    Blocks b = {codes, scale, zero, K};
     long tiles = (N + ROWS_AT_ONCE - 1) / ROWS_AT_ONCE;
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (long t = 0; t < tiles; t++) {
@@ -128,8 +169,8 @@ int lp_four_bit_linear(const float *x, long M, long K, const uint8_t *codes, con
             int mr = (int)(M - m < X_AT_ONCE ? M - m : X_AT_ONCE);
             int step = mr <= 4 ? 4 : 2; /* output rows per tile: keeps 16 sums */
             long r = n;
-            for (; r + step <= end; r += step) rows_tile(x + m * K, K, codes, scale, zero, N, r, step, mr, bias, y + m * N);
-            for (; r < end; r++) rows_tile(x + m * K, K, codes, scale, zero, N, r, 1, mr, bias, y + m * N);
+            for (; r + step <= end; r += step) fn(&b, x + m * K, r, step, mr, bias, y + m * N, N);
+            for (; r < end; r++) fn(&b, x + m * K, r, 1, mr, bias, y + m * N, N);
         }
     }
     return 0;
