@@ -468,6 +468,10 @@ def load_model(folder: Path, head: str, *, dtype: Any = "auto", device: Any = No
     model = build_model(config, head)
     maps: list[MappedFile] = []
     if gguf.is_gguf_path(folder):
+        if device_map is None:
+            from . import native
+
+            native.prepare()  # its kernel for quantised blocks (attach_blocks below), built beside the load
         state = gguf.load_state_dict(folder, resolve_dtype(dtype, config))  # cast tensor by tensor: a lower peak
     else:
         state = ct2.load_ct2_state_dict(folder) if ct2.is_ct2_folder(folder) else read_state_dict(weight_files(folder), maps)

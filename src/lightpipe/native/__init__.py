@@ -41,6 +41,7 @@ BLOCK = 32  # values per block of codes (one scale and one zero each)
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _tried = False
+_builder: threading.Thread | None = None
 
 
 def _cache_folder() -> Path:
@@ -152,6 +153,15 @@ def _agrees_with_torch(function) -> bool:
                 logger.warning("lightpipe's native block kernel disagrees with torch on this machine; not used.")
                 return False
     return True
+
+
+def prepare() -> None:
+    """Start building and checking the kernels in a background thread, when not done yet: a GGUF load calls this
+    before it dequantises, so a first build (~2 s, once per machine) runs beside the load instead of after it."""
+    global _builder
+    if not _tried and _builder is None:
+        _builder = threading.Thread(target=available, name="lightpipe-native-build", daemon=True)
+        _builder.start()
 
 
 def available() -> bool:

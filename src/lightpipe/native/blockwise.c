@@ -20,6 +20,7 @@
 #define UNIT 32          /* values rebuilt at a time: two vectors of 16 */
 #define ROWS_AT_ONCE 4   /* output rows computed together: independent sums keep the FMA units busy */
 #define X_AT_ONCE 8      /* input rows sharing each rebuilt weight (4 output rows x 4 inputs, or 2 x 8: 16 sums) */
+#define UNROLLED _Pragma("GCC unroll 8") /* the tile loops run a constant 1-8 times: sums stay in registers */
 
 typedef struct {
     const void *codes;
@@ -100,25 +101,25 @@ static inline __attribute__((always_inline)) void tile(const Blocks *b, int bits
                                                        int nr, int mr, const float *bias, float *y, long N) {
     long K = b->K;
     vec acc[ROWS_AT_ONCE][X_AT_ONCE];
-    for (int r = 0; r < nr; r++)
-        for (int i = 0; i < mr; i++) acc[r][i] = VZERO();
+    UNROLLED for (int r = 0; r < nr; r++)
+        UNROLLED for (int i = 0; i < mr; i++) acc[r][i] = VZERO();
     for (long u = 0; u < K / UNIT; u++) {
         vec xl[X_AT_ONCE], xh[X_AT_ONCE];
-        for (int i = 0; i < mr; i++) {
+        UNROLLED for (int i = 0; i < mr; i++) {
             xl[i] = VLOAD(x + i * K + u * UNIT);
             xh[i] = VLOAD(x + i * K + u * UNIT + 16);
         }
-        for (int r = 0; r < nr; r++) {
+        UNROLLED for (int r = 0; r < nr; r++) {
             vec wl, wh;
             unit_weights(b, bits, group, n + r, u, &wl, &wh);
-            for (int i = 0; i < mr; i++) {
+            UNROLLED for (int i = 0; i < mr; i++) {
                 acc[r][i] = VFMA(wl, xl[i], acc[r][i]);
                 acc[r][i] = VFMA(wh, xh[i], acc[r][i]);
             }
         }
     }
-    for (int r = 0; r < nr; r++)
-        for (int i = 0; i < mr; i++)
+    UNROLLED for (int r = 0; r < nr; r++)
+        UNROLLED for (int i = 0; i < mr; i++)
             y[i * N + n + r] = VSUM(acc[r][i]) + (bias ? bias[n + r] : 0.0f);
 }
 
