@@ -414,17 +414,20 @@ def test_smollm2_config_and_chat_generation_equal_transformers(smollm2, smollm2_
     assert config["rope_parameters"]["rope_theta"] == reference.config.rope_parameters["rope_theta"] == 100000.0
 
     tokenizer = smollm2_reference_tokenizer
-    chats = [[{"role": "user", "content": "What is the capital of France?"}],
-             [{"role": "user", "content": "Write a haiku about the sea."}]]
+    chats = [[{"role": "user", "content": question}] for question in (
+        "What is the capital of France?", "Write a haiku about the sea.", "What is 12 times 7?",
+        "Who wrote Romeo and Juliet?")]
     expected = []
     for chat in chats:
         ids = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt",
                                             return_dict=True)["input_ids"]
-        out = reference.generate(ids, max_new_tokens=16, do_sample=False)
+        out = reference.generate(ids, max_new_tokens=32, do_sample=False)
         expected.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     pipe = lightpipe.pipeline("text-generation", model=str(smollm2))
-    results = pipe(chats, max_new_tokens=16, do_sample=False, batch_size=2)
-    assert [r[0]["generated_text"][-1]["content"] for r in results] == expected
+    assert len(block_layers(pipe.model)) == 7 * 30 + 1  # decode steps multiply the Q4_1 blocks (and the Q8_0 head)
+    for batch_size in (1, 4):
+        results = pipe(chats, max_new_tokens=32, do_sample=False, batch_size=batch_size)
+        assert [r[0]["generated_text"][-1]["content"] for r in results] == expected
     assert expected[0].startswith("The capital of France is Paris")
 
 
