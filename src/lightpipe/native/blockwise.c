@@ -20,6 +20,7 @@
 #define UNIT 32          /* values rebuilt at a time: two vectors of 16 */
 #define ROWS_AT_ONCE 4   /* output rows computed together: independent sums keep the FMA units busy */
 #define X_AT_ONCE 8      /* input rows sharing each rebuilt weight (4 output rows x 4 inputs, or 2 x 8: 16 sums) */
+#define AHEAD 1024       /* values fetched ahead of use in each row's stream of codes */
 #define UNROLLED _Pragma("GCC unroll 8") /* the tile loops run a constant 1-8 times: sums stay in registers */
 
 typedef struct {
@@ -45,6 +46,18 @@ static inline __attribute__((always_inline)) vec rebuilt(__m512i codes, float sc
 static inline __attribute__((always_inline)) void unit_weights(const Blocks *b, int bits, int group, long row, long u,
                                                                vec *low, vec *high) {
     long groups = b->K / group;
+    if (u % 4 == 0) { /* every row is a separate stream: fetched ahead, as plain loads leave the memory idle */
+        const uint8_t *codes = (const uint8_t *)b->codes + (row * b->K + UNIT * u) * bits / 8;
+        _mm_prefetch((const char *)(codes + AHEAD * bits / 8), _MM_HINT_T0);
+        _mm_prefetch((const char *)(codes + AHEAD * bits / 8 + 64), _MM_HINT_T0);
+        if (bits == 8) {
+            _mm_prefetch((const char *)(codes + AHEAD + 128), _MM_HINT_T0);
+            _mm_prefetch((const char *)(codes + AHEAD + 192), _MM_HINT_T0);
+        }
+        long g = row * groups + u * (UNIT / group);
+        _mm_prefetch((const char *)(b->scale + g + AHEAD / group), _MM_HINT_T0);
+        if (b->zero) _mm_prefetch((const char *)(b->zero + g + AHEAD / group), _MM_HINT_T0);
+    }
     if (bits == 4) {
         __m128i packed = _mm_loadu_si128((const __m128i *)((const uint8_t *)b->codes + row * (b->K / 2) + 16 * u));
         __m128i nibble = _mm_set1_epi8(0x0F);
