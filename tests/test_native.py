@@ -111,3 +111,10 @@ def test_malformed_weights_are_refused(codes, groups, dtype, bits, group):
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("LIGHTPIPE_NATIVE", "0")
     assert native._load() is None
+
+
+def test_product_refuses_inputs_that_do_not_fit():
+    weight = random_weight(4, 64)
+    for x in (torch.randn(2, 32), torch.randn(2, 64, dtype=torch.float64), torch.randn(64, 2).t()):
+        with pytest.raises(ValueError):
+            weight.product(x, None)

@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("blockwise.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
-BLOCK = 32  # values per block of codes (one scale and one zero each)
+BLOCK = 32  # the kernel rebuilds 32 values at a time: widths are multiples of this
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
@@ -249,6 +249,8 @@ class BlockWeight:
         """x (rows, in), float32, contiguous -> x @ w.T + bias (rows, out)."""
         rows, width = x.shape
         out = self.codes.shape[0]
+        if x.dtype != torch.float32 or not x.is_contiguous() or width != self.shape[1] or x.device.type != "cpu":
+            raise ValueError(f"BlockWeight.product takes contiguous float32 CPU rows of {self.shape[1]} values")
         if _library is None and not available():
             raise RuntimeError("lightpipe's native kernels are not available here (see lightpipe.native)")
         y = torch.empty(rows, out)
