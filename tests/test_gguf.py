@@ -51,6 +51,17 @@ def reference_model(folder, name):
     return transformers.AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name).eval()
 
 
+def reference_greedy_texts(folder, name, reference, prompts, new_tokens: int = 8) -> list[str]:
+    """transformers' greedy continuations of `prompts` with the GGUF file's own tokenizer, prompt by prompt."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+    texts = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        out = reference.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=2)
+        texts.append(tokenizer.decode(out[0, ids.shape[1]:]))
+    return texts
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     """A float tensor's bit patterns, so that equality is bit-exact (-0.0 differs from 0.0, NaN equals itself)."""
     return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
@@ -216,13 +227,8 @@ def test_block_products_equal_transformers(folder, llama_files, qtype, block_cal
             assert close(ours(ids[rows])["logits"], expected[rows])
     assert block_calls and max(block_calls) <= 8  # the one-row forwards ran on blocks (7 tokens), 14 rows did not
 
-    reference_tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
     prompts = ["The river flows", "Paris is the capital of France and"]
-    expected_text = []
-    for prompt in prompts:
-        prompt_ids = reference_tokenizer(prompt, return_tensors="pt")["input_ids"]
-        out = reference.generate(prompt_ids, max_new_tokens=8, do_sample=False, pad_token_id=2)
-        expected_text.append(reference_tokenizer.decode(out[0, prompt_ids.shape[1]:]))
+    expected_text = reference_greedy_texts(folder, name, reference, prompts)
     pipe = lightpipe.pipeline("text-generation", model=str(folder / name))
     assert block_layers(pipe.model)
     for batch_size in (1, 2):
@@ -437,14 +443,8 @@ def test_smollm2_config_and_chat_generation_equal_transformers(smollm2, smollm2_
 
 def test_text_generation_pipeline_equals_transformers(folder, llama_files):
     name = llama_files(Q.Q8_0)
-    reference = reference_model(folder, name)
-    reference_tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
     prompts = ["The river flows", "Paris is the capital of France and"]
-    expected = []
-    for prompt in prompts:
-        ids = reference_tokenizer(prompt, return_tensors="pt")["input_ids"]
-        out = reference.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=2)
-        expected.append(reference_tokenizer.decode(out[0, ids.shape[1]:]))
+    expected = reference_greedy_texts(folder, name, reference_model(folder, name), prompts)
     pipe = lightpipe.pipeline("text-generation", model=str(folder / name))
     for batch_size in (1, 2):
         results = pipe(prompts, max_new_tokens=8, do_sample=False, return_full_text=False, batch_size=batch_size)
