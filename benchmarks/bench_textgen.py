@@ -100,12 +100,13 @@ def runners(name: str, new_tokens: int):
 
 
 def block_saving(model) -> int:
-    """Bytes a batch-1 step of lightpipe does not read: the float32 layer matrices it multiplies from their GGUF
-    quantised blocks instead (layers.keep_blocks), less the blocks' own bytes."""
-    saved = 0
-    for name, module in model.named_modules():
+    """Bytes a batch-1 step of lightpipe does not read: the float32 matrices (the head too) it multiplies from their
+    GGUF quantised blocks instead (layers.keep_blocks), less the blocks' own bytes."""
+    saved, seen = 0, set()
+    for module in model.modules():
         kept = module.__dict__.get("_lightpipe_blocks")
-        if kept is not None and name != "lm_head":  # greedy steps screen the head in bfloat16 instead (greedy_tokens)
+        if kept is not None and module.weight.data_ptr() not in seen:  # a tied head counted once
+            seen.add(module.weight.data_ptr())
             saved += module.weight.numel() * 4 - kept[1].nbytes
     return saved
 

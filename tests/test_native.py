@@ -118,3 +118,31 @@ def test_product_refuses_inputs_that_do_not_fit():
     for x in (torch.randn(2, 32), torch.randn(2, 64, dtype=torch.float64), torch.randn(64, 2).t()):
         with pytest.raises(ValueError):
             weight.product(x, None)
+
+
+@each_kind
+def test_linear_and_greedy_head_read_kept_blocks(kind):
+    """layers.linear and layers.greedy_tokens use blocks kept beside a float weight for up to 8 rows, with the float
+    product's results; a weight changed in place makes them fall back to it."""
+    from lightpipe.models import layers
+
+    form = random_weight(2048, 64, seed=7, kind=kind)
+    layer = torch.nn.Linear(64, 2048, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(form.dequantized())
+    layers.keep_blocks(layer, layer.weight, form)
+    used, product = [], form.product
+    form.product = lambda x, bias: used.append(x.shape[0]) or product(x, bias)
+    with torch.inference_mode():
+        for rows in (1, 3, 8, 9):
+            hidden = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
+            expected = hidden @ layer.weight.t()
+            assert (layers.linear(hidden, layer) - expected).abs().max() < 1e-4
+            assert torch.equal(layers.greedy_tokens(hidden, layer), expected.argmax(dim=-1))
+    assert used == [1, 1, 3, 3, 8, 8]  # 9 rows ran on the float weight
+    with torch.no_grad():
+        layer.weight.mul_(-1.0)
+    assert layers.kept_blocks(layer, layer.weight) is None
+    hidden = torch.randn(2, 64)
+    with torch.inference_mode():
+        assert torch.equal(layers.greedy_tokens(hidden, layer), (hidden @ layer.weight.t()).argmax(dim=-1))

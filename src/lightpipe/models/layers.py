@@ -577,6 +577,8 @@ def greedy_tokens(hidden: torch.Tensor, layer) -> torch.Tensor:
     """
     if not _screenable(hidden, layer):
         return vocab_logits(hidden, layer).argmax(dim=-1)
+    if hidden.shape[0] <= BLOCK_MOST_ROWS and (blocks := kept_blocks(layer, layer.weight)) is not None:
+        return blocks.product(hidden.contiguous(), None).argmax(dim=-1)  # every logit, from fewer bytes than the screen
     screen = _screen(layer)
     low = hidden.to(torch.bfloat16)
     approx = _onednn_product(low, hidden.shape[0], screen.packed, None, "none", [], "").float()  # (B, V)
