@@ -60,7 +60,7 @@ def against_llama_cpp(new_tokens: int = 64, repeat: int = 3) -> None:
     theirs = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=256, n_threads=torch.get_num_threads(),
                              n_threads_batch=torch.get_num_threads(), verbose=False)
     rows = bench_textgen.prompts(ours.config.vocab_size)
-    config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None)
+    config = GenerationConfig(max_new_tokens=new_tokens, eos_token_id=None)  # no end token: always new_tokens
     outputs = {}
 
     def lightpipe_run():

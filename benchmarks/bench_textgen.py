@@ -60,7 +60,8 @@ def left_padded(rows: list[list[int]], pad: int):
 
 
 def runners(name: str, new_tokens: int):
-    """(lightpipe, transformers) callables for batch 1 and batch 8, each returning the generated token lists."""
+    """(lightpipe, transformers) callables for batch 1 and batch 8, each returning the generated token lists, then
+    (float weight bytes, bytes saved by quantised blocks) and the end token id."""
     import torch
     import transformers
 
@@ -96,7 +97,14 @@ def runners(name: str, new_tokens: int):
         return out
 
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied matrices counted once
-    return lightpipe_run, transformers_run, (weight_bytes, block_saving(ours))
+    return lightpipe_run, transformers_run, (weight_bytes, block_saving(ours)), eos
+
+
+def generated_tokens(rows: list[list[int]], eos) -> int:
+    """New tokens generated in all: each row up to and including its first end token (a finished row of a batch
+    is padded after it)."""
+    ends = set(eos if isinstance(eos, (list, tuple)) else [eos])
+    return sum(next((i + 1 for i, token in enumerate(row) if token in ends), len(row)) for row in rows)
 
 
 def block_saving(model) -> int:
@@ -125,7 +133,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     rows, notes = [], []
     for name in args.models:
-        lightpipe_run, transformers_run, weight_bytes = runners(name, args.new_tokens)
+        lightpipe_run, transformers_run, weight_bytes, eos = runners(name, args.new_tokens)
         for batch in (1, PROMPTS):
             outputs = {}
 
@@ -138,8 +146,9 @@ def main() -> None:
             ours, ref = timed_together([ours_once, ref_once], args.repeat)
             same = outputs["lightpipe"] == outputs["transformers"]
             print(f"{name} batch {batch}: {'the same tokens' if same else 'DIFFERENT TOKENS'} from both libraries")
-            tokens = PROMPTS * args.new_tokens
-            rows.append((f"{name}, {PROMPTS} prompts, batch {batch}, {args.new_tokens} new tokens (per token)",
+            tokens = generated_tokens(outputs["lightpipe"], eos)  # real weights end some rows early
+            rows.append((f"{name}, {PROMPTS} prompts, batch {batch}, up to {args.new_tokens} new tokens (per token, "
+                         f"{tokens} in all)",
                          ours / tokens * 1000, ref / tokens * 1000, "ms"))
             print(table(rows[-1:]), flush=True)
             if batch == 1:
