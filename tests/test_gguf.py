@@ -220,12 +220,19 @@ def test_block_products_equal_transformers(folder, llama_files, qtype, block_cal
     ours = loading.load_model(folder / name, "causal-lm")
     layers_count = ours.config.num_hidden_layers
     assert len(block_layers(ours)) == 7 * layers_count + 1  # q, k, v, o, gate, up, down and the untied head
+    from lightpipe.models.layers import BLOCK_MOST_ROWS
+
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18]])
     with torch.no_grad():
         expected = reference(ids).logits
-        for rows in (slice(0, 1), slice(1, 2), slice(0, 2)):
-            assert close(ours(ids[rows])["logits"], expected[rows])
-    assert block_calls and max(block_calls) <= 8  # the one-row forwards ran on blocks (7 tokens), 14 rows did not
+        single = [ours(ids[row:row + 1])["logits"] for row in range(2)]
+        both = ours(ids)["logits"]
+        for row in range(2):
+            assert close(single[row], expected[row:row + 1])
+            assert torch.equal(both[row:row + 1], single[row])  # rows never share sums: batched == alone, to the bit
+        long = torch.arange(5, 5 + BLOCK_MOST_ROWS + 1).unsqueeze(0)  # more rows than blocks take: the float product
+        assert close(ours(long)["logits"], reference(long).logits)
+    assert sorted(set(block_calls)) == [7, 14]
 
     prompts = ["The river flows", "Paris is the capital of France and"]
     expected_text = reference_greedy_texts(folder, name, reference, prompts)
