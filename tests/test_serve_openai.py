@@ -205,6 +205,11 @@ def test_transcriptions(tmp_path_factory):
         assert [(s.start, s.end, s.text) for s in verbose.segments] == [
             (c["timestamp"][0], c["timestamp"][1] if c["timestamp"][1] is not None else 14000 / RATE, c["text"])
             for c in timed["chunks"]]
+        import zlib
+
+        for segment in verbose.segments:  # openai-whisper's measure: UTF-8 bytes over their zlib size
+            data = segment.text.encode()
+            assert segment.compression_ratio == pytest.approx(len(data) / len(zlib.compress(data)) if data else 0.0)
         words = pipe(audio, return_timestamps="word")["chunks"]
         assert [w.word for w in verbose.words] == [c["text"].strip() for c in words]
         srt = api.audio.transcriptions.create(model="whisper", file=("a.flac", audio), response_format="srt")

@@ -18,6 +18,7 @@ import base64
 import json
 import time
 import uuid
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -129,8 +130,15 @@ def _segment(pipe, index: int, chunk: Mapping, duration: float) -> dict[str, Any
     return {"id": index, "seek": 0, "start": start if start is not None else 0.0,
             "end": end if end is not None else duration, "text": chunk["text"],
             "tokens": pipe.tokenizer.encode(chunk["text"], add_special_tokens=False).ids,
-            # not computed by the pipeline: given as OpenAI's neutral values
-            "temperature": 0.0, "avg_logprob": 0.0, "compression_ratio": 0.0, "no_speech_prob": 0.0}
+            "compression_ratio": compression_ratio(chunk["text"]),
+            # not returned by the pipeline: given as OpenAI's neutral values
+            "temperature": 0.0, "avg_logprob": 0.0, "no_speech_prob": 0.0}
+
+
+def compression_ratio(text: str) -> float:
+    """openai-whisper's measure of a looping text: its UTF-8 bytes over their zlib-compressed size (0 when empty)."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
 # ---------------------------------------------------------------------------------------------- embeddings
