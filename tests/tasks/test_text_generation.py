@@ -58,6 +58,20 @@ def test_beam_search_equals_transformers(pair):
     assert ours(PROMPTS[:3], batch_size=3, **options) == expected
 
 
+@pytest.mark.parametrize("options", [
+    dict(repetition_penalty=1.3), dict(no_repeat_ngram_size=2),
+    dict(num_beams=2, no_repeat_ngram_size=2, repetition_penalty=1.3), dict(min_new_tokens=8, bad_words_ids=[[50]])],
+    ids=["repetition", "ngram", "beams-ngram-repetition", "min-new-bad-words"])
+def test_penalties_and_token_rules_batched_equal_alone(pair, options):
+    # The repetition penalty skips a row's left padding (transformers does too): a padded prompt is penalised for
+    # its own tokens only, so batched rows equal the same prompts alone.
+    ours, ref = pair
+    options = dict(do_sample=False, max_new_tokens=10, **options)
+    expected = [ref(p, **options) for p in PROMPTS]
+    assert [ours(p, **options) for p in PROMPTS] == expected
+    assert ours(PROMPTS, batch_size=4, **options) == expected
+
+
 def test_tensors_and_sampling_with_one_candidate(pair):
     ours, ref = pair
     assert ours(PROMPTS[1], return_tensors=True, **GREEDY) == ref(PROMPTS[1], return_tensors=True, **GREEDY)

@@ -436,6 +436,7 @@ def _sample(model, plan: _Plan, config: GenerationConfig, encoder_hidden, on_tok
     tokens = torch.full((rows, plan.max_length), fill, dtype=torch.long, device=device)
     tokens[:, :prompt_length] = prompt
     cache = _new_cache(model, rows, plan, config, encoder_hidden, repeat)
+    padding = None if plan.padding is None else plan.padding.repeat_interleave(repeat)
     drops_rows = cache.can_drop_rows
     running = torch.ones(rows, dtype=torch.bool, device=device)
     active: torch.Tensor | None = None  # rows the cache holds, in its order; None = all rows
@@ -448,7 +449,8 @@ def _sample(model, plan: _Plan, config: GenerationConfig, encoder_hidden, on_tok
         else:
             scores = _decode(model, step_input, cache)  # (rows in the cache, V)
             history = tokens[:, :length] if active is None else tokens[active, :length]
-            scores = P.apply(plan.processors, history, scores)
+            scores = P.apply(plan.processors, history, scores,
+                             padding if padding is None or active is None else padding[active])
             if config.output_scores:
                 all_scores.append(scores if active is None else
                                   scores.new_full((rows, scores.shape[1]), -math.inf).index_copy_(0, active, scores))
@@ -492,11 +494,13 @@ def _beam_search(model, plan: _Plan, config: GenerationConfig, encoder_hidden, g
                         config.fill_token_id, config.length_penalty, config.early_stopping, config.do_sample,
                         generator)
     cache = _new_cache(model, rows, plan, config, encoder_hidden, beams)
+    # A beam keeps its input's left padding: reordering moves rows only among the beams of one input.
+    padding = None if plan.padding is None else plan.padding.repeat_interleave(beams)
     all_scores = []
     step_input = prompt
     while True:
         logits = _decode(model, step_input, cache)
-        log_probs = P.apply(plan.processors, search.tokens(), logits.log_softmax(dim=-1))
+        log_probs = P.apply(plan.processors, search.tokens(), logits.log_softmax(dim=-1), padding)
         if config.output_scores:
             all_scores.append(log_probs)
         parents = search.step(log_probs)

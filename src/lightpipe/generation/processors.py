@@ -25,9 +25,15 @@ Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NEG_INF = -math.inf
 
 
-def apply(processors: Sequence[Processor], input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+def apply(processors: Sequence[Processor], input_ids: torch.Tensor, scores: torch.Tensor,
+          padding: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply `processors` in order. padding (rows,) counts each row's left padding in input_ids; processors that
+    must not read padded positions (`reads_padding = True`) get it as a third argument."""
     for processor in processors:
-        scores = processor(input_ids, scores)
+        if getattr(processor, "reads_padding", False):
+            scores = processor(input_ids, scores, padding)
+        else:
+            scores = processor(input_ids, scores)
     return scores
 
 
@@ -178,15 +184,25 @@ class MinLength:
 
 class RepetitionPenalty:
     """Make tokens already in the sequence less likely: positive scores divided by `penalty`, negative ones
-    multiplied (the CTRL rule, as transformers applies it, prompt included)."""
+    multiplied (the CTRL rule, as transformers applies it, prompt included). A row's left padding is not part of
+    its sequence: a batched prompt gets the penalty it gets alone (transformers skips padding the same way)."""
+
+    reads_padding = True
 
     def __init__(self, penalty: float):
         self.penalty = penalty
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor,
+                 padding: torch.Tensor | None = None) -> torch.Tensor:
+        vocab = scores.shape[-1]
+        if padding is not None and bool(padding.any()):
+            # Padded positions point at a spare column past the vocabulary, dropped after the scatter.
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            input_ids = input_ids.masked_fill(positions[None, :] < padding[:, None], vocab)
+            scores = torch.nn.functional.pad(scores, (0, 1))
         seen = scores.gather(1, input_ids)  # (rows, length)
         seen = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
-        return scores.scatter(1, input_ids, seen)
+        return scores.scatter(1, input_ids, seen)[:, :vocab]
 
 
 # ----------------------------------------------------------------------------------------------
