@@ -56,9 +56,19 @@ def _scores(rows=4, vocab=VOCAB, seed=0):
     lambda: (P.TypicalP(0.5), hf.TypicalLogitsWarper(0.5)),
     lambda: (P.TypicalP(0.05, min_tokens_to_keep=2), hf.TypicalLogitsWarper(0.05, min_tokens_to_keep=2)),
     lambda: (P.BadWords([[4], [1, 2], [5, 5, 3], [2]], [2]), hf.NoBadWordsLogitsProcessor([[4], [1, 2], [5, 5, 3], [2]], 2)),
+    lambda: (P.EpsilonCutoff(0.01), hf.EpsilonLogitsWarper(0.01)),
+    lambda: (P.EpsilonCutoff(0.2, 3), hf.EpsilonLogitsWarper(0.2, min_tokens_to_keep=3)),
+    lambda: (P.EtaCutoff(0.01), hf.EtaLogitsWarper(0.01)),
+    lambda: (P.EtaCutoff(0.3, 2), hf.EtaLogitsWarper(0.3, min_tokens_to_keep=2)),
+    lambda: (P.LogNormalize(), hf.LogitNormalization()),
+    lambda: (P.SequenceBias({(4,): 2.5, (1, 3): -1.0, (2, 5, 0): 4.0, (5, 5): 1.5}),
+             hf.SequenceBiasLogitsProcessor({(4,): 2.5, (1, 3): -1.0, (2, 5, 0): 4.0, (5, 5): 1.5})),
+    lambda: (P.ExponentialDecayLengthPenalty(2, 1.7, 3, [2, 3]), hf.ExponentialDecayLengthPenalty((2, 1.7), [2, 3], 3)),
+    lambda: (P.ExponentialDecayLengthPenalty(4, 1.7, 3, [2]), hf.ExponentialDecayLengthPenalty((4, 1.7), [2], 3)),
 ], ids=["temperature", "top-k", "top-k-keep", "top-p", "top-p-keep", "repetition", "suppress",
         "begin-suppress", "begin-suppress-later", "min-length", "min-length-reached", "no-repeat-2", "no-repeat-3",
-        "forced-eos", "forced-eos-not-yet", "min-p", "min-p-keep", "typical", "typical-keep", "bad-words"])
+        "forced-eos", "forced-eos-not-yet", "min-p", "min-p-keep", "typical", "typical-keep", "bad-words",
+        "epsilon", "epsilon-keep", "eta", "eta-keep", "renormalize", "sequence-bias", "decay", "decay-not-yet"])
 def test_processor_equals_transformers(make):
     ours, theirs = make()
     scores, input_ids = _scores()
@@ -165,8 +175,8 @@ def test_config_names_active_options_it_cannot_honour(caplog):
     with caplog.at_level("WARNING", logger="lightpipe.generation.generate"):
         GenerationConfig.from_dict({"typical_p": 1.0, "num_beam_groups": 1})  # inactive values: silent
         assert not caplog.records
-        GenerationConfig.from_dict({"epsilon_cutoff": 0.5, "num_beam_groups": 2})
-    assert "epsilon_cutoff, num_beam_groups" in caplog.text
+        GenerationConfig.from_dict({"guidance_scale": 1.5, "num_beam_groups": 2})
+    assert "guidance_scale, num_beam_groups" in caplog.text
 
 
 def test_config_from_folder_falls_back_to_config_json(tmp_path):
@@ -191,7 +201,10 @@ def test_config_from_folder_falls_back_to_config_json(tmp_path):
     dict(do_sample=True, temperature=0), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
     dict(repetition_penalty=0), dict(early_stopping="sometimes"), dict(num_return_sequences=2),
     dict(num_beams=2, num_return_sequences=3), dict(eos_token_id=-1), dict(suppress_tokens=["a"]),
-    dict(forced_tokens=[(1,)]), dict(temperature="hot"),
+    dict(forced_tokens=[(1,)]), dict(temperature="hot"), dict(epsilon_cutoff=1.0), dict(eta_cutoff=-0.1),
+    dict(sequence_bias={}), dict(sequence_bias={(1,): "x"}), dict(sequence_bias=[[[-1], 1.0]]),
+    dict(exponential_decay_length_penalty=(2,)), dict(exponential_decay_length_penalty=(2, 0.0)),
+    dict(renormalize_logits="yes"),
 ])
 def test_config_rejects_bad_values_before_any_compute(bad):
     with pytest.raises(InvalidInput):

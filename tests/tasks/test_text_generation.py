@@ -72,6 +72,19 @@ def test_penalties_and_token_rules_batched_equal_alone(pair, options):
     assert ours(PROMPTS, batch_size=4, **options) == expected
 
 
+@pytest.mark.parametrize("options", [
+    dict(sequence_bias={(50,): 5.0}), dict(sequence_bias=[[[50], -4.0], [[44, 60], 20.0]], num_beams=2),
+    dict(exponential_decay_length_penalty=(0, 3.0)), dict(renormalize_logits=True, num_beams=3, repetition_penalty=1.2),
+    dict(do_sample=True, top_k=1, epsilon_cutoff=0.01, eta_cutoff=0.001)],
+    ids=["bias", "bias-list-beams", "decay", "renormalize-beams", "cutoffs-one-candidate"])
+def test_more_of_transformers_options_equal_transformers(pair, options):
+    ours, ref = pair
+    options = {"do_sample": False, "max_new_tokens": 10, **options}
+    expected = [ref(p, **options) for p in PROMPTS]
+    assert [ours(p, **options) for p in PROMPTS] == expected
+    assert ours(PROMPTS, batch_size=4, **options) == expected
+
+
 def test_tensors_and_sampling_with_one_candidate(pair):
     ours, ref = pair
     assert ours(PROMPTS[1], return_tensors=True, **GREEDY) == ref(PROMPTS[1], return_tensors=True, **GREEDY)
@@ -173,11 +186,12 @@ def test_long_prompts_are_refused_or_keep_their_end(gpt2):
     lambda p: p(PROMPTS[0], num_beams=2, streamer=transformers.TextStreamer(None)),
     lambda p: p(PROMPTS[0], generate_kwargs={"no_such_option": 1}),
     lambda p: p(PROMPTS[0], return_tensors=True, return_full_text=True),
+    lambda p: p(PROMPTS[0], sequence_bias={(10 ** 6,): 1.0}),
     lambda p: p(12),
     lambda p: p([]),
 ], ids=["zero-new", "negative-new", "temperature-0", "top-p-high", "top-p-zero", "more-returns-than-beams",
         "returns-greedy", "no-content", "no-role", "bad-streamer", "beam-streamer", "unknown-option",
-        "tensors-and-text", "not-text", "empty-list"])
+        "tensors-and-text", "bias-past-vocabulary", "not-text", "empty-list"])
 def test_bad_input_is_invalid_input_and_the_pipeline_keeps_working(gpt2, call):
     ours, _, _ = gpt2
     with pytest.raises(InvalidInput):

@@ -37,10 +37,7 @@ DEFAULT_NEW_TOKENS = 20  # transformers' default when neither max_new_tokens nor
 
 # transformers' generation options lightpipe does not implement, with the value at which they do nothing.
 UNSUPPORTED = {
-    "epsilon_cutoff": 0.0, "eta_cutoff": 0.0, "top_h": None,
-    "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0,
-    "sequence_bias": None, "renormalize_logits": False, "exponential_decay_length_penalty": None,
-    "guidance_scale": 1.0, "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": None,
+    "top_h": None, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "guidance_scale": 1.0, "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": None,
     "constraints": None, "force_words_ids": None, "watermarking_config": None,
 }
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")
@@ -80,6 +77,8 @@ class GenerationConfig:
     top_p: float = 1.0
     min_p: float | None = None
     typical_p: float = 1.0
+    epsilon_cutoff: float = 0.0  # sampling: drop tokens less likely than this (0: off)
+    eta_cutoff: float = 0.0  # sampling: drop tokens less likely than min(eta, sqrt(eta) * exp(-entropy)) (0: off)
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     length_penalty: float = 1.0
@@ -91,6 +90,11 @@ class GenerationConfig:
     forced_bos_token_id: int | None = None
     forced_eos_token_id: int | tuple[int, ...] | None = None
     bad_words_ids: tuple[tuple[int, ...], ...] | None = None
+    # {token ids: bias} added to the score of a sequence's last token when the tokens before it end the text so far;
+    # transformers' list form [[ids, bias], ...] is taken too (generation_config.json has no tuple keys).
+    sequence_bias: Mapping[tuple[int, ...], float] | None = None
+    exponential_decay_length_penalty: tuple[int, float] | None = None  # (start after n new tokens, factor)
+    renormalize_logits: bool = False  # scores -> log-probabilities after every processor
     stop_strings: str | tuple[str, ...] | None = None  # matched on the decoded text (generate needs a tokenizer)
     max_time: float | None = None  # seconds; every row stops once they have passed
     cache_implementation: str = "dynamic"  # "static": full-length cache reads, fixed shapes per step
@@ -110,6 +114,9 @@ class GenerationConfig:
         for name in ("eos_token_id", "forced_eos_token_id"):
             if isinstance(getattr(self, name), (list, tuple)):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "sequence_bias", _bias_mapping(self.sequence_bias))
+        if isinstance(self.exponential_decay_length_penalty, list):
+            object.__setattr__(self, "exponential_decay_length_penalty", tuple(self.exponential_decay_length_penalty))
         self._validate()
 
     # ------------------------------------------------------------------ reading
@@ -177,8 +184,19 @@ class GenerationConfig:
             checks.positive_int(name, getattr(self, name), allow_zero=True)
         for name in ("num_beams", "num_return_sequences"):
             checks.positive_int(name, getattr(self, name))
-        for name in ("temperature", "top_p", "typical_p", "repetition_penalty", "length_penalty"):
+        for name in ("temperature", "top_p", "typical_p", "repetition_penalty", "length_penalty", "epsilon_cutoff",
+                     "eta_cutoff"):
             checks.number(name, getattr(self, name))
+        for name in ("epsilon_cutoff", "eta_cutoff"):
+            if not 0 <= getattr(self, name) < 1:
+                raise InvalidInput(f"{name} must be in [0, 1) (0: off), not {getattr(self, name)}.")
+        checks.flag("renormalize_logits", self.renormalize_logits, allow_none=False)
+        decay = self.exponential_decay_length_penalty
+        if decay is not None and not (isinstance(decay, tuple) and len(decay) == 2 and _is_token_id(decay[0])
+                                      and isinstance(decay[1], (int, float)) and not isinstance(decay[1], bool)
+                                      and decay[1] > 0):
+            raise InvalidInput("exponential_decay_length_penalty must be (start, factor): the number of new tokens "
+                               f"after which the end token's score grows, and a factor > 0; not {decay!r}.")
         checks.flag("do_sample", self.do_sample, allow_none=False)
         checks.probability("min_p", self.min_p, allow_none=True)
         checks.number("max_time", self.max_time, allow_none=True, positive=True, unit="seconds")
@@ -224,6 +242,27 @@ class GenerationConfig:
             for p in self.forced_tokens)
         if not pairs_ok:
             raise InvalidInput(f"forced_tokens must be a list of (int, int) pairs, not {self.forced_tokens!r}.")
+
+
+def _bias_mapping(bias: Any) -> Mapping[tuple[int, ...], float] | None:
+    """sequence_bias as a read-only {token-id tuple: float}, from a dict or transformers' [[ids, bias], ...] list."""
+    if bias is None:
+        return None
+    pairs = bias.items() if isinstance(bias, Mapping) else bias
+    mapping = {}
+    try:
+        for ids, value in pairs:
+            ids = tuple(ids) if isinstance(ids, (list, tuple)) else (ids,)
+            if not ids or not all(_is_token_id(i) for i in ids) or isinstance(value, bool) \
+                    or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError
+            mapping[ids] = float(value)
+    except (TypeError, ValueError):
+        mapping = {}
+    if not mapping:
+        raise InvalidInput("sequence_bias must be a non-empty {(token ids...): bias} dict or a list of "
+                           f"[[token ids], bias] pairs, not {bias!r}.")
+    return MappingProxyType(mapping)
 
 
 def _is_token_id(value: Any) -> bool:
@@ -307,6 +346,9 @@ def _plan(model, input_ids, attention_mask, config, encoder_hidden, encoder_mask
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if vocab is not None and bool(((input_ids < 0) | (input_ids >= vocab)).any()):
         raise InvalidInput(f"input_ids hold token ids outside the vocabulary [0, {vocab}).")
+    biased = sorted({t for ids in config.sequence_bias or () for t in ids if vocab is not None and t >= vocab})
+    if biased:
+        raise InvalidInput(f"sequence_bias names token ids past the vocabulary ({vocab}): {biased}.")
     padding = None
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:

@@ -11,7 +11,7 @@ processors (e.g. a speech model's timestamp rules), then the sampling warpers (t
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -205,6 +205,55 @@ class RepetitionPenalty:
         return scores.scatter(1, input_ids, seen)[:, :vocab]
 
 
+class SequenceBias:
+    """Add a bias to the score of the last token of each biased sequence when the tokens before it end the sequence
+    so far (a one-token sequence is biased at every step); several matching sequences add up."""
+
+    def __init__(self, bias: Mapping[tuple[int, ...], float]):
+        self.single = {ids[0]: b for ids, b in bias.items() if len(ids) == 1}
+        self.longer = [(ids, b) for ids, b in bias.items() if len(ids) > 1]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        bias = torch.zeros_like(scores)
+        if self.single:
+            bias[:, list(self.single)] = scores.new_tensor(list(self.single.values()))
+        length = input_ids.shape[1]
+        for ids, value in self.longer:
+            prefix = len(ids) - 1
+            if prefix > length:
+                continue
+            matches = (input_ids[:, length - prefix:] == input_ids.new_tensor(ids[:-1])).all(dim=1)  # (rows,)
+            bias[:, ids[-1]] += matches.to(scores.dtype) * value
+        return scores + bias
+
+
+class ExponentialDecayLengthPenalty:
+    """After `start` tokens past the prompt, raise the end tokens' scores by |score| * (factor ** n - 1) at the n-th
+    step beyond it, so long generations become ever likelier to end."""
+
+    def __init__(self, start: int, factor: float, prompt_length: int, eos_token_ids: Iterable[int]):
+        self.begin = prompt_length + start
+        self.factor = factor
+        self.eos = list(eos_token_ids)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        steps = input_ids.shape[-1] - self.begin
+        if steps <= 0 or not self.eos:
+            return scores
+        end = scores[:, self.eos]
+        raised = end.abs() * (self.factor ** steps - 1)
+        scores = scores.clone()
+        scores[:, self.eos] = end + torch.where(torch.isfinite(end), raised, torch.zeros_like(raised))
+        return scores
+
+
+class LogNormalize:
+    """Scores -> log-probabilities (renormalize_logits): what the processors left, summing to one again."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return scores.log_softmax(dim=-1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Sampling warpers
 
@@ -277,6 +326,31 @@ class TypicalP:
         return scores.masked_fill(drop.scatter(1, order, drop), NEG_INF)
 
 
+class EpsilonCutoff:
+    """Drop tokens whose probability is below `epsilon` (truncation sampling), keeping the best `min_tokens_to_keep`."""
+
+    def __init__(self, epsilon: float, min_tokens_to_keep: int = 1):
+        self.epsilon = epsilon
+        self.min_tokens_to_keep = min_tokens_to_keep
+
+    def _cut(self, scores: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
+        drop = scores.softmax(dim=-1) < threshold
+        kth_best = torch.topk(scores, min(self.min_tokens_to_keep, scores.shape[-1])).values[..., -1:]
+        return scores.masked_fill(drop & (scores < kth_best), NEG_INF)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return self._cut(scores, self.epsilon)
+
+
+class EtaCutoff(EpsilonCutoff):
+    """Epsilon cutoff with a threshold that falls as the distribution's entropy grows: min(eta, sqrt(eta) * e^-H)."""
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        entropy = torch.special.entr(scores.softmax(dim=-1)).sum(dim=-1, keepdim=True)  # (rows, 1), 0 log 0 = 0
+        threshold = torch.clamp(math.sqrt(self.epsilon) * torch.exp(-entropy), max=self.epsilon)
+        return self._cut(scores, threshold)
+
+
 # ----------------------------------------------------------------------------------------------
 # Assembly
 
@@ -290,6 +364,8 @@ def build_processors(config: "GenerationConfig", prompt_length: int, max_length:
     """
     processors: list[Processor] = []
     eos = config.eos_token_ids
+    if config.sequence_bias:
+        processors.append(SequenceBias(config.sequence_bias))
     if config.repetition_penalty != 1.0:
         processors.append(RepetitionPenalty(config.repetition_penalty))
     if config.no_repeat_ngram_size:
@@ -306,6 +382,9 @@ def build_processors(config: "GenerationConfig", prompt_length: int, max_length:
     if config.forced_eos_token_id is not None:
         forced_eos = config.forced_eos_token_id
         processors.append(ForcedLastToken(max_length, [forced_eos] if isinstance(forced_eos, int) else forced_eos))
+    if config.exponential_decay_length_penalty is not None:
+        start, factor = config.exponential_decay_length_penalty
+        processors.append(ExponentialDecayLengthPenalty(start, factor, prompt_length, eos))
     if config.forced_tokens:
         processors.append(ForcedTokens(config.forced_tokens))
     if config.suppress_tokens:
@@ -328,6 +407,12 @@ def build_processors(config: "GenerationConfig", prompt_length: int, max_length:
             processors.append(MinP(config.min_p, keep))
         if config.typical_p < 1.0:
             processors.append(TypicalP(config.typical_p, keep))
+        if config.epsilon_cutoff > 0:
+            processors.append(EpsilonCutoff(config.epsilon_cutoff, keep))
+        if config.eta_cutoff > 0:
+            processors.append(EtaCutoff(config.eta_cutoff, keep))
+    if config.renormalize_logits:
+        processors.append(LogNormalize())
     return processors
 
 
