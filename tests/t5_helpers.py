@@ -9,23 +9,22 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import BPE_CORPUS, STD
+from helpers import STD
 
 MAX_LENGTH = 48  # the tokenizer's model_max_length: short, so that a long input is easy to write
 SIZES = dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2, num_heads=4,
              relative_attention_num_buckets=8, relative_attention_max_distance=20)
 CLASSES = {"base": "T5Model", "seq2seq-lm": "T5ForConditionalGeneration"}
+VOCAB_FILE = Path(__file__).parent / "data" / "t5_unigram_vocab.json"
 
 
 def t5_tokenizer(folder: Path, model_max_length: int = MAX_LENGTH):
-    """A Unigram tokenizer trained on the test corpus, saved as transformers' T5TokenizerFast saves it."""
+    """A Unigram tokenizer, saved as transformers' T5TokenizerFast saves it. Its vocabulary (data/t5_unigram_vocab.json)
+    was trained once on the test corpus and kept: the Unigram trainer gives a slightly different vocabulary on every
+    run, and with it different inputs to the models, where a beam-search near-tie could make a parity test flaky."""
     import transformers
-    from tokenizers import SentencePieceUnigramTokenizer
 
-    trainer = SentencePieceUnigramTokenizer()
-    trainer.train_from_iterator([BPE_CORPUS], vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"],
-                                unk_token="<unk>")
-    vocab = [tuple(v) for v in json.loads(trainer.to_str())["model"]["vocab"]]
+    vocab = [tuple(v) for v in json.loads(VOCAB_FILE.read_text(encoding="utf-8"))]
     tokenizer = transformers.T5TokenizerFast(vocab=vocab, extra_ids=4)
     tokenizer.model_max_length = model_max_length
     folder.mkdir(parents=True, exist_ok=True)
