@@ -20,8 +20,51 @@ def random_weight(out: int, width: int, seed: int = 0, kind=KINDS[0]) -> BlockWe
 each_kind = pytest.mark.parametrize("kind", KINDS, ids=lambda k: f"{k[0]}bit-g{k[1]}{'-zero' if k[2] else ''}")
 
 
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo", encoding="utf-8") as info:
+        return {flag for line in info if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def has_vector_path(flags: set[str]) -> bool:
+    return {"avx512f", "avx512bw"} <= flags or {"avx2", "fma"} <= flags
+
+
 def test_kernel_builds_and_passes_its_self_check():
-    assert native.available()  # a C compiler is part of the test setup (.ci/run installs one when missing)
+    # A C compiler is part of the test setup (.ci/run installs one when missing); the kernel has AVX-512 and AVX2
+    # paths, and without either lightpipe keeps to torch.
+    if has_vector_path(cpu_flags()):
+        assert native.available() and native._library.lp_kernel_path() in (256, 512)
+    else:
+        assert not native.available()
+
+
+def build_with_flags(monkeypatch, tmp_path, flags):
+    monkeypatch.setattr(native, "FLAGS", flags)
+    monkeypatch.setenv("LIGHTPIPE_CACHE", str(tmp_path))
+    return native._load()
+
+
+def test_avx2_build_agrees_with_torch_and_portable_build_is_not_used(monkeypatch, tmp_path):
+    """The AVX2 path (built here without AVX-512 even on a CPU that has it) passes the self-check and gives each row
+    the same bits in any batch; a build with neither vector path is refused (its plain loops are slower than torch)."""
+    portable = build_with_flags(monkeypatch, tmp_path / "portable", ("-O2", "-march=x86-64", "-fopenmp", "-shared",
+                                                                     "-fPIC"))
+    assert portable is None
+    if not {"avx2", "fma"} <= cpu_flags():
+        return  # an AVX2 build cannot run on this CPU: the portable refusal above is what applies here
+    library = build_with_flags(monkeypatch, tmp_path / "avx2", ("-O3", "-march=native", "-mno-avx512f", "-fopenmp",
+                                                                "-shared", "-fPIC"))
+    assert library is not None and library.lp_kernel_path() == 256
+    for bits, group, with_zero in KINDS:
+        weight = sample_weight(37, 160, bits, group, with_zero, seed=bits + group)
+        x, bias = torch.randn(9, 160), torch.randn(37)
+        y = torch.empty(9, 37)
+        assert library.lp_block_linear(x.data_ptr(), 9, 160, *weight.pointers, 37, bias.data_ptr(), y.data_ptr(), 2) == 0
+        torch.testing.assert_close(y, F.linear(x, weight.dequantized(), bias), rtol=1e-5, atol=1e-5)
+        alone = torch.empty(1, 37)
+        library.lp_block_linear(x[4:5].contiguous().data_ptr(), 1, 160, *weight.pointers, 37, bias.data_ptr(),
+                                alone.data_ptr(), 1)
+        assert torch.equal(alone[0], y[4])
 
 
 @each_kind
