@@ -15,7 +15,6 @@
    runtime torch itself loads, so these loops share torch's thread pool instead of fighting it. */
 
 #include <stdint.h>
-#include <string.h>
 
 #define UNIT 32          /* values rebuilt at a time: two vectors of 16 */
 #define ROWS_AT_ONCE 4   /* output rows computed together: independent sums keep the FMA units busy */
@@ -56,32 +55,11 @@ typedef __m512 vec;
 #define VSUM(v) _mm512_reduce_add_ps(v)
 #define KERNEL_PATH 512
 
-static inline __attribute__((always_inline)) vec rebuilt(__m512i codes, float scale, const float *zero) {
-    vec q = _mm512_cvtepi32_ps(codes), s = _mm512_set1_ps(scale);
+/* 16 bytes of codes (unsigned or signed) -> 16 values w = scale * code (+ zero). */
+static inline __attribute__((always_inline)) vec rebuilt(__m128i bytes, int is_signed, float scale, const float *zero) {
+    vec q = _mm512_cvtepi32_ps(is_signed ? _mm512_cvtepi8_epi32(bytes) : _mm512_cvtepu8_epi32(bytes));
+    vec s = _mm512_set1_ps(scale);
     return zero ? _mm512_fmadd_ps(q, s, _mm512_set1_ps(*zero)) : _mm512_mul_ps(q, s);
-}
-
-/* The 32 values of unit u of row `row`: `low` values 0..15, `high` 16..31. */
-static inline __attribute__((always_inline)) void unit_weights(const Blocks *b, int bits, int group, long row, long u,
-                                                               vec *low, vec *high) {
-    long groups = b->K / group;
-    if (u % 4 == 0) fetch_ahead(b, bits, group, row, u);
-    if (bits == 4) {
-        __m128i packed = _mm_loadu_si128((const __m128i *)((const uint8_t *)b->codes + row * (b->K / 2) + 16 * u));
-        __m128i nibble = _mm_set1_epi8(0x0F);
-        const float *z = b->zero ? b->zero + row * groups + u : NULL;
-        float s = b->scale[row * groups + u];
-        *low = rebuilt(_mm512_cvtepu8_epi32(_mm_and_si128(packed, nibble)), s, z);
-        *high = rebuilt(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(packed, 4), nibble)), s, z);
-    } else {
-        const int8_t *c = (const int8_t *)b->codes + row * b->K + UNIT * u;
-        __m512i first = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)c));
-        __m512i second = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + 16)));
-        long g = row * groups + u * (UNIT / group); /* group of the unit's first value */
-        long h = group == 16 ? g + 1 : g;          /* and of its second half */
-        *low = rebuilt(first, b->scale[g], b->zero ? b->zero + g : NULL);
-        *high = rebuilt(second, b->scale[h], b->zero ? b->zero + h : NULL);
-    }
 }
 
 #elif defined(__AVX2__) && defined(__FMA__)
@@ -117,6 +95,16 @@ static inline __attribute__((always_inline)) vec rebuilt(__m128i bytes, int is_s
     return r;
 }
 
+#else /* neither vector path: nothing is built, and lp_kernel_path() says so (plain C loops measured 5-8x slower
+         than torch's float product, so lightpipe keeps to torch there) */
+#define KERNEL_PATH 0
+#endif
+
+/* Which vector path this build holds: 512 (AVX-512), 256 (AVX2 + FMA) or 0 (neither: lightpipe does not use it). */
+int lp_kernel_path(void) { return KERNEL_PATH; }
+
+#if KERNEL_PATH
+/* The 32 values of unit u of row `row`: `low` values 0..15, `high` 16..31. */
 static inline __attribute__((always_inline)) void unit_weights(const Blocks *b, int bits, int group, long row, long u,
                                                                vec *low, vec *high) {
     long groups = b->K / group;
@@ -135,40 +123,6 @@ static inline __attribute__((always_inline)) void unit_weights(const Blocks *b, 
         *high = rebuilt(_mm_loadu_si128((const __m128i *)(c + 16)), 1, b->scale[h], b->zero ? b->zero + h : NULL);
     }
 }
-
-#else /* portable: plain loops over 16-value arrays (slow: lightpipe does not use this path, see kernel_path) */
-#define KERNEL_PATH 0
-
-typedef struct { float v[16]; } vec;
-static inline vec VZERO(void) { vec r; memset(&r, 0, sizeof r); return r; }
-static inline vec VLOAD(const float *p) { vec r; memcpy(r.v, p, sizeof r.v); return r; }
-static inline vec VFMA(vec a, vec b, vec c) { for (int j = 0; j < 16; j++) c.v[j] = __builtin_fmaf(a.v[j], b.v[j], c.v[j]); return c; }
-static inline float VSUM(vec a) { float s = 0.0f; for (int j = 0; j < 16; j++) s += a.v[j]; return s; }
-
-static inline float rebuilt_one(int code, float scale, const float *zero) {
-    return zero ? __builtin_fmaf((float)code, scale, *zero) : (float)code * scale;
-}
-
-static inline void unit_weights(const Blocks *b, int bits, int group, long row, long u, vec *low, vec *high) {
-    long groups = b->K / group;
-    if (bits == 4) {
-        const uint8_t *c = (const uint8_t *)b->codes + row * (b->K / 2) + 16 * u;
-        const float *z = b->zero ? b->zero + row * groups + u : NULL;
-        float s = b->scale[row * groups + u];
-        for (int j = 0; j < 16; j++) {
-            low->v[j] = rebuilt_one(c[j] & 0x0F, s, z);
-            high->v[j] = rebuilt_one(c[j] >> 4, s, z);
-        }
-    } else {
-        const int8_t *c = (const int8_t *)b->codes + row * b->K + UNIT * u;
-        long g = row * groups + u * (UNIT / group), h = group == 16 ? g + 1 : g;
-        for (int j = 0; j < 16; j++) {
-            low->v[j] = rebuilt_one(c[j], b->scale[g], b->zero ? b->zero + g : NULL);
-            high->v[j] = rebuilt_one(c[16 + j], b->scale[h], b->zero ? b->zero + h : NULL);
-        }
-    }
-}
-#endif
 
 /* Output rows n .. n + nr - 1 for input rows 0 .. mr - 1 of x (nr, mr, bits, group: constants after inlining). */
 static inline __attribute__((always_inline)) void tile(const Blocks *b, int bits, int group, const float *x, long n,
@@ -225,10 +179,6 @@ TILES(4, 32)
 TILES(8, 32)
 TILES(8, 16)
 
-/* Which vector path this build holds: 512 (AVX-512), 256 (AVX2 + FMA) or 0 (portable C, which measured 5-8x
-   slower than torch's float product: lightpipe keeps to torch there). */
-int lp_kernel_path(void) { return KERNEL_PATH; }
-
 typedef void (*TileFn)(const Blocks *, const float *, long, int, int, const float *, float *, long);
 
 /* x: (M, K) float32, contiguous; codes as above; scale (and zero, or NULL) (N, K / group); bias (N) or NULL;
@@ -254,3 +204,9 @@ int lp_block_linear(const float *x, long M, long K, const void *codes, const flo
     }
     return 0;
 }
+#else
+int lp_block_linear(const float *x, long M, long K, const void *codes, const float *scale, const float *zero,
+                    int bits, int group, long N, const float *bias, float *y, int threads) {
+    return 1;
+}
+#endif
