@@ -37,7 +37,8 @@ DEFAULT_NEW_TOKENS = 20  # transformers' default when neither max_new_tokens nor
 
 # transformers' generation options lightpipe does not implement, with the value at which they do nothing.
 UNSUPPORTED = {
-    "top_h": None, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "guidance_scale": 1.0, "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": None,
+    "top_h": None, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0, "guidance_scale": 1.0,
+    "num_beam_groups": 1, "diversity_penalty": 0.0, "penalty_alpha": None,
     "constraints": None, "force_words_ids": None, "watermarking_config": None,
 }
 CACHE_IMPLEMENTATIONS = ("dynamic", "static")

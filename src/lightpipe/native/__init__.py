@@ -116,7 +116,7 @@ def _load() -> ctypes.CDLL | None:
         return None
     library.lp_kernel_path.restype = ctypes.c_int
     if library.lp_kernel_path() == 0:
-        # Neither AVX-512 nor AVX2 + FMA: the portable C loops measured 5-8x slower than torch's float product.
+        # Built for a CPU with neither AVX-512 nor AVX2 + FMA: the library holds no kernel (see blockwise.c).
         logger.debug("native kernels not used: this CPU has no vector path the kernel is written for")
         return None
     function = library.lp_block_linear

@@ -65,8 +65,14 @@ static inline __attribute__((always_inline)) vec rebuilt(__m128i bytes, int is_s
 #elif defined(__AVX2__) && defined(__FMA__)
 /* AVX2: a 16-value vector is two 8-lane registers, so the tiles below are the same code for both instruction sets. */
 typedef struct { __m256 a, b; } vec;
-static inline __attribute__((always_inline)) vec VZERO(void) { vec r = {_mm256_setzero_ps(), _mm256_setzero_ps()}; return r; }
-static inline __attribute__((always_inline)) vec VLOAD(const float *p) { vec r = {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; return r; }
+static inline __attribute__((always_inline)) vec VZERO(void) {
+    vec r = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    return r;
+}
+static inline __attribute__((always_inline)) vec VLOAD(const float *p) {
+    vec r = {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)};
+    return r;
+}
 static inline __attribute__((always_inline)) vec VFMA(vec x, vec y, vec c) {
     vec r = {_mm256_fmadd_ps(x.a, y.a, c.a), _mm256_fmadd_ps(x.b, y.b, c.b)};
     return r;
