@@ -138,6 +138,22 @@ def test_stop_strings_are_left_out(chat_server, generator):
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
 
 
+def test_logit_bias_is_the_pipelines_sequence_bias(chat_server, generator):
+    api = client(chat_server, "k3y")
+    token = generator.tokenizer("x", add_special_tokens=False)["input_ids"][-1]
+    got = api.chat.completions.create(model="m", messages=MESSAGES, temperature=0, max_tokens=6,
+                                      logit_bias={str(token): 100})
+    expected = reply(generator, MESSAGES, max_new_tokens=6, sequence_bias={(token,): 100.0})
+    assert got.choices[0].message.content == expected and expected != reply(generator, MESSAGES, max_new_tokens=6)
+    assert set(expected) == {"x"}  # a bias of 100 makes the token all the model says
+    for bad in ({"-1": 5}, {"x": 5}, {str(token): 101}, {str(token): "high"}, [token]):
+        with pytest.raises(openai.BadRequestError):
+            api.chat.completions.create(model="m", messages=MESSAGES, temperature=0, max_tokens=2, logit_bias=bad)
+    with pytest.raises(openai.UnprocessableEntityError):  # past the vocabulary: the pipeline's own check
+        api.chat.completions.create(model="m", messages=MESSAGES, temperature=0, max_tokens=2,
+                                    logit_bias={"1000000": 5})
+
+
 def test_completions(chat_server, generator):
     api = client(chat_server, "k3y")
     prompts = ["The quick brown fox", "Paris is the capital"]

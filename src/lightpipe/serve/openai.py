@@ -5,7 +5,7 @@
 - POST /v1/embeddings (feature-extraction): mean pooling over the tokens, L2-normalised; `encoding_format` float
   or base64 (little-endian float32), `dimensions`;
 - POST /v1/chat/completions and /v1/completions (text-generation): `max_tokens`, `temperature` (0: greedy),
-  `top_p`, `stop`, `n`, `seed`, `stream` (server-sent events ending with `data: [DONE]`);
+  `top_p`, `stop`, `n`, `seed`, `logit_bias`, `stream` (server-sent events ending with `data: [DONE]`);
 - GET /v1/models.
 
 Errors answer OpenAI's shape {"error": {"message", "type", "code", "param"}}. Requests go through the same
@@ -205,8 +205,11 @@ def generation_params(body: Mapping) -> tuple[dict[str, Any], list[str]]:
     for name in ("presence_penalty", "frequency_penalty"):
         if _number(body, name, low=-2, high=2):
             raise _bad(f"{name} is not supported (only 0).")
-    if body.get("logprobs") or body.get("top_logprobs") or body.get("logit_bias"):
-        raise _bad("logprobs and logit_bias are not supported.")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise _bad("logprobs are not supported.")
+    bias = _logit_bias(body.get("logit_bias"))
+    if bias:
+        params["sequence_bias"] = bias
     stop = body.get("stop")
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if not all(isinstance(s, str) for s in stops) or len(stops) > 4:
@@ -215,6 +218,26 @@ def generation_params(body: Mapping) -> tuple[dict[str, Any], list[str]]:
     if stops:
         params["stop_strings"] = stops
     return params, stops
+
+
+def _logit_bias(raw: Any) -> list[list] | None:
+    """OpenAI's logit_bias, {"token id": bias in [-100, 100]}, as the pipeline's sequence_bias in transformers' list
+    form [[[token id], bias], ...] (plain JSON, so requests with equal parameters still batch together): one-token
+    sequences, whose bias is added to that token's logit at every step, as OpenAI does."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise _bad("logit_bias must be an object mapping token ids to biases in [-100, 100].")
+    bias = []
+    for token, value in raw.items():
+        try:
+            token_id = int(token)
+        except (TypeError, ValueError):
+            token_id = -1
+        if token_id < 0 or isinstance(value, bool) or not isinstance(value, (int, float)) or not -100 <= value <= 100:
+            raise _bad(f"logit_bias maps token ids to numbers in [-100, 100]; got {token!r}: {value!r}.")
+        bias.append([[token_id], float(value)])
+    return bias
 
 
 def _messages(body: Mapping) -> list[dict[str, str]]:
