@@ -72,15 +72,20 @@ def test_penalties_and_token_rules_batched_equal_alone(pair, options):
     assert ours(PROMPTS, batch_size=4, **options) == expected
 
 
-@pytest.mark.parametrize("options", [
-    dict(sequence_bias={(50,): 5.0}), dict(sequence_bias=[[[50], -4.0], [[44, 60], 20.0]], num_beams=2),
-    dict(exponential_decay_length_penalty=(0, 3.0)), dict(renormalize_logits=True, num_beams=3, repetition_penalty=1.2),
-    dict(do_sample=True, top_k=1, epsilon_cutoff=0.01, eta_cutoff=0.001)],
+@pytest.mark.parametrize("options, changes", [
+    (dict(sequence_bias={(50,): 5.0}), True),
+    (dict(sequence_bias=[[[50], 8.0], [[50, 61], 25.0]], num_beams=2), True),  # list form; 61 follows 50
+    (dict(exponential_decay_length_penalty=(0, 3.0)), True),
+    (dict(renormalize_logits=True, num_beams=3, repetition_penalty=1.2), False),
+    (dict(do_sample=True, top_k=1, epsilon_cutoff=0.01, eta_cutoff=0.001), False)],
     ids=["bias", "bias-list-beams", "decay", "renormalize-beams", "cutoffs-one-candidate"])
-def test_more_of_transformers_options_equal_transformers(pair, options):
+def test_more_of_transformers_options_equal_transformers(pair, options, changes):
     ours, ref = pair
     options = {"do_sample": False, "max_new_tokens": 10, **options}
     expected = [ref(p, **options) for p in PROMPTS]
+    if changes:  # the option does change the text here, so the comparison tests it
+        plain = {k: v for k, v in options.items() if k in ("do_sample", "max_new_tokens", "num_beams")}
+        assert expected != [ref(p, **plain) for p in PROMPTS]
     assert [ours(p, **options) for p in PROMPTS] == expected
     assert ours(PROMPTS, batch_size=4, **options) == expected
 

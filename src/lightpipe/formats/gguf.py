@@ -546,6 +546,8 @@ def attach_blocks(model: torch.nn.Module, path: str | os.PathLike) -> int:
         name, stem = found
         info = gguf.tensors[name]
         form = block_form(gguf.raw(name), info.ggml_type, info.shape)
+        if form is None:  # a width the kernel does not take (not a multiple of 32)
+            continue
         if arch.unpermute_qk and stem in ("attn_q", "attn_k"):
             heads = config["num_attention_heads"] if stem == "attn_q" else config["num_key_value_heads"]
             form = form.rows(unpermute_rows(torch.arange(info.shape[0]), heads))

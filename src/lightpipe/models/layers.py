@@ -92,10 +92,15 @@ def write_counter(tensor: torch.Tensor) -> int:
     return -1 if tensor.is_inference() else tensor._version
 
 
+def weight_state(weight: torch.Tensor) -> tuple[int, int]:
+    """What changes when a weight moves, is replaced or is written in place: its memory and its write counter."""
+    return weight.data_ptr(), write_counter(weight)
+
+
 def derived_copy(owner, name: str, weight: torch.Tensor, build):
     """`build(weight)`, kept on `owner` as attribute `name` and built again when the weight moves, is replaced or is
     written in place (its memory or write counter changes)."""
-    key = (weight.data_ptr(), write_counter(weight))
+    key = weight_state(weight)
     cached = getattr(owner, name, None)
     if cached is None or cached[0] != key:
         cached = (key, build(weight))
@@ -252,13 +257,13 @@ BLOCK_MOST_ROWS = 32
 
 def keep_blocks(layer, weight: torch.Tensor, form) -> None:
     """Keep `form`, quantised blocks equal to `weight`, on `layer` for few-row products, valid while `weight` is."""
-    layer._lightpipe_blocks = ((weight.data_ptr(), write_counter(weight)), form)
+    layer._lightpipe_blocks = (weight_state(weight), form)
 
 
 def kept_blocks(layer, weight: torch.Tensor):
     """The blocks kept for `weight` (see keep_blocks), or None: none kept, or the weight has changed since."""
     kept = layer.__dict__.get("_lightpipe_blocks")
-    if kept is None or kept[0] != (weight.data_ptr(), write_counter(weight)):
+    if kept is None or kept[0] != weight_state(weight):
         return None
     return kept[1]
 
