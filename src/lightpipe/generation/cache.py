@@ -118,6 +118,12 @@ class KVCache:
     def advance(self, t: int) -> None:
         self.length += t
 
+    def crop(self, length: int) -> None:
+        """Forget the slots from `length` on (guessed tokens that were rejected): the next step writes over them."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop a cache of {self.length} slots to {length}")
+        self.length = length
+
     def _grow(self, layer: int, end: int) -> None:
         """Room for at least `end` slots in the layer's buffers (twice the old room, at most max_length), the filled
         slots copied over."""

@@ -6,8 +6,13 @@
   sequences (cross-attention keys/values computed here, once, for encoder-decoder models);
 - `model.decode_step(tokens (rows, t), cache, *, last_only=False)` -> logits (rows, t or 1, V);
 - optionally `model.max_positions`, the longest sequence its position embeddings allow;
-- optionally `model.greedy_step(tokens, cache)` -> (rows,) the argmax of decode_step's last logits, found without
-  computing them all; plain greedy decoding (no processors, no scores kept) uses it.
+- optionally `model.greedy_step(tokens, cache, positions=None)` -> (rows,) the argmax of decode_step's last logits
+  (or (rows, positions) of the last `positions` positions), found without computing them all; plain greedy decoding
+  (no processors, no scores kept) uses it;
+- optionally `model.spare_rows()`: how many more rows than one a one-row decode step computes anyway; greedy
+  decoding of one sequence fills them with tokens guessed by prompt lookup (lookup.py), checked for free;
+- optionally `model.guesses_are_exact`: False where a pass's results depend on how many tokens it is fed, which
+  rules prompt lookup out.
 
 The first step (prefill) feeds the whole prompt; each later step feeds one token per row. A list of
 logits processors shapes the scores, a strategy (greedy, sampling, beam search) picks the tokens, and
@@ -31,6 +36,7 @@ from ..config import known_keys, read_config_json, read_json_object
 from ..errors import CheckpointError, InvalidInput
 from . import processors as P
 from . import stopping as S
+from .lookup import PromptLookup
 from .search import BeamSearch, Greedy, Sample
 
 DEFAULT_NEW_TOKENS = 20  # transformers' default when neither max_new_tokens nor max_length is given
@@ -103,6 +109,11 @@ class GenerationConfig:
     begin_suppress_tokens: tuple[int, ...] | None = None
     forced_tokens: tuple[tuple[int, int], ...] | None = None  # (position in the sequence, token) pairs
     output_scores: bool = False
+    # Greedy decoding of one sequence checks this many tokens guessed from the text itself per forward pass (prompt
+    # lookup, lookup.py): the same tokens, fewer passes. None: as many as a step computes for free (see _draft_count);
+    # 0: off.
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int | None = None  # the longest n-gram prompt lookup matches (None: 2)
     extra: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     # The options the source (generation_config.json) set explicitly, whatever their value: defaults of a pipeline
     # apply only to the others, as in transformers.
@@ -180,6 +191,9 @@ class GenerationConfig:
         for name in ("max_new_tokens", "max_length"):
             checks.positive_int(name, getattr(self, name), allow_none=True)
         checks.positive_int("min_new_tokens", self.min_new_tokens, allow_none=True, allow_zero=True)
+        checks.positive_int("prompt_lookup_num_tokens", self.prompt_lookup_num_tokens, allow_none=True,
+                            allow_zero=True)
+        checks.positive_int("max_matching_ngram_size", self.max_matching_ngram_size, allow_none=True)
         checks.positive_int("top_k", self.top_k, allow_none=True, allow_zero=True)
         for name in ("min_length", "no_repeat_ngram_size"):
             checks.positive_int(name, getattr(self, name), allow_zero=True)
@@ -331,6 +345,9 @@ def generate(model, input_ids, config: GenerationConfig, *, encoder_hidden: torc
     with torch.inference_mode():
         if config.num_beams > 1:
             return _beam_search(model, plan, config, encoder_hidden, generator)
+        guesses = _guess_count(model, plan, config, encoder_hidden)
+        if guesses:
+            return _greedy_with_lookup(model, plan, config, on_token, guesses)
         return _sample(model, plan, config, encoder_hidden, on_token, generator)
 
 
@@ -523,6 +540,70 @@ def _sample(model, plan: _Plan, config: GenerationConfig, encoder_hidden, on_tok
         sequences=tokens[:, :length], prompt_length=prompt_length,
         scores=tuple(all_scores) if config.output_scores else None,
     )
+
+
+def _guess_count(model, plan: _Plan, config: GenerationConfig, encoder_hidden) -> int:
+    """How many guessed tokens each forward pass of greedy decoding checks (0: none): prompt_lookup_num_tokens when
+    set, else the rows a one-row step computes anyway (`model.spare_rows()`). Only for one decoder-only sequence
+    (transformers' prompt lookup takes one too) of a model whose passes are exact whatever they are fed; sampling
+    keeps to plain steps, as its draws must not change."""
+    if (config.do_sample or plan.input_ids.shape[0] != 1 or encoder_hidden is not None
+            or not getattr(model, "guesses_are_exact", True)):
+        return 0
+    if config.prompt_lookup_num_tokens is not None:
+        return config.prompt_lookup_num_tokens
+    spare_rows = getattr(model, "spare_rows", None)
+    return spare_rows() if callable(spare_rows) else 0
+
+
+def _greedy_with_lookup(model, plan: _Plan, config: GenerationConfig, on_token, count: int) -> GenerationOutput:
+    """Greedy decoding of one sequence in which every forward pass after the prompt's also checks up to `count`
+    tokens guessed by prompt lookup: it keeps the guesses up to the first the model would not have chosen, then
+    the model's own choice, and drops the rejected guesses' cache slots. The tokens (and scores) are _sample's
+    greedy ones, in fewer passes when the text repeats itself."""
+    prompt = plan.input_ids  # (1, P)
+    prompt_length, device = prompt.shape[1], prompt.device
+    criteria = ([S.EndOfSequence(config.eos_token_ids)] if config.eos_token_ids else []) + plan.criteria
+    tokens = torch.full((1, plan.max_length), config.fill_token_id, dtype=torch.long, device=device)
+    tokens[:, :prompt_length] = prompt
+    cache = _new_cache(model, 1, plan, config, None, 1)
+    lookup = PromptLookup(prompt[0, 0 if plan.padding is None else int(plan.padding[0]):].tolist(),
+                          config.max_matching_ngram_size or 2)
+    argmax_only = _argmax_only(model, plan, config)
+    running = torch.ones(1, dtype=torch.bool, device=device)
+    all_scores = []
+    length, fed = prompt_length, prompt
+    while True:
+        # Each pass yields at least one token, so at most max_length - length - 1 guesses can be used.
+        guesses = lookup.guess(min(count, plan.max_length - length - 1)) if length > prompt_length else []
+        if guesses:
+            fed = torch.cat([fed, torch.tensor([guesses], dtype=torch.long, device=device)], dim=1)
+        positions = len(guesses) + 1
+        if argmax_only:
+            choices = model.greedy_step(fed, cache, positions=positions)[0]  # (positions,)
+        else:
+            logits = model.decode_step(fed, cache, last_only=positions == 1)[0, -positions:].float()  # (positions, V)
+        for i in range(positions):
+            if argmax_only:
+                token = choices[i:i + 1]
+            else:
+                scores = P.apply(plan.processors, tokens[:, :length], logits[i:i + 1], plan.padding)
+                if config.output_scores:
+                    all_scores.append(scores)
+                token = Greedy()(scores)
+            tokens[:, length] = token
+            length += 1
+            done = bool(S.any_done(criteria, tokens[:, :length], token)[0])
+            if on_token is not None:
+                on_token(tokens[:, length - 1].clone(), running.clone())
+            if done or length >= plan.max_length:
+                return GenerationOutput(sequences=tokens[:, :length], prompt_length=prompt_length,
+                                        scores=tuple(all_scores) if config.output_scores else None)
+            lookup.extend([int(token)])
+            if i == len(guesses) or guesses[i] != int(token):
+                break
+        cache.crop(cache.length - (len(guesses) - i))  # the slots of the guesses after the i accepted ones
+        fed = tokens[:, length - 1:length]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -604,6 +604,29 @@ def greedy_tokens(hidden: torch.Tensor, layer) -> torch.Tensor:
     return candidates[exact.argmax(dim=1)]
 
 
+def greedy_positions(hidden: torch.Tensor, layer, positions: int | None = None) -> torch.Tensor:
+    """(B, t, C) final hidden states -> greedy_tokens of the last position (B,), or of each of the last `positions`
+    positions (B, positions): what a model's greedy_step returns."""
+    if positions is None:
+        return greedy_tokens(hidden[:, -1], layer)
+    last = hidden[:, -positions:]
+    return greedy_tokens(last.reshape(-1, last.shape[-1]), layer).view(last.shape[0], positions)
+
+
+def spare_rows(model: nn.Module) -> int:
+    """How many rows beside one a one-row decode step of `model` computes anyway: _FEWEST_ROWS - 1 where every
+    product pads one row to four (float32 weights on a CPU where oneDNN's one-row kernel is the slower, see
+    _FEWEST_ROWS), else 0. Greedy decoding fills these rows with guessed tokens (generation.lookup)."""
+    if not _pads_rows(1):
+        return 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLayer) or "_lightpipe_blocks" in module.__dict__:
+            return 0  # quantised products do not pad rows
+    if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in model.parameters()):
+        return 0
+    return _FEWEST_ROWS - 1
+
+
 def _screenable(hidden: torch.Tensor, layer) -> bool:
     return (not isinstance(layer, QuantizedLayer) and hidden.dim() == 2 and hidden.device.type == "cpu"
             and hidden.dtype == torch.float32 and layer.weight.dtype == torch.float32

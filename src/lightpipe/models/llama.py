@@ -32,7 +32,8 @@ from ..config import BaseConfig
 from ..errors import InvalidInput, UnsupportedModel
 from ..generation.cache import KVCache
 from .layers import (Embedding, FusedProjection, activation, by_input_rows, cached_attention,
-                     derived_copy, full_sequence_cache, greedy_tokens, linear, merge_heads, vocab_logits)
+                     derived_copy, full_sequence_cache, greedy_positions, linear, merge_heads, spare_rows,
+                     vocab_logits)
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 DEFAULT_ROPE_THETA = 10000.0
@@ -425,10 +426,21 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.model.decode(tokens, cache)
         return vocab_logits(hidden[:, -1:] if last_only else hidden, self.lm_head)
 
-    def greedy_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """tokens (B, t) appended to the cache -> (B,) the most likely next token of each row: the argmax of
-        decode_step's last logits, found without computing them all (layers.greedy_tokens)."""
-        return greedy_tokens(self.model.decode(tokens, cache)[:, -1], self.lm_head)
+    def greedy_step(self, tokens: torch.Tensor, cache: KVCache, *, positions: int | None = None) -> torch.Tensor:
+        """tokens (B, t) appended to the cache -> (B,) the most likely next token of each row (or (B, positions):
+        after each of the last `positions` tokens): the argmax of decode_step's logits, found without computing them
+        all (layers.greedy_tokens)."""
+        return greedy_positions(self.model.decode(tokens, cache), self.lm_head, positions)
+
+    def spare_rows(self) -> int:
+        return spare_rows(self)
+
+    @property
+    def guesses_are_exact(self) -> bool:
+        """Whether a pass gives each position the same result however many tokens it is fed, so that guessed tokens
+        checked in one pass (generation.lookup) leave greedy tokens unchanged. Not under "dynamic" RoPE scaling:
+        past the trained length its frequencies follow the furthest position in the pass."""
+        return not self.model.rotary.dynamic
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Logits (B, T, V) of every position (padding as in LlamaModel.forward)."""

@@ -21,7 +21,8 @@ from ..config import BaseConfig
 from ..errors import InvalidInput, UnsupportedModel
 from ..generation.cache import KVCache
 from .layers import (Embedding, FusedProjection, activation, by_input_rows, cached_attention, check_length,
-                     full_sequence_cache, greedy_tokens, linear, merge_heads, vocab_logits)
+                     full_sequence_cache, greedy_positions, linear, merge_heads, spare_rows,
+                     vocab_logits)
 
 POSITION_OFFSET = 2  # position p reads row p + 2 of embed_positions
 
@@ -220,10 +221,14 @@ class OPTForCausalLM(nn.Module):
         hidden = self.model.decoder(tokens, cache)
         return vocab_logits(hidden[:, -1:] if last_only else hidden, self.lm_head)
 
-    def greedy_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """tokens (B, t) appended to the cache -> (B,) the most likely next token of each row: the argmax of
-        decode_step's last logits, found without computing them all (layers.greedy_tokens)."""
-        return greedy_tokens(self.model.decoder(tokens, cache)[:, -1], self.lm_head)
+    def greedy_step(self, tokens: torch.Tensor, cache: KVCache, *, positions: int | None = None) -> torch.Tensor:
+        """tokens (B, t) appended to the cache -> (B,) the most likely next token of each row (or (B, positions):
+        after each of the last `positions` tokens): the argmax of decode_step's logits, found without computing them
+        all (layers.greedy_tokens)."""
+        return greedy_positions(self.model.decoder(tokens, cache), self.lm_head, positions)
+
+    def spare_rows(self) -> int:
+        return spare_rows(self)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Logits (B, T, V) of every position; padded positions' logits are meaningless."""
