@@ -8,7 +8,11 @@ in and out). Work: 8 prompts of 5 to 40 tokens, greedy, 64 new tokens each, at b
 another) and batch 8 (one left-padded batch), the libraries taking turns (common.timed_together). Both must
 produce the same tokens (the script says which do), then it prints the Markdown table of median times per generated
 token and speed-ups, and for batch 1 the memory bound: a batch-1 step reads every weight once, so the machine's
-memory read rate caps what any float32 library can gain over transformers there.
+memory read rate caps what any float32 library can gain over transformers there per step.
+
+At batch 1 lightpipe's greedy decoding checks tokens guessed by prompt lookup in the rows a step computes anyway
+(generation.lookup; the same tokens): the script times it with and without (prompt_lookup_num_tokens=0) and counts
+its forward passes. Random-weight models repeat themselves a lot, so lookup gains far more here than on real text.
 """
 
 from __future__ import annotations
@@ -79,11 +83,12 @@ def runners(name: str, new_tokens: int):
     rows = prompts(ours.config.vocab_size)
     config = GenerationConfig(max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=pad)
 
-    def lightpipe_run(batch):
+    def lightpipe_run(batch, lookup=True):
         out = []
+        options = config if lookup else config.replace(prompt_lookup_num_tokens=0)
         for start in range(0, len(rows), batch):
             ids, mask = left_padded(rows[start:start + batch], pad)
-            out += generate(ours, ids, config, attention_mask=mask).generated.tolist()
+            out += generate(ours, ids, options, attention_mask=mask).generated.tolist()
         return out
 
     def transformers_run(batch):
@@ -98,6 +103,25 @@ def runners(name: str, new_tokens: int):
 
     weight_bytes = sum(p.numel() * p.element_size() for p in ours.parameters())  # tied matrices counted once
     return lightpipe_run, transformers_run, (weight_bytes, block_saving(ours)), eos
+
+
+def passes(lightpipe_run) -> int:
+    """Forward passes one batch-1 run of lightpipe makes (prefills included), counted through generate's model calls."""
+    from lightpipe.generation import cache
+
+    count = [0]
+    advance = cache.KVCache.advance
+
+    def counted(self, t):
+        count[0] += 1
+        advance(self, t)
+
+    cache.KVCache.advance = counted
+    try:
+        lightpipe_run(1)
+    finally:
+        cache.KVCache.advance = advance
+    return count[0]
 
 
 def generated_tokens(rows: list[list[int]], eos) -> int:
@@ -140,19 +164,33 @@ def main() -> None:
             def ours_once(batch=batch):
                 outputs["lightpipe"] = lightpipe_run(batch)
 
+            def plain_once(batch=batch):
+                outputs["lightpipe, no prompt lookup"] = lightpipe_run(batch, lookup=False)
+
             def ref_once(batch=batch):
                 outputs["transformers"] = transformers_run(batch)
 
-            ours, ref = timed_together([ours_once, ref_once], args.repeat)
-            same = outputs["lightpipe"] == outputs["transformers"]
-            print(f"{name} batch {batch}: {'the same tokens' if same else 'DIFFERENT TOKENS'} from both libraries")
+            # At batch 1 greedy decoding checks tokens guessed by prompt lookup in the rows a step computes anyway;
+            # the plain one-token steps are timed too (at batch 8 both are the same code).
+            runs = [ours_once, ref_once] + ([plain_once] if batch == 1 else [])
+            ours, ref, *plain = timed_together(runs, args.repeat)
+            for kind, out in outputs.items():
+                if kind != "transformers":
+                    same = out == outputs["transformers"]
+                    print(f"{name} batch {batch}: {'the same tokens' if same else 'DIFFERENT TOKENS'} from {kind} "
+                          f"and transformers")
             tokens = generated_tokens(outputs["lightpipe"], eos)  # real weights end some rows early
-            rows.append((f"{name}, {PROMPTS} prompts, batch {batch}, up to {args.new_tokens} new tokens (per token, "
-                         f"{tokens} in all)",
-                         ours / tokens * 1000, ref / tokens * 1000, "ms"))
-            print(table(rows[-1:]), flush=True)
+            case = (f"{name}, {PROMPTS} prompts, batch {batch}, up to {args.new_tokens} new tokens (per token, "
+                    f"{tokens} in all)")
+            rows.append((case, ours / tokens * 1000, ref / tokens * 1000, "ms"))
+            if plain:
+                rows.append((f"{case}, one token per step (prompt_lookup_num_tokens=0)", plain[0] / tokens * 1000,
+                             ref / tokens * 1000, "ms"))
+            print(table(rows[-1 - len(plain):]), flush=True)
             if batch == 1:
-                notes.append(memory_bound(name, weight_bytes, ours / tokens, ref / tokens))
+                notes.append(memory_bound(name, weight_bytes, (plain[0] if plain else ours) / tokens, ref / tokens))
+                notes.append(f"Prompt lookup, {name} at batch 1: {passes(lightpipe_run)} forward passes for "
+                             f"{tokens} tokens (one per token without it).")
     print(f"\ntorch threads: {torch.get_num_threads()}\n")
     print(table(rows))
     print()

@@ -212,34 +212,40 @@ SIZES = {
 PROMPTS = [[11, 42, 7, 19, 11, 42, 7, 19, 11, 42], [30, 31, 30, 31, 30], [9, 60, 3, 27, 9, 60, 3, 27, 9]]
 
 
-def checkpoint(folder, arch, vocab):
+def checkpoint(folder, arch, vocab, **overrides):
     config_name, model_name, sizes = SIZES[arch]
     config = getattr(transformers, config_name)(vocab_size=vocab, bos_token_id=1, eos_token_id=EOS,
-                                                pad_token_id=PAD, **sizes)
+                                                pad_token_id=PAD, **{**sizes, **overrides})
     torch.manual_seed(0)
     ref = randomize(getattr(transformers, model_name)(config).eval(), seed=3)
     ref.save_pretrained(str(folder))
     return ref
 
 
+def greedy(ref, prompt, new_tokens, **options) -> list[list[int]]:
+    """transformers' greedy tokens for one prompt."""
+    with torch.inference_mode():
+        return ref.generate(input_ids=torch.tensor([prompt]), do_sample=False, max_new_tokens=new_tokens,
+                            eos_token_id=EOS, pad_token_id=PAD, **options).tolist()
+
+
 class Counted:
-    """Counts what prompt lookup did in a run: passes, and rejected guesses (cache crops)."""
+    """Counts what prompt lookup did in a run: forward passes (each advances the cache once), and passes whose
+    guesses were rejected (the cache cropped)."""
 
-    def __init__(self, monkeypatch, model):
+    def __init__(self, monkeypatch):
         self.passes = self.crops = 0
-        step = model.greedy_step
+        advance, crop = KVCache.advance, KVCache.crop
 
-        def counted_step(*args, **kwargs):
+        def counted_advance(cache, t):
             self.passes += 1
-            return step(*args, **kwargs)
-
-        crop = KVCache.crop
+            advance(cache, t)
 
         def counted_crop(cache, length):
             self.crops += length < cache.length
             crop(cache, length)
 
-        monkeypatch.setattr(model, "greedy_step", counted_step)
+        monkeypatch.setattr(KVCache, "advance", counted_advance)
         monkeypatch.setattr(KVCache, "crop", counted_crop)
 
 
@@ -251,15 +257,12 @@ def test_lookup_equals_transformers_greedy(tmp_path, monkeypatch, arch, vocab):
     several positions at once."""
     ref = checkpoint(tmp_path, arch, vocab)
     ours = load_model(tmp_path, "causal-lm")
-    counted = Counted(monkeypatch, ours)
+    counted = Counted(monkeypatch)
     new = 0
     for prompt in PROMPTS:
         ids = torch.tensor([prompt])
-        with torch.inference_mode():
-            want = ref.generate(input_ids=ids, do_sample=False, max_new_tokens=24, eos_token_id=EOS,
-                                pad_token_id=PAD).tolist()
-            assert want == ref.generate(input_ids=ids, do_sample=False, max_new_tokens=24, eos_token_id=EOS,
-                                        pad_token_id=PAD, prompt_lookup_num_tokens=3).tolist()
+        want = greedy(ref, prompt, 24)
+        assert want == greedy(ref, prompt, 24, prompt_lookup_num_tokens=3)
         for count, cache in ((1, "dynamic"), (3, "dynamic"), (7, "dynamic"), (3, "static")):
             options = GenerationConfig(max_new_tokens=24, eos_token_id=EOS, pad_token_id=PAD,
                                        prompt_lookup_num_tokens=count, cache_implementation=cache)
@@ -272,20 +275,21 @@ def test_lookup_equals_transformers_greedy(tmp_path, monkeypatch, arch, vocab):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_lookup_with_processors_equals_transformers(tmp_path, arch):
+def test_lookup_with_processors_equals_transformers(tmp_path, monkeypatch, arch):
     """Guesses checked through the full logits and the processors (repetition penalty, n-gram ban, min tokens):
     the same tokens as transformers."""
     ref = checkpoint(tmp_path, arch, 96)
     ours = load_model(tmp_path, "causal-lm")
-    options = dict(max_new_tokens=20, repetition_penalty=1.3, no_repeat_ngram_size=4, min_new_tokens=6)
+    options = dict(repetition_penalty=1.3, no_repeat_ngram_size=4, min_new_tokens=6)
+    counted = Counted(monkeypatch)
+    new = 0
     for prompt in PROMPTS:
-        ids = torch.tensor([prompt])
-        with torch.inference_mode():
-            want = ref.generate(input_ids=ids, do_sample=False, eos_token_id=EOS, pad_token_id=PAD,
-                                **options).tolist()
-        got = generate(ours, ids, GenerationConfig(eos_token_id=EOS, pad_token_id=PAD, prompt_lookup_num_tokens=3,
-                                                   **options))
+        want = greedy(ref, prompt, 20, **options)
+        got = generate(ours, torch.tensor([prompt]), GenerationConfig(
+            eos_token_id=EOS, pad_token_id=PAD, max_new_tokens=20, prompt_lookup_num_tokens=3, **options))
         assert got.sequences.tolist() == want
+        new += len(want[0]) - len(prompt)
+    assert counted.passes < new and counted.crops > 0
 
 
 def test_spare_rows_follow_the_products(tmp_path):
@@ -300,23 +304,15 @@ def test_dynamic_rope_keeps_plain_steps(tmp_path, monkeypatch):
     """"dynamic" RoPE scaling sets a pass's frequencies from its furthest position, so guesses checked in a pass
     would change the tokens: such a model decodes one token per pass even when lookup is asked for, and its tokens
     equal transformers' plain greedy ones."""
-    config_name, model_name, sizes = SIZES["llama"]
-    config = getattr(transformers, config_name)(
-        vocab_size=96, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD,
-        **{**sizes, "max_position_embeddings": 8}, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
-    torch.manual_seed(0)
-    ref = randomize(getattr(transformers, model_name)(config).eval(), seed=3)
-    ref.save_pretrained(str(tmp_path))
+    ref = checkpoint(tmp_path, "llama", 96, max_position_embeddings=8,
+                     rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     ours = load_model(tmp_path, "causal-lm")
     assert not ours.guesses_are_exact
-    counted = Counted(monkeypatch, ours)
+    counted = Counted(monkeypatch)
     new = 0
     for prompt in PROMPTS:
-        ids = torch.tensor([prompt])
-        with torch.inference_mode():
-            want = ref.generate(input_ids=ids, do_sample=False, max_new_tokens=12, eos_token_id=EOS,
-                                pad_token_id=PAD).tolist()
-        got = generate(ours, ids, GenerationConfig(max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD,
+        want = greedy(ref, prompt, 12)
+        got = generate(ours, torch.tensor([prompt]), GenerationConfig(max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD,
                                                    prompt_lookup_num_tokens=3))
         assert got.sequences.tolist() == want
         new += len(want[0]) - len(prompt)

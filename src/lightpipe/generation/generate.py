@@ -334,8 +334,8 @@ def generate(model, input_ids, config: GenerationConfig, *, encoder_hidden: torc
 
     input_ids may also be a list of token-id lists; lists of different lengths are left-padded. attention_mask
     (B, P) marks real tokens with 1 and left padding with 0. encoder_attention_mask (B, S) marks the real tokens of
-    a padded encoder batch (1) and its padding (0); the model's new_cache takes it as `encoder_mask`. `processors` are applied after the configured token
-    rules and before the sampling warpers; `stopping_criteria` are added to the configured ones (max length, end of
+    a padded encoder batch (1) and its padding (0); the model's new_cache takes it as `encoder_mask`. `processors`
+    are applied after the configured token rules and before the sampling warpers; `stopping_criteria` are added to the configured ones (max length, end of
     sequence, config.max_time, config.stop_strings - which needs `tokenizer`, anything with decode(ids));
     `on_token` streams tokens (not with beam search); `generator` seeds sampling.
     """
