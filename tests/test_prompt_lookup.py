@@ -230,15 +230,16 @@ def greedy(ref, prompt, new_tokens, **options) -> list[list[int]]:
 
 
 class Counted:
-    """Counts what prompt lookup did in a run: forward passes (each advances the cache once), and passes whose
-    guesses were rejected (the cache cropped)."""
+    """Counts what prompt lookup did in a run: forward passes (each advances the cache once), passes that checked
+    guesses (more than one token fed after the prompt), and passes whose guesses were rejected (the cache cropped)."""
 
     def __init__(self, monkeypatch):
-        self.passes = self.crops = 0
+        self.passes = self.guessed = self.crops = 0
         advance, crop = KVCache.advance, KVCache.crop
 
         def counted_advance(cache, t):
             self.passes += 1
+            self.guessed += cache.length > 0 and t > 1
             advance(cache, t)
 
         def counted_crop(cache, length):
@@ -317,3 +318,30 @@ def test_dynamic_rope_keeps_plain_steps(tmp_path, monkeypatch):
         assert got.sequences.tolist() == want
         new += len(want[0]) - len(prompt)
     assert counted.passes == new  # one pass per token
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_pipeline_takes_prompt_lookup_options(tmp_path, monkeypatch, arch):
+    """The text-generation pipeline passes prompt_lookup_num_tokens / max_matching_ngram_size on: texts, chats and
+    streamed pieces equal transformers' pipeline with the same options, a bad value is an InvalidInput naming it,
+    and the pipeline keeps answering."""
+    import lightpipe
+    from text_generation_helpers import reference_pipeline, tiny_generation_checkpoint
+
+    folder = tiny_generation_checkpoint(tmp_path, arch)
+    ours, ref = lightpipe.pipeline("text-generation", model=str(folder)), reference_pipeline(folder)
+    text = "the cat sat on the mat and the cat sat on the"
+    chat = [{"role": "user", "content": "the cat sat on the mat, the cat sat"}]
+    options = dict(do_sample=False, max_new_tokens=16, prompt_lookup_num_tokens=3, max_matching_ngram_size=3)
+    counted = Counted(monkeypatch)
+    for prompt in (text, chat):
+        want = ref(prompt, **options)
+        assert ours(prompt, **options) == want
+        assert ours(prompt, **{**options, "prompt_lookup_num_tokens": 0}) == want
+    assert "".join(ours.stream(text, **options)) == ref(text, **options, return_full_text=False)[0]["generated_text"]
+    assert counted.guessed > 0
+    with pytest.raises(InvalidInput, match="prompt_lookup_num_tokens"):
+        ours(text, do_sample=False, prompt_lookup_num_tokens=-2)
+    with pytest.raises(InvalidInput, match="max_matching_ngram_size"):
+        ours(text, do_sample=False, max_matching_ngram_size=0)
+    assert ours(text, **options) == ref(text, **options)
