@@ -313,8 +313,8 @@ def test_dynamic_rope_keeps_plain_steps(tmp_path, monkeypatch):
     new = 0
     for prompt in PROMPTS:
         want = greedy(ref, prompt, 12)
-        got = generate(ours, torch.tensor([prompt]), GenerationConfig(max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD,
-                                                   prompt_lookup_num_tokens=3))
+        got = generate(ours, torch.tensor([prompt]), GenerationConfig(
+            max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD, prompt_lookup_num_tokens=3))
         assert got.sequences.tolist() == want
         new += len(want[0]) - len(prompt)
     assert counted.passes == new  # one pass per token

@@ -14,7 +14,8 @@
 - optionally `model.guesses_are_exact`: False where a pass's results depend on how many tokens it is fed, which
   rules prompt lookup out.
 
-The first step (prefill) feeds the whole prompt; each later step feeds one token per row. A list of
+The first step (prefill) feeds the whole prompt; each later step feeds one token per row (greedy decoding of
+one sequence also feeds the tokens prompt lookup guesses, and keeps those the model agrees with). A list of
 logits processors shapes the scores, a strategy (greedy, sampling, beam search) picks the tokens, and
 generation stops at max length or when every row has ended. Results equal transformers' `generate`.
 """
@@ -110,7 +111,7 @@ class GenerationConfig:
     forced_tokens: tuple[tuple[int, int], ...] | None = None  # (position in the sequence, token) pairs
     output_scores: bool = False
     # Greedy decoding of one sequence checks this many tokens guessed from the text itself per forward pass (prompt
-    # lookup, lookup.py): the same tokens, fewer passes. None: as many as a step computes for free (see _draft_count);
+    # lookup, lookup.py): the same tokens, fewer passes. None: as many as a step computes for free (see _guess_count);
     # 0: off.
     prompt_lookup_num_tokens: int | None = None
     max_matching_ngram_size: int | None = None  # the longest n-gram prompt lookup matches (None: 2)
@@ -335,8 +336,9 @@ def generate(model, input_ids, config: GenerationConfig, *, encoder_hidden: torc
     input_ids may also be a list of token-id lists; lists of different lengths are left-padded. attention_mask
     (B, P) marks real tokens with 1 and left padding with 0. encoder_attention_mask (B, S) marks the real tokens of
     a padded encoder batch (1) and its padding (0); the model's new_cache takes it as `encoder_mask`. `processors`
-    are applied after the configured token rules and before the sampling warpers; `stopping_criteria` are added to the configured ones (max length, end of
-    sequence, config.max_time, config.stop_strings - which needs `tokenizer`, anything with decode(ids));
+    are applied after the configured token rules and before the sampling warpers; `stopping_criteria` are added to
+    the configured ones (max length, end of sequence, config.max_time, config.stop_strings - which needs
+    `tokenizer`, anything with decode(ids));
     `on_token` streams tokens (not with beam search); `generator` seeds sampling.
     """
     device = next(model.parameters()).device

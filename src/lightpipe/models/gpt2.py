@@ -23,8 +23,7 @@ from ..config import BaseConfig
 from ..errors import InvalidInput, UnsupportedModel
 from ..generation.cache import KVCache
 from .layers import (Embedding, activation, by_input_rows, cached_attention, check_length, full_sequence_cache,
-                     greedy_positions, linear, merge_heads, spare_rows,
-                     vocab_logits)
+                     greedy_positions, linear, merge_heads, spare_rows, vocab_logits)
 
 
 @dataclasses.dataclass

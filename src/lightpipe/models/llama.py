@@ -32,8 +32,7 @@ from ..config import BaseConfig
 from ..errors import InvalidInput, UnsupportedModel
 from ..generation.cache import KVCache
 from .layers import (Embedding, FusedProjection, activation, by_input_rows, cached_attention,
-                     derived_copy, full_sequence_cache, greedy_positions, linear, merge_heads, spare_rows,
-                     vocab_logits)
+                     derived_copy, full_sequence_cache, greedy_positions, linear, merge_heads, spare_rows, vocab_logits)
 
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 DEFAULT_ROPE_THETA = 10000.0

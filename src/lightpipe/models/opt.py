@@ -21,8 +21,7 @@ from ..config import BaseConfig
 from ..errors import InvalidInput, UnsupportedModel
 from ..generation.cache import KVCache
 from .layers import (Embedding, FusedProjection, activation, by_input_rows, cached_attention, check_length,
-                     full_sequence_cache, greedy_positions, linear, merge_heads, spare_rows,
-                     vocab_logits)
+                     full_sequence_cache, greedy_positions, linear, merge_heads, spare_rows, vocab_logits)
 
 POSITION_OFFSET = 2  # position p reads row p + 2 of embed_positions
 
