@@ -571,7 +571,7 @@ def _greedy_with_lookup(model, plan: _Plan, config: GenerationConfig, on_token, 
     cache = _new_cache(model, 1, plan, config, None, 1)
     lookup = PromptLookup(prompt[0, 0 if plan.padding is None else int(plan.padding[0]):].tolist(),
                           config.max_matching_ngram_size or 2)
-    argmax_only = _argmax_only(model, plan, config)
+    argmax_only, select = _argmax_only(model, plan, config), Greedy()
     running = torch.ones(1, dtype=torch.bool, device=device)
     all_scores = []
     length, fed = prompt_length, prompt
@@ -592,7 +592,7 @@ def _greedy_with_lookup(model, plan: _Plan, config: GenerationConfig, on_token, 
                 scores = P.apply(plan.processors, tokens[:, :length], logits[i:i + 1], plan.padding)
                 if config.output_scores:
                     all_scores.append(scores)
-                token = Greedy()(scores)
+                token = select(scores)
             tokens[:, length] = token
             length += 1
             done = bool(S.any_done(criteria, tokens[:, :length], token)[0])
